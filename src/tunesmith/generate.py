@@ -1,0 +1,192 @@
+"""Our own sampling loop over a Hugging Face causal LM and its KV cache, plus streaming detokenisation.
+
+``generate`` is deliberately small and explicit (prefill → sample → feed the token back → ...) rather than a
+call to ``model.generate``: ``chat``, ``compare``, eval and the server all share it, and multi-adapter serving
+will need to step the loop itself.
+
+Left padding. A batch of prompts of different lengths is padded on the left so every row's next token sits
+in the last column::
+
+    prompts        input_ids              attention_mask   position_ids
+    [a b c d]      a b c d                1 1 1 1          0 1 2 3
+    [e f]          P P e f                0 0 1 1          0 0 0 1
+
+Pad columns are masked out as keys, and position ids count only real tokens, so a padded row sees exactly
+what it would see alone (same RoPE angles, same attended keys). Each decode step appends a column of ones to
+the mask and feeds position ``prompt_length + step`` per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from tunesmith.errors import TunesmithError
+
+OnToken = Callable[[int, int], None]
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    """Most tokens generated per prompt, not counting the stop token."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy (argmax, ties go to the lowest token id)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    seed: int = 0
+    """Seed of each row's random stream (see ``generate`` for what is reproducible)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise TunesmithError(f"sampling.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise TunesmithError(f"sampling.temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TunesmithError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int],
+             pad_id: int, on_token: OnToken | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) and return only the new tokens, one list per prompt.
+
+    A row stops at its first token in ``stop_ids`` (that token is not returned and not streamed) or after
+    ``sampling.max_new_tokens`` tokens; the loop ends as soon as every row has stopped. ``on_token(row,
+    token_id)`` is called for each returned token, in order, as it is produced. The model is used as given:
+    put it in ``eval()`` mode first, or dropout stays on.
+
+    Reproducibility. Greedy decoding has no randomness. When sampling, every row owns a ``torch.Generator``
+    seeded with ``sampling.seed`` and draws exactly one uniform number per step, so a row's random stream
+    depends on nothing but the seed: not on its place in the batch nor on its neighbours. Guaranteed: the same
+    model, prompts, config and seed on the same device and software give the same tokens. Also true in
+    practice, but not guaranteed: a prompt gives the same tokens alone as in any batch; the only difference
+    is in the logits, whose floating-point sums may round differently with another padding length or batch
+    size. Two identical prompts in one batch get identical samples; vary the seed for different samples.
+    """
+    if not prompts:
+        return []
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise TunesmithError("generate got an empty prompt; every prompt needs at least one token")
+    device = next(model.parameters()).device
+    stop_ids = set(stop_ids)
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    next_positions = attention_mask.sum(-1, keepdim=True)
+    generators = [torch.Generator(device=device).manual_seed(sampling.seed) for _ in prompts]
+    cache = DynamicCache(config=model.config)
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+
+    for _ in range(sampling.max_new_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        tokens = next_tokens(logits.float(), sampling, generators)
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if token in stop_ids:
+                done[row] = True
+                continue
+            new_tokens[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+        if all(done):
+            break
+        # Finished rows keep decoding tokens nobody reads: dropping them would mean reshaping the cache.
+        input_ids = tokens[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=-1)
+        position_ids = next_positions
+        next_positions = next_positions + 1
+    return new_tokens
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(batch, longest)``, pads on the left.
+
+    >>> left_pad([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"))
+    (tensor([[5, 6, 7],
+            [0, 0, 8]]), tensor([[1, 1, 1],
+            [0, 0, 1]]))
+    """
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, longest - len(prompt):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from ``(batch, vocab)`` logits: greedy, or temperature + nucleus sampling.
+
+    With p = softmax(logits / T) sorted descending (stable, so ties keep the lower id first) and
+    c_i = p_1 + ... + p_i, token i is kept while c_i - p_i < top_p: the smallest prefix whose mass reaches
+    top_p, never empty since c_1 - p_1 = 0. Sampling is by inverse CDF over the kept tokens: with u ~ U[0, 1)
+    from the row's generator, pick the first kept i with c_i > u · c_k (c_k the kept mass), so no
+    renormalisation is needed.
+    """
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    kept = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if sampling.top_p < 1:  # at top_p = 1 rounding in the cumsum could otherwise drop the far tail
+        kept = (sorted_probs.cumsum(dim=-1) - sorted_probs) < sampling.top_p
+    cumulative = (sorted_probs * kept).cumsum(dim=-1)
+    uniforms = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])
+    thresholds = uniforms[:, None] * cumulative[:, -1:]
+    # u · c_k can round up to c_k itself; the clamp then keeps the pick inside the kept set
+    picks = torch.searchsorted(cumulative, thresholds, right=True)
+    picks = torch.minimum(picks, kept.sum(dim=-1, keepdim=True) - 1)
+    return order.gather(-1, picks).squeeze(-1)
+
+
+class StreamDecoder:
+    """Turn a stream of token ids into text increments, for one sequence.
+
+    Byte-level BPE splits a multi-byte character (an emoji, ``é``) over several tokens, and decoding a
+    token alone gives ``"\\ufffd"`` halves. So ``push`` decodes the whole running sequence and returns the
+    part not yet emitted, holding back while the text ends in a replacement character (an unfinished
+    character). ``flush`` returns whatever is still held, e.g. bytes that never formed a valid character.
+    The concatenation of every ``push`` and the final ``flush`` equals ``decoder.text``, which is
+    ``tokenizer.decode(all_ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)``; clean-up is
+    off because it rewrites earlier text (``" ."`` → ``"."``) that a stream has already sent. Each push
+    re-decodes everything, O(n) per token, which is fine at chat lengths.
+
+    Streaming a batch, one decoder per row::
+
+        decoders = [StreamDecoder(tokenizer) for _ in prompts]
+        generate(model, prompts, ..., on_token=lambda row, t: print(row, decoders[row].push(t)))
+    """
+
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.text
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        return self._emit(self.text)
+
+    def _emit(self, text: str) -> str:
+        increment = text[len(self.emitted):]
+        self.emitted = text
+        return increment

