@@ -18,6 +18,8 @@ the mask and feeds position ``prompt_length + step`` per row.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -51,6 +53,11 @@ class SamplingConfig:
 
 
 @torch.inference_mode()
+def _cache_argument(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; use whichever this version's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int],
              pad_id: int, on_token: OnToken | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return only the new tokens, one list per prompt.
@@ -78,13 +85,13 @@ def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     next_positions = attention_mask.sum(-1, keepdim=True)
     generators = [torch.Generator(device=device).manual_seed(sampling.seed) for _ in prompts]
-    cache = DynamicCache(config=model.config)
+    cache = {_cache_argument(model): DynamicCache(config=model.config)}
     new_tokens: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
 
     for _ in range(sampling.max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
         tokens = next_tokens(logits.float(), sampling, generators)
         for row, token in enumerate(tokens.tolist()):
             if done[row]:

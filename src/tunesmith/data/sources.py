@@ -80,8 +80,8 @@ def _jsonl_rows(text: str, name: str) -> list[dict]:
                 f"{name}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
             ) from None
         if not isinstance(row, dict):
-            raise TunesmithError(f"{name}: line {number} is a JSON {type(row).__name__}, not an object; "
-                                 "each line must be one object such as {\"text\": ...}")
+            raise TunesmithError(f"{name}: line {number} must be a JSON object such as {{\"text\": ...}}, "
+                                 f"not {type(row).__name__}")
         rows.append(row)
     return rows
 
@@ -101,10 +101,10 @@ def _json_rows(text: str, name: str) -> list[dict]:
                                  "list-valued keys); use a top-level list or JSONL")
         data = data[lists[0]]
     if not isinstance(data, list):
-        raise TunesmithError(f"{name}: top-level JSON is a {type(data).__name__}; expected a list of objects")
+        raise TunesmithError(f"{name}: top-level JSON must be a list of objects, not {type(data).__name__}")
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            raise TunesmithError(f"{name}: item {number} is a JSON {type(row).__name__}, not an object")
+            raise TunesmithError(f"{name}: item {number} must be a JSON object, not {type(row).__name__}")
     return data
 
 

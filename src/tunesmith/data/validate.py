@@ -58,9 +58,14 @@ def check_example(example: Example) -> None:
         _check_preference(example)
 
 
+def type_name(value) -> str:
+    """JSON's word for a missing value, Python's for the rest, as users see them in their data."""
+    return "null" if value is None else type(value).__name__
+
+
 def check_string(value, what: str, *, allow_empty: bool = False) -> None:
     if not isinstance(value, str):
-        raise InvalidRow(f"{what} is a {type(value).__name__}, not a string")
+        raise InvalidRow(f"{what} must be a string, not {type_name(value)}")
     if not allow_empty and not value.strip():
         raise InvalidRow(f"{what} is empty")
 
@@ -83,7 +88,7 @@ def _check_messages(messages: list[dict], what: str) -> None:
         if content is None and calls_tools:
             continue
         if not isinstance(content, str):
-            raise InvalidRow(f"{where} content is a {type(content).__name__}, not a string")
+            raise InvalidRow(f"{where} content must be a string, not {type_name(content)}")
         if role == "assistant" and not calls_tools and not content.strip():
             raise InvalidRow(f"{where} is an assistant message with empty content")
 

@@ -1,0 +1,167 @@
+"""The ``tunesmith`` command: parse arguments, then call one function per verb."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--reasoning", choices=["on", "off"], help="reasoning mode, for templates that have one")
+    p.add_argument("--template", help="built-in template (chatml, zephyr, llama3) for models without one")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model whose tokenizer and template are used")
+    p.add_argument("--format", help="override the detected format")
+    p.add_argument("--split", help="split of a saved or hub dataset")
+    p.add_argument("--template")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--overlength", choices=["truncate", "drop", "error"], default="truncate")
+    p.add_argument("--invalid-rows", choices=["error", "drop"], default="error")
+    p.add_argument("--train-on", choices=["all", "last"], default="all")
+    p.add_argument("--reasoning", choices=["on", "off"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune open causal language models.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("template", help="render a conversation and show which tokens are trained")
+    p.add_argument("--model", default="default")
+    p.add_argument("--messages", required=True, help="JSON file: a list of messages or {\"messages\": [...]}")
+    p.add_argument("--template")
+    p.add_argument("--train-on", choices=["all", "last"], default="all")
+    p.add_argument("--reasoning", choices=["on", "off"])
+    p.add_argument("--no-color", action="store_true", help="mark trained text as [[...]] instead of colour")
+
+    data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
+    p = data.add_parser("inspect", help="validate a dataset and summarise rows, lengths and trained tokens")
+    p.add_argument("dataset")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _data_args(p)
+
+    p = verbs.add_parser("chat", help="chat with a model, one-shot (--prompt) or interactive")
+    p.add_argument("--model", default="default")
+    p.add_argument("--adapter", help="a LoRA adapter dir (PEFT format)")
+    p.add_argument("--prompt")
+    _sampling_args(p)
+
+    p = verbs.add_parser("compare", help="the same prompt through two models, side by side")
+    p.add_argument("--model", action="append", required=True, help="give twice")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--width", type=int)
+    _sampling_args(p)
+
+    verbs.add_parser("demo", help="the default job on the embedded model and the built-in task")
+    return parser
+
+
+def _read_messages(path: str) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TunesmithError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise TunesmithError(f"{path}: not valid JSON ({exc})") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise TunesmithError(f"{path}: expected a list of messages or an object with a 'messages' list")
+    from tunesmith.data.formats import normalise
+
+    normalise([{"messages": messages}], "messages", name=path)  # same row checks as training data
+    return messages
+
+
+def cmd_template(args) -> None:
+    from tunesmith.models import load_tokenizer
+    from tunesmith.templates import mask_view, render, use_template
+
+    messages = _read_messages(args.messages)
+    tokenizer = load_tokenizer(args.model)
+    use_template(tokenizer, args.template)
+    examples = render(tokenizer, messages, train_on=args.train_on, reasoning=args.reasoning)
+    for i, rendered in enumerate(examples):
+        if len(examples) > 1:
+            print(f"== example {i + 1} of {len(examples)} (the template rewrites history) ==")
+        print(mask_view(rendered, color=not args.no_color))
+
+
+def cmd_data_inspect(args) -> None:
+    from tunesmith.data.pipeline import format_inspection, inspection, prepare
+    from tunesmith.data.tokenize import TokenizeOptions
+    from tunesmith.models import load_tokenizer
+    from tunesmith.templates import use_template
+
+    tokenizer = load_tokenizer(args.model)
+    use_template(tokenizer, args.template)
+    options = TokenizeOptions(max_length=args.max_length, overlength=args.overlength, train_on=args.train_on,
+                              reasoning=args.reasoning)
+    prepared = prepare(args.dataset, tokenizer, options, fmt=args.format, invalid_rows=args.invalid_rows,
+                       split=args.split, require_trained=False)
+    report = inspection(prepared)
+    print(json.dumps(report) if args.json else format_inspection(report))
+
+
+def _chat_options(args):
+    from tunesmith.chat import ChatOptions
+    from tunesmith.generate import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    return ChatOptions(system=args.system, reasoning=args.reasoning, sampling=sampling)
+
+
+def cmd_chat(args) -> None:
+    from tunesmith.chat import chat, load_for_chat
+
+    loaded = load_for_chat(args.model, adapter=args.adapter, template=args.template, dtype=args.dtype,
+                           device=args.device, trust_remote_code=args.trust_remote_code)
+    chat(loaded, _chat_options(args), prompt=args.prompt)
+
+
+def cmd_compare(args) -> None:
+    from tunesmith.chat import compare
+
+    if len(args.model) != 2:
+        raise TunesmithError("compare needs exactly two --model arguments")
+    print(compare(args.model, args.prompt, _chat_options(args), template=args.template, dtype=args.dtype,
+                  device=args.device, width=args.width, trust_remote_code=args.trust_remote_code))
+
+
+def cmd_demo(args) -> None:
+    from tunesmith.demo import run_demo
+
+    run_demo()
+
+
+COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = cmd_data_inspect if args.verb == "data" else COMMANDS[args.verb]
+    try:
+        command(args)
+    except TunesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

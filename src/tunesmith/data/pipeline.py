@@ -1,0 +1,108 @@
+"""From a dataset source string to tokenized training sequences, refusing a dataset with nothing to train."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from tunesmith.data.formats import NormalisedData, normalise
+from tunesmith.data.sources import load_rows
+from tunesmith.data.tokenize import TokenizedData, TokenizeOptions, tokenize_examples
+from tunesmith.errors import TunesmithError
+from tunesmith.templates import IGNORE_INDEX
+
+
+@dataclass
+class PreparedData:
+    name: str
+    rows: int
+    normalised: NormalisedData
+    tokenized: TokenizedData
+
+    @property
+    def examples(self) -> list[dict]:
+        return self.tokenized.examples
+
+
+def prepare(source: str, tokenizer, options: TokenizeOptions, *, fmt: str | None = None,
+            invalid_rows: str = "error", split: str | None = None,
+            require_trained: bool = True) -> PreparedData:
+    """Load, validate, normalise and tokenize ``source``.
+
+    With ``require_trained`` a dataset whose rows hold no trained token at all is refused here,
+    before any model is loaded or trained.
+    """
+    rows, name = load_rows(source, split=split)
+    if not rows:
+        raise TunesmithError(f"{name}: the dataset has no rows")
+    normalised = normalise(rows, fmt, policy=invalid_rows, name=name)
+    tokenized = tokenize_examples(tokenizer, normalised.examples, options, name=name)
+    if require_trained and tokenized.trained_tokens == 0:
+        raise TunesmithError(f"{name}: no row has a trained token after validation and tokenization "
+                             f"({len(normalised.dropped) + len(tokenized.dropped)} rows dropped); "
+                             "check the format, the template and max_length")
+    return PreparedData(name=name, rows=len(rows), normalised=normalised, tokenized=tokenized)
+
+
+def _lengths(example: dict) -> list[int]:
+    if "chosen" in example:
+        return [len(example["chosen"]["input_ids"]), len(example["rejected"]["input_ids"])]
+    return [len(example["input_ids"])]
+
+
+def _histogram(lengths: list[int], bins: int = 8) -> list[dict]:
+    if not lengths:
+        return []
+    low, high = min(lengths), max(lengths)
+    width = max(1, -(-(high - low + 1) // bins))
+    counts = Counter((n - low) // width for n in lengths)
+    return [{"from": low + b * width, "to": low + (b + 1) * width - 1, "count": counts.get(b, 0)}
+            for b in range(-(-(high - low + 1) // width))]
+
+
+def inspection(prepared: PreparedData) -> dict:
+    """A machine-readable summary: formats, drops by reason, lengths, truncation and trained tokens."""
+    examples = prepared.examples
+    lengths = [n for ex in examples for n in _lengths(ex)]
+    trained = [sum(1 for label in (ex.get("labels") or []) if label != IGNORE_INDEX) for ex in examples]
+    dropped = prepared.normalised.dropped + prepared.tokenized.dropped
+    kinds = Counter(ex.kind for ex in prepared.normalised.examples)
+    return {
+        "dataset": prepared.name,
+        "format": prepared.normalised.format,
+        "rows": prepared.rows,
+        "rows_by_kind": dict(sorted(kinds.items())),
+        "valid_rows": len(prepared.normalised.examples),
+        "dropped": len(dropped),
+        "dropped_by_reason": dict(Counter(reason for _, reason in dropped).most_common()),
+        "dropped_rows": [row for row, _ in dropped][:50],
+        "sequences": len(examples),
+        "truncated": prepared.tokenized.truncated,
+        "tokens": sum(lengths),
+        "trained_tokens": prepared.tokenized.trained_tokens,
+        "length": {"min": min(lengths, default=0), "max": max(lengths, default=0),
+                   "mean": round(sum(lengths) / len(lengths), 2) if lengths else 0.0},
+        "trained_per_sequence": {"min": min(trained, default=0), "max": max(trained, default=0)},
+        "length_histogram": _histogram(lengths),
+    }
+
+
+def format_inspection(report: dict) -> str:
+    lines = [
+        f"dataset       {report['dataset']}",
+        f"format        {report['format']}  ({', '.join(f'{k}: {v}' for k, v in report['rows_by_kind'].items())})",
+        f"rows          {report['rows']}  valid {report['valid_rows']}  dropped {report['dropped']}",
+    ]
+    lines += [f"  dropped     {count} × {reason}" for reason, count in report["dropped_by_reason"].items()]
+    length = report["length"]
+    lines += [
+        f"sequences     {report['sequences']}  truncated {report['truncated']}",
+        f"tokens        {report['tokens']}  trained {report['trained_tokens']}",
+        f"length        min {length['min']}  mean {length['mean']}  max {length['max']}",
+        "histogram",
+    ]
+    peak = max((b["count"] for b in report["length_histogram"]), default=1) or 1
+    for b in report["length_histogram"]:
+        bar = "#" * round(40 * b["count"] / peak)
+        lines.append(f"  {b['from']:>6}-{b['to']:<6} {b['count']:>6} {bar}")
+    return "\n".join(lines)
