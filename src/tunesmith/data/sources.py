@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import re
-import socket
 from pathlib import Path
 
 from tunesmith.data.builtin import BUILTIN_NAME, builtin_preference, builtin_task
 from tunesmith.errors import TunesmithError
+from tunesmith.hub import HUB_ID, hub_reachable
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
 def load_rows(source: str, *, split: str | None = None) -> tuple[list[dict], str]:
@@ -39,7 +35,7 @@ def load_rows(source: str, *, split: str | None = None) -> tuple[list[dict], str
             rows, name = _saved_dataset_rows(path, source, split)
         elif path.is_file():
             rows, name = _file_rows(path, source), source
-        elif path.suffix.lower() in _FILE_SUFFIXES or not _HUB_ID.match(source):
+        elif path.suffix.lower() in _FILE_SUFFIXES or not HUB_ID.match(source):
             raise TunesmithError(f"dataset file {source} does not exist; check the path")
         else:
             rows, name = _hub_rows(source, split)
@@ -146,21 +142,10 @@ def _saved_dataset_rows(path: Path, source: str, split: str | None) -> tuple[lis
     return loaded.to_list(), source
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").lower() in _OFFLINE_VALUES:
-            return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_rows(source: str, split: str | None) -> tuple[list[dict], str]:
     split = split or "train"
     name = f"{source}[{split}]"
-    if not _hub_reachable():
+    if not hub_reachable():
         raise TunesmithError(f"dataset {source!r} is not a local file, so it was taken as a hub id, but the "
                              "Hugging Face hub cannot be reached (offline); download it elsewhere and pass a "
                              "local file (.jsonl, .json, .csv, .parquet) or a saved dataset directory")

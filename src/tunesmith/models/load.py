@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.hub import HUB_ID, hub_reachable
 from tunesmith.models.defaults import dequantized_dir, embedded_gguf_path
 
 DEFAULT_MODEL = "default"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -46,16 +43,6 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def resolve_path(source: str) -> Path | str:
     """Turn a model source into something ``from_pretrained`` can read without surprises."""
     if source == DEFAULT_MODEL:
@@ -69,7 +56,7 @@ def resolve_path(source: str) -> Path | str:
         return path
     if path.exists():
         raise TunesmithError(f"{path} is neither a model directory nor a .gguf file")
-    if not _HUB_ID.match(source):
+    if not HUB_ID.match(source):
         raise TunesmithError(f"model {source!r} not found: no such directory or file, and it is not a hub id (org/name)")
     from huggingface_hub import snapshot_download
 
@@ -77,7 +64,7 @@ def resolve_path(source: str) -> Path | str:
         return Path(snapshot_download(source, local_files_only=True))
     except Exception:
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise TunesmithError(
             f"model {source!r} looks like a hub id but the model hub cannot be reached (offline); "
             "download it elsewhere and pass its local directory, or use --model default"

@@ -1,0 +1,340 @@
+"""LoRA: a low-rank update beside a frozen linear layer, and the functions that put it into a model.
+
+For a base layer ``y = W x + b`` (W is d_out×d_in), LoRA learns A (r×d_in) and B (d_out×r) and computes
+
+    y = W x + b + s · B (A x),        s = α / r    (rsLoRA: s = α / √r)
+
+which is the same as using the merged weight ``W' = W + s · B · A``. B starts at zero, so at initialisation
+the model is exactly the base model; A starts like ``nn.Linear``'s default (Kaiming-uniform, a = √5).
+
+Gradients, written for a batch X (n×d_in, rows are inputs) with G = ∂L/∂Y (n×d_out); dropout, when on,
+replaces X by dropout(X) in the adapter path only:
+
+    ∂L/∂B = s · Gᵀ (X Aᵀ)          (d_out×r)
+    ∂L/∂A = s · Bᵀ Gᵀ X            (r×d_in)
+    ∂L/∂X = G W + s · G B A
+
+For one input column x: ∂L/∂B = s · (∂L/∂y)(A x)ᵀ and ∂L/∂A = s · Bᵀ (∂L/∂y) xᵀ. Because B = 0 at the start,
+∂L/∂A is zero on the first step and only B moves; A follows once B is non-zero.
+
+The wrapped module keeps PEFT's layout (``<name>.base_layer``, ``<name>.lora_A``, ``<name>.lora_B``), so the
+state-dict keys of a wrapped model are the ones PEFT writes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tunesmith.errors import TunesmithError
+
+ALL_LINEAR = "all-linear"
+_OUTPUT_HEAD_NAME = "lm_head"
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + s · lora_B(lora_A(dropout(x)))`` over any layer with ``in_features``,
+    ``out_features`` and ``weight`` (``nn.Linear``, or a 4-bit ``bitsandbytes`` ``Linear4bit``).
+
+    ``disabled`` turns the adapter off (the DPO reference model); ``merge()`` folds it into the base weight
+    and ``unmerge()`` takes it out again. Merging needs a floating-point base weight.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype | None = None):
+        super().__init__()
+        if r <= 0:
+            raise TunesmithError(f"LoRA rank r must be a positive integer, got {r}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        base_weight = base_layer.weight
+        # A quantized base stores packed integers; its adapter trains in fp32 unless told otherwise.
+        if dtype is None:
+            dtype = base_weight.dtype if base_weight.dtype.is_floating_point else torch.float32
+        # Built on "meta" and materialised once, so each matrix draws from the global RNG exactly once.
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device="meta", dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device="meta", dtype=dtype)
+        self.lora_A.to_empty(device=base_weight.device)
+        self.lora_B.to_empty(device=base_weight.device)
+        self.reset_lora_parameters()
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    def reset_lora_parameters(self) -> None:
+        """A like ``nn.Linear``'s default init (from torch's global seed), B = 0: the adapter starts as a no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled and self.merged:
+            raise TunesmithError("a merged LoRA adapter cannot be disabled; call unmerge() first")
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        lora_input = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return result + (self.lora_B(self.lora_A(lora_input)) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B · A`` in fp32 (d_out×d_in): what merging adds to the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor holding ``W + s · B · A`` in the base weight's dtype; the layer is not changed."""
+        weight = self._dense_base_weight()
+        if self.merged:
+            return weight.detach().clone()
+        return (weight.detach().float() + self.delta_weight()).to(weight.dtype)
+
+    def merge(self) -> None:
+        """``W ← W + s · B · A`` (computed in fp32, stored in W's dtype). Calling it twice merges once."""
+        if self.merged:
+            return
+        weight = self._dense_base_weight()
+        with torch.no_grad():
+            weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W ← W − s · B · A``: the inverse of ``merge()`` (exact up to rounding in W's dtype)."""
+        if not self.merged:
+            return
+        weight = self._dense_base_weight()
+        with torch.no_grad():
+            weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self.merged = False
+
+    def _dense_base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise TunesmithError(
+                f"cannot merge LoRA into a quantized base layer ({type(self.base_layer).__name__}, weight dtype "
+                f"{weight.dtype}); load the base model in fp32/bf16/fp16 to merge, or keep the adapter separate")
+        return weight
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}")
+
+
+@dataclass
+class LoRAConfig:
+    """Which linear layers get an adapter, and its shape and scale."""
+
+    r: int = 8
+    """Rank of the update B·A."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by alpha/r (alpha/√r with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only; the base path never sees it)."""
+    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names matched by their last component(s) (``q_proj``, or ``self_attn.q_proj``, or a full path),
+    or ``"all-linear"``: every ``nn.Linear`` except the output head."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha/√r, so the update's size does not shrink as r grows."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides, PEFT's rule: key ``k`` applies to a module whose full name matches the
+    regex ``(.*\\.)?(k)$``; the first matching key wins."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, same matching rule as ``rank_pattern``."""
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            if self.target_modules != ALL_LINEAR:
+                raise TunesmithError(f"lora target_modules must be a list of module names or {ALL_LINEAR!r}, "
+                                     f"got {self.target_modules!r}")
+        else:
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise TunesmithError("lora target_modules is empty; name at least one module or use 'all-linear'")
+        ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in self.rank_pattern.items()}}
+        for name, rank in ranks.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise TunesmithError(f"lora {name} must be a positive integer, got {rank!r}")
+        alphas = {"alpha": self.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}
+        for name, alpha in alphas.items():
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+                raise TunesmithError(f"lora {name} must be a positive number, got {alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise TunesmithError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The registry of adapters: every ``LoRALinear`` in ``model`` by its module path."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable adapter parameters by their names in ``model.named_parameters()``."""
+    params = {}
+    for name, module in lora_modules(model).items():
+        params[f"{name}.lora_A.weight"] = module.lora_A.weight
+        params[f"{name}.lora_B.weight"] = module.lora_B.weight
+    return params
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _short_name(module_name: str) -> str:
+    return module_name.rsplit(".", 1)[-1]
+
+
+def _matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
+
+
+def _tied_to_embedding(module: nn.Module, model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Embedding) and m.weight is module.weight for m in model.modules())
+
+
+def _is_output_head(name: str, module: nn.Module, model: nn.Module) -> bool:
+    get_output = getattr(model, "get_output_embeddings", None)
+    return (_short_name(name) == _OUTPUT_HEAD_NAME or (callable(get_output) and get_output() is module)
+            or _tied_to_embedding(module, model))
+
+
+def select_target_modules(model: nn.Module, target_modules: tuple[str, ...] | str, *,
+                          strict: bool = True) -> list[str]:
+    """Names of the ``nn.Linear`` modules that ``target_modules`` picks, in model order.
+
+    With ``strict``, every target name must match something; otherwise at least one must.
+    """
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    if target_modules == ALL_LINEAR:
+        return [name for name, module in linear.items() if not _is_output_head(name, module, model)]
+    selected = [name for name in linear if any(_matches(name, t) for t in target_modules)]
+    unmatched = [t for t in target_modules if not any(_matches(name, t) for name in linear)]
+    if unmatched and (strict or not selected):
+        available = ", ".join(sorted({_short_name(name) for name in linear}))
+        raise TunesmithError(f"LoRA target module(s) {', '.join(map(repr, unmatched))} match no linear layer "
+                             f"of this model; available linear modules: {available}")
+    tied = [name for name in selected if _tied_to_embedding(linear[name], model)]
+    if tied:
+        # Merging into a tied head would also change the input embedding it shares its weight with.
+        raise TunesmithError(f"{', '.join(tied)} shares its weight with the input embedding, so a LoRA on it "
+                             "could not be merged; drop it from target_modules")
+    return selected
+
+
+def wrap_modules(model: nn.Module, names: list[str], config: LoRAConfig) -> None:
+    """Replace each named linear module in place by a ``LoRALinear`` owning it."""
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        wrapped = LoRALinear(getattr(parent, child_name), r=config.rank_for(name), alpha=config.alpha_for(name),
+                             dropout=config.dropout, use_rslora=config.use_rslora)
+        setattr(parent, child_name, wrapped)
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap the linear layers picked by ``config.target_modules``; returns their module names.
+
+    Adapters are initialised from torch's global RNG, so the same seed gives the same adapters.
+    """
+    if lora_modules(model):
+        raise TunesmithError("this model already has LoRA adapters; inject them once, into the base model")
+    names = select_target_modules(model, config.target_modules)
+    wrap_modules(model, names, config)
+    return names
+
+
+def freeze_base(model: nn.Module) -> None:
+    """``requires_grad`` off for every parameter except the adapters' A and B."""
+    adapters = adapter_parameters(model)
+    if not adapters:
+        raise TunesmithError("the model has no LoRA adapters, so freezing the base would leave nothing to train; "
+                             "call inject_lora first")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in adapters.values():
+        param.requires_grad_(True)
+
+
+def merge_all(model: nn.Module) -> None:
+    for module in lora_modules(model).values():
+        module.merge()
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for module in lora_modules(model).values():
+        module.unmerge()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block (e.g. the DPO reference); restores the switches after."""
+    modules = lora_modules(model).values()
+    if any(m.merged for m in modules):
+        raise TunesmithError("cannot disable merged LoRA adapters; call unmerge_all(model) first")
+    previous = [m.disabled for m in modules]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module, was_disabled in zip(modules, previous):
+            module.disabled = was_disabled
+
+
+def _owning_adapter(key: str, adapters: dict[str, LoRALinear]) -> tuple[str, str] | None:
+    """(module path, rest of the key) when ``key`` belongs to a LoRALinear, else None.
+
+    Walks up the key's components rather than splitting on a name fragment, because quantized weights carry
+    dotted suffixes (``weight.absmax``) and a module path may itself contain any word.
+    """
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in adapters:
+            return prefix, ".".join(parts[i:])
+    return None
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the merged model, keyed as the unwrapped model (``...q_proj.weight``).
+
+    Pure: the model is not changed. Merged weights are new tensors; every other entry is the model's own
+    tensor, detached (shared storage, no copy), so the result costs one extra copy of the adapted weights only.
+    """
+    adapters = lora_modules(model)
+    merged = {}
+    for key, tensor in model.state_dict(keep_vars=False).items():
+        owner = _owning_adapter(key, adapters)
+        if owner is None:
+            merged[key] = tensor
+            continue
+        module_name, rest = owner
+        child, _, param_name = rest.partition(".")
+        if child != "base_layer":
+            continue
+        if param_name == "weight":
+            merged[f"{module_name}.weight"] = adapters[module_name].merged_weight()
+        else:
+            merged[f"{module_name}.{param_name}"] = tensor
+    return merged
