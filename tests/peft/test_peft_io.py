@@ -66,6 +66,14 @@ def test_our_adapter_loads_in_peft(tmp_path, config):
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=0, atol=1e-5)
 
 
+def test_short_names_that_would_overmatch_are_saved_as_paths(tmp_path):
+    ours = our_adapter(tmp_path, LoRAConfig(r=4, alpha=8, target_modules=("layers.1.self_attn.q_proj",)))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    theirs = peft.PeftModel.from_pretrained(build_tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("lora_kwargs", [
     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),

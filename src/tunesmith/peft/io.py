@@ -140,7 +140,7 @@ def _read_config(path: Path, linear_names: list[str]) -> LoRAConfig:
             raise TunesmithError(f"adapter config {path}: target_modules regex {raw['target_modules']!r} "
                                  "matches no linear layer of this model")
     try:
-        return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+        return LoRAConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout") or 0.0,
                           target_modules=targets, use_rslora=bool(raw.get("use_rslora", False)),
                           rank_pattern=raw.get("rank_pattern") or {}, alpha_pattern=raw.get("alpha_pattern") or {})
     except TunesmithError as exc:

@@ -166,7 +166,7 @@ class LoRAConfig:
         for name, alpha in alphas.items():
             if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
                 raise TunesmithError(f"lora {name} must be a positive number, got {alpha!r}")
-        if not 0 <= self.dropout < 1:
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise TunesmithError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
 
     def rank_for(self, module_name: str) -> int:

@@ -1,0 +1,189 @@
+"""Run configuration: YAML plus ``key.sub=value`` overrides, validated into typed models.
+
+The models below are the one place each option is documented. Unknown keys and wrong types are errors
+that name the key; the resolved config is saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunesmith.errors import TunesmithError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    source: str = "default"
+    """`default` (the embedded model), a local HF dir, a .gguf file, or a hub id."""
+    template: str | None = None
+    """A built-in chat template (chatml, zephyr, llama3) for models without one; None uses the model's own."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA when supported), fp32, bf16 or fp16."""
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    train: str = "builtin"
+    """Training data: a file, a saved dataset dir, a hub id, or `builtin`."""
+    eval: str | None = "builtin:test"
+    """Held-out data for evaluation (None: no evaluation)."""
+    format: str | None = None
+    """Override the detected format (messages, prompt_completion, text, alpaca, sharegpt, preference)."""
+    split: str | None = None
+    max_length: int = Field(512, gt=0)
+    overlength: Literal["truncate", "drop", "error"] = "truncate"
+    invalid_rows: Literal["error", "drop"] = "error"
+    train_on: Literal["all", "last"] = "all"
+    reasoning: Literal["on", "off"] | None = None
+    batching: Literal["pad", "bucket", "pack"] = "pad"
+    token_budget: int | None = Field(None, gt=0)
+    """Tokens per packed row (batching=pack); defaults to max_length."""
+
+
+class MethodConfig(_Section):
+    name: Literal["lora", "full"] = "lora"
+    objective: Literal["sft"] = "sft"
+    freeze_embeddings: bool = False
+    """Full fine-tuning only: keep the input embeddings (and a tied output head) frozen."""
+
+
+class LoRASection(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    """Module names (q_proj, v_proj, ...) or `all-linear`."""
+    use_rslora: bool = False
+    """Scale by alpha/sqrt(r) instead of alpha/r."""
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm; None disables clipping."""
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    """Used when warmup_steps is None: a fraction of the total optimizer steps."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides epochs when set."""
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    nonfinite: Literal["skip", "abort"] = "skip"
+    """What a non-finite loss or gradient does: skip the step (nothing changes) or abort the run."""
+    max_bad_steps: int = Field(5, gt=0)
+    """This many non-finite steps in a row abort the run whatever the policy."""
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    """Evaluate held-out loss every N optimizer steps (always at the end)."""
+    checkpoint_every: int | None = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    progress: bool = True
+
+
+class EvalConfig(_Section):
+    before: bool = True
+    """Evaluate the untuned model too, for the before/after comparison."""
+    task_rows: int = Field(100, ge=0)
+    """Held-out rows scored with task metrics (built-in task only); 0 disables generation."""
+    loss_rows: int | None = None
+    """Held-out rows for loss / perplexity (None: all)."""
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+    report_examples: int = Field(12, ge=0)
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    lora: LoRASection = Field(default_factory=LoRASection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a plain directory name")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise TunesmithError(f"override {dotted}={raw}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def _explain(exc: ValidationError, origin: str) -> TunesmithError:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+    return TunesmithError(f"{origin}: " + "; ".join(problems))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read ``path`` (or the built-in defaults), apply ``key.sub=value`` overrides, and validate."""
+    tree: dict = {}
+    origin = "built-in defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise TunesmithError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise TunesmithError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise TunesmithError(f"config file {path} must hold a mapping of sections")
+    for override in overrides:
+        if "=" not in override:
+            raise TunesmithError(f"override {override!r} must look like key.sub=value")
+        key, raw = override.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    if overrides:
+        origin += " with overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, origin) from None
