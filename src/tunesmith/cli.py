@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     _sampling_args(p)
 
+    p = verbs.add_parser("train", help="fine-tune; with no config, the built-in default recipe")
+    p.add_argument("--config", help="a YAML config (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+
+    p = verbs.add_parser("eval", help="held-out loss / perplexity, and task metrics on the built-in task")
+    p.add_argument("target", metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("--adapter", help="a LoRA adapter dir to apply to the model")
+    p.add_argument("--data", help="held-out dataset (default: the run's eval data, else builtin:test)")
+    p.add_argument("--task-rows", type=int, default=100, help="rows scored by generation (built-in task)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--template")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     verbs.add_parser("demo", help="the default job on the embedded model and the built-in task")
     return parser
 
@@ -141,13 +155,41 @@ def cmd_compare(args) -> None:
                   device=args.device, width=args.width, trust_remote_code=args.trust_remote_code))
 
 
+def cmd_train(args) -> None:
+    from tunesmith.config import load_config
+    from tunesmith.recipes.sft import run
+
+    if args.resume:
+        if args.config:
+            raise TunesmithError("--resume takes the run's own config.yaml; drop --config")
+        config = load_config(Path(args.resume) / "config.yaml", args.overrides)
+        config = config.model_copy(update={"name": Path(args.resume).name,
+                                           "output_dir": str(Path(args.resume).parent)})
+        run(config, resume=True)
+    else:
+        run(load_config(args.config, args.overrides).with_run_name())
+
+
+def cmd_eval(args) -> None:
+    from tunesmith.eval.cli import run_eval
+
+    report = run_eval(args.target, adapter=args.adapter, data=args.data, task_rows=args.task_rows,
+                      max_length=args.max_length, template=args.template)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:<18}{value}")
+
+
 def cmd_demo(args) -> None:
     from tunesmith.demo import run_demo
 
     run_demo()
 
 
-COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "demo": cmd_demo}
+COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
+            "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ that name the key; the resolved config is saved with every run and checkpoint.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -114,7 +115,8 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
-    name: str = "default"
+    name: str | None = None
+    """The run dir's name under output_dir; None: `<method>-<date>-<time>`, chosen when the run starts."""
     output_dir: str = "runs"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -128,14 +130,22 @@ class RunConfig(_Section):
 
     @field_validator("name")
     @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if not value or "/" in value or value.startswith("."):
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value.startswith(".")):
             raise ValueError("must be a plain directory name")
         return value
 
     @property
     def run_dir(self) -> Path:
+        if self.name is None:
+            raise ValueError("the run has no name yet; call with_run_name() first")
         return Path(self.output_dir) / self.name
+
+    def with_run_name(self) -> RunConfig:
+        """A copy whose name is set: the configured one, or the method and the current time."""
+        if self.name is not None:
+            return self
+        return self.model_copy(update={"name": f"{self.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,273 @@
+"""What every recipe shares: the run dir, data and model setup, resume checks, evaluation phases, saving."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.config import RunConfig
+from tunesmith.data.pipeline import PreparedData, prepare
+from tunesmith.data.sources import load_rows
+from tunesmith.data.tokenize import TokenizeOptions
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.evaluate import evaluate, is_builtin_task
+from tunesmith.eval.report import write_report
+from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
+from tunesmith.models.load import resolve_path
+from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
+from tunesmith.templates import use_template
+from tunesmith.train.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
+                                        save_checkpoint)
+from tunesmith.train.metrics import read_metrics, truncate_metrics
+
+# Config keys that define what a checkpoint's weights and data positions mean: changing any of them
+# between a checkpoint and its resume would silently train something else.
+IDENTITY_KEYS = ("model.source", "model.template", "method.name", "method.objective", "method.freeze_embeddings",
+                 "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.dropout", "data.train",
+                 "data.format", "data.split", "data.max_length", "data.overlength", "data.invalid_rows",
+                 "data.train_on", "data.reasoning", "data.batching", "data.token_budget", "train.micro_batch_size",
+                 "train.grad_accum", "seed")
+
+
+@dataclass
+class RunSetup:
+    config: RunConfig
+    run_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    train: PreparedData
+    eval: PreparedData | None
+    eval_rows: list[dict] | None  # built-in task rows scored with task metrics
+    fingerprints: dict
+
+    @property
+    def lora_config(self) -> LoRAConfig:
+        lora = self.config.lora
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+        return LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
+                          use_rslora=lora.use_rslora)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_fingerprint(source: str) -> str:
+    path = Path(resolve_path(source))
+    if not path.is_dir():
+        return _digest(source)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+    return _digest([(p.name, p.stat().st_size, p.read_text() if p.name == "config.json" else "") for p in files])
+
+
+def _tokenize_options(config: RunConfig) -> TokenizeOptions:
+    data = config.data
+    return TokenizeOptions(max_length=data.max_length, overlength=data.overlength, train_on=data.train_on,
+                           reasoning=data.reasoning)
+
+
+def _claim_run_dir(config: RunConfig, resume: bool) -> Path:
+    run_dir = config.run_dir
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise TunesmithError(f"run dir {run_dir} already exists; continue it with --resume {run_dir}, or choose "
+                             "another name with name=NEW_NAME")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    return run_dir
+
+
+def prepare_run(config: RunConfig, *, resume: bool) -> RunSetup:
+    """Tokenizer, data (refused early when nothing is trained), then the model."""
+    tokenizer = load_tokenizer(config.model.source, trust_remote_code=config.model.trust_remote_code)
+    use_template(tokenizer, config.model.template)
+    options = _tokenize_options(config)
+    train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
+                    invalid_rows=config.data.invalid_rows, split=config.data.split)
+    heldout, rows = None, None
+    if config.data.eval:
+        heldout = prepare(config.data.eval, tokenizer, options, fmt=config.data.format,
+                          invalid_rows=config.data.invalid_rows)
+        if config.eval.loss_rows is not None:
+            heldout.tokenized.examples = heldout.tokenized.examples[:config.eval.loss_rows]
+        if is_builtin_task(config.data.eval) and config.eval.task_rows:
+            rows = load_rows(config.data.eval)[0][:config.eval.task_rows]
+    run_dir = _claim_run_dir(config, resume)
+    loaded = load(config.model.source, dtype=config.model.dtype, device=config.model.device,
+                  trust_remote_code=config.model.trust_remote_code)
+    device = resolve_device(config.model.device)
+    fingerprints = {"data": _digest([(ex["input_ids"], ex["labels"]) for ex in train.examples]),
+                    "model": _model_fingerprint(config.model.source)}
+    return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=loaded.model, device=device,
+                    dtype=resolve_dtype(config.model.dtype, device), train=train, eval=heldout, eval_rows=rows,
+                    fingerprints=fingerprints)
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup) -> None:
+    """Refuse to resume when the model, adapter shape or data differ from the checkpoint's."""
+    saved, current = yaml.safe_load(saved_yaml), setup.config.model_dump(mode="json")
+    changes = [f"{key} changed from {_lookup(saved, key)!r} to {_lookup(current, key)!r}"
+               for key in IDENTITY_KEYS if _lookup(saved, key) != _lookup(current, key)]
+    for what, fingerprint in setup.fingerprints.items():
+        if saved_fingerprints.get(what) != fingerprint:
+            name = setup.config.data.train if what == "data" else setup.config.model.source
+            changes.append(f"the {what} ({name}) changed on disk since the checkpoint")
+    if changes:
+        raise TunesmithError(f"cannot resume {setup.run_dir}: " + "; ".join(changes)
+                             + ". Start a new run for different settings")
+
+
+def load_resume_state(setup: RunSetup, model, optimizer) -> dict:
+    path = latest_checkpoint(setup.run_dir)
+    if path is None:
+        raise TunesmithError(f"{setup.run_dir} has no complete checkpoint to resume from")
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt.config_yaml, ckpt.state.get("fingerprints", {}), setup)
+    expected = set(_trainable_weights(setup, model))
+    if set(ckpt.weights) != expected:
+        missing, unexpected = sorted(expected - set(ckpt.weights)), sorted(set(ckpt.weights) - expected)
+        raise TunesmithError(f"checkpoint {path} does not match the model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in ckpt.weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt.optimizer)
+    restore_rng(ckpt.rng)
+    truncate_metrics(setup.run_dir, ckpt.step)
+    print(f"resuming {setup.run_dir} from {path.name}")
+    return {k: v for k, v in ckpt.state.items() if k != "fingerprints"}
+
+
+def _trainable_weights(setup: RunSetup, model) -> dict[str, torch.Tensor]:
+    if setup.config.method.name == "lora":
+        return {name: p.detach() for name, p in adapter_parameters(model).items()}
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def save_training_checkpoint(setup: RunSetup, model, optimizer, state: dict) -> Path:
+    def write_adapter(tmp: Path) -> None:
+        if setup.config.method.name == "lora":
+            save_adapter(model, setup.lora_config, tmp / "adapter",
+                         base_model_name_or_path=setup.config.model.source)
+
+    return save_checkpoint(setup.run_dir, state["step"], weights=_trainable_weights(setup, model),
+                           optimizer=optimizer.state_dict(), state={**state, "fingerprints": setup.fingerprints},
+                           rng=capture_rng(), config_yaml=setup.config.to_yaml(),
+                           keep=setup.config.train.keep_checkpoints, write_extra=write_adapter)
+
+
+def evaluate_phase(setup: RunSetup, phase: str | None, *, task: bool = True) -> dict:
+    """Held-out metrics (and task metrics); ``phase`` "before"/"after" also saves them as JSON."""
+    cfg = setup.config.eval
+    metrics, result = evaluate(setup.model, setup.tokenizer, examples=setup.eval.examples,
+                               rows=setup.eval_rows if task else None, batch_size=cfg.batch_size,
+                               max_new_tokens=cfg.max_new_tokens, reasoning=setup.config.data.reasoning)
+    if phase is not None:
+        payload = {"metrics": metrics,
+                   "predictions": result.predictions if result else [],
+                   "prompts": result.prompts if result else [], "expected": result.expected if result else []}
+        _write_json(setup.run_dir / f"eval_{phase}.json", payload)
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _publish_dir(build, target: Path) -> None:
+    """Write a result dir beside ``target`` with ``build(tmp)``, then swap it into place."""
+    tmp = target.with_name(f".{target.name}-new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    old = target.with_name(f".{target.name}-old")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_result(setup: RunSetup) -> Path:
+    """``adapter/`` (PEFT format) for LoRA, ``model/`` (plain HF dir) for full fine-tuning; with the tokenizer."""
+    config, model, tokenizer = setup.config, setup.model, setup.tokenizer
+    if config.method.name == "lora":
+        target = setup.run_dir / "adapter"
+
+        def build(tmp: Path) -> None:
+            save_adapter(model, setup.lora_config, tmp, base_model_name_or_path=config.model.source)
+            tokenizer.save_pretrained(tmp)
+    else:
+        target = setup.run_dir / "model"
+
+        def build(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    _publish_dir(build, target)
+    return target
+
+
+def _before_after_table(before: dict | None, after: dict) -> str:
+    keys = [k for k in ("eval_loss", "perplexity", "valid_json_rate", "exact_match") if k in after]
+    lines = [f"{'metric':<16}{'before':>12}{'after':>12}"]
+    for key in keys:
+        rate = key in ("valid_json_rate", "exact_match")
+        fmt = (lambda v: f"{v:.1%}") if rate else (lambda v: f"{v:.4f}")
+        old = fmt(before[key]) if before and key in before else "-"
+        lines.append(f"{key:<16}{old:>12}{fmt(after[key]):>12}")
+    return "\n".join(lines)
+
+
+def finish_run(setup: RunSetup, state: dict, started: float) -> dict:
+    """Save the result, evaluate it, write ``summary.json`` and ``report.html``, print before/after."""
+    output = save_result(setup)
+    before_path = setup.run_dir / "eval_before.json"
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    after = None
+    eval_start = time.time()
+    if setup.eval is not None:
+        evaluate_phase(setup, "after")
+        after = json.loads((setup.run_dir / "eval_after.json").read_text())
+    summary = {"run_dir": str(setup.run_dir), "output": str(output), "steps": state["step"],
+               "skipped_steps": state["skipped"], "tokens": state["tokens"],
+               "train_seconds": round(state["train_seconds"], 2), "eval_seconds": round(time.time() - eval_start, 2),
+               "before": before["metrics"] if before else None, "after": after["metrics"] if after else None}
+    _write_json(setup.run_dir / "summary.json", summary)
+    examples = []
+    if after and after["predictions"]:
+        for i in range(min(setup.config.eval.report_examples, len(after["predictions"]))):
+            example = {"prompt": after["prompts"][i], "tuned": after["predictions"][i],
+                       "expected": after["expected"][i]}
+            if before and before["predictions"]:
+                example["base"] = before["predictions"][i]
+            examples.append(example)
+    write_report(setup.run_dir / "report.html", title=f"tunesmith run {setup.config.name}",
+                 metrics=read_metrics(setup.run_dir), before=summary["before"], after=summary["after"],
+                 examples=examples, config_yaml=setup.config.to_yaml(),
+                 timing={"train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
+                         "total_seconds": round(time.time() - started, 2), "device": str(setup.device),
+                         "steps": state["step"], "tokens": state["tokens"]})
+    if summary["after"]:
+        print(_before_after_table(summary["before"], summary["after"]))
+    print(f"run dir: {setup.run_dir}  ({output.name}/, report.html, metrics.jsonl)")
+    return summary
