@@ -93,7 +93,7 @@ def test_chat_interactive_keeps_history(tiny_model_dir, capsys, monkeypatch):
 
 
 def test_compare_side_by_side(tiny_model_dir, tmp_path, capsys):
-    from conftest import build_tiny_llama
+    from tinymodels import build_tiny_llama
 
     other = tmp_path / "other"
     build_tiny_llama(seed=1).save_pretrained(other)

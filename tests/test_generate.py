@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from tinymodels import build_tiny_llama
 
 from tunesmith.errors import TunesmithError
 from tunesmith.generate import SamplingConfig, StreamDecoder, generate, next_tokens

@@ -7,7 +7,7 @@ import doctest
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_llama
+from tinymodels import build_tiny_llama
 
 from tunesmith.data import batching
 from tunesmith.data.batching import (

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from tinymodels import build_tiny_llama
 from torch import nn
 
 from tunesmith.errors import TunesmithError

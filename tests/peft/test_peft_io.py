@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import build_tiny_llama
+from tinymodels import build_tiny_llama
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
