@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    verbs.add_parser("demo", help="the default job on the embedded model and the built-in task")
+    p = verbs.add_parser("demo", help="the default job: tune the embedded model on the built-in task, before/after")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="changes to the default recipe")
     return parser
 
 
@@ -185,7 +186,7 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from tunesmith.demo import run_demo
 
-    run_demo()
+    run_demo(args.overrides)
 
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,

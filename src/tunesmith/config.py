@@ -39,6 +39,8 @@ class DataConfig(_Section):
     format: str | None = None
     """Override the detected format (messages, prompt_completion, text, alpaca, sharegpt, preference)."""
     split: str | None = None
+    sample_rows: int | None = Field(None, gt=0)
+    """Train on a seeded random subset of this many valid rows (None: all)."""
     max_length: int = Field(512, gt=0)
     overlength: Literal["truncate", "drop", "error"] = "truncate"
     invalid_rows: Literal["error", "drop"] = "error"
@@ -100,6 +102,9 @@ class TrainConfig(_Section):
     checkpoint_every: int | None = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     progress: bool = True
+    compile: bool = False
+    """Compile the decoder blocks with torch.compile for training: a one-off cost (~40 s for the embedded
+    model on 2 CPU cores), then faster steps; worth it for runs of more than a few minutes."""
 
 
 class EvalConfig(_Section):

@@ -1,34 +1,46 @@
-"""``make demo``: the product's default job on the embedded model and the built-in task."""
+"""``make demo``: the product's default job end to end on the embedded model and the built-in task.
+
+Shows the data and the loss mask, then runs the default recipe (LoRA SFT, before/after evaluation,
+report) and prints a few held-out examples from the base and the tuned model.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 
+from tunesmith.config import load_config
 from tunesmith.data.builtin import builtin_task
 from tunesmith.data.pipeline import format_inspection, inspection, prepare
 from tunesmith.data.tokenize import TokenizeOptions
-from tunesmith.eval.task import evaluate_task
-from tunesmith.models import load
+from tunesmith.models import load_tokenizer
 from tunesmith.templates import mask_view, render
 
 
-def run_demo(n_eval: int = 40) -> dict:
+def run_demo(overrides: list[str] = (), examples: int = 3) -> dict:
+    from tunesmith.recipes.sft import run
+
     started = time.time()
-    print("== loading the embedded model (SmolLM2-135M-Instruct; first use converts its GGUF once)")
-    loaded = load("default")
-    tokenizer = loaded.tokenizer
-    print("\n== the built-in training set")
-    prepared = prepare("builtin", tokenizer, TokenizeOptions(max_length=256))
+    config = load_config(None, list(overrides)).with_run_name()
+    print("== the built-in task: extract a booking from a sentence into fixed JSON")
+    tokenizer = load_tokenizer(config.model.source)
+    prepared = prepare(config.data.train, tokenizer, TokenizeOptions(max_length=config.data.max_length))
     print(format_inspection(inspection(prepared)))
-    print("\n== one training example; the trained tokens are highlighted")
+    print("\n== one training example; only the highlighted tokens are trained")
     (first,) = render(tokenizer, builtin_task("train", 1)[0]["messages"])
     print(mask_view(first, color=True))
-    print(f"\n== the untuned model on {n_eval} held-out examples")
-    result = evaluate_task(loaded.model, tokenizer, builtin_task("test", n_eval))
-    for prompt, predicted, expected in list(zip(result.prompts, result.predictions, result.expected))[:5]:
-        print(f"  sentence : {prompt}\n  expected : {expected}\n  model    : {predicted!r}\n")
-    metrics = result.metrics
-    print(f"valid JSON {metrics['valid_json_rate']:.0%}  exact match {metrics['exact_match']:.0%}  "
-          f"per field {', '.join(f'{k} {v:.0%}' for k, v in metrics['fields'].items())}")
-    print(f"\ndone in {time.time() - started:.0f} s")
-    return metrics
+    print(f"\n== training: LoRA r={config.lora.r} on {config.model.source}, evaluating before and after")
+    summary = run(config)
+    before = json.loads((config.run_dir / "eval_before.json").read_text()) if summary["before"] else None
+    after = json.loads((config.run_dir / "eval_after.json").read_text())
+    shown = min(examples, len(after["predictions"]))
+    print(f"\n== {shown} held-out examples")
+    for i in range(shown):
+        print(f"  sentence : {after['prompts'][i]}")
+        print(f"  expected : {after['expected'][i]}")
+        if before:
+            print(f"  base     : {before['predictions'][i]}")
+        print(f"  tuned    : {after['predictions'][i]}\n")
+    print(f"training {summary['train_seconds']:.0f} s, whole demo {time.time() - started:.0f} s; "
+          f"open {config.run_dir / 'report.html'} for curves and examples")
+    return summary

@@ -53,7 +53,7 @@ class SamplingConfig:
 
 
 @torch.inference_mode()
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache``; use whichever this version's forward takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -85,7 +85,7 @@ def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     next_positions = attention_mask.sum(-1, keepdim=True)
     generators = [torch.Generator(device=device).manual_seed(sampling.seed) for _ in prompts]
-    cache = {_cache_argument(model): DynamicCache(config=model.config)}
+    cache = {cache_argument(model): DynamicCache(config=model.config)}
     new_tokens: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
 

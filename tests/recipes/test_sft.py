@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,10 @@ def test_full_finetune_writes_plain_hf_model(make_config):
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(start.named_parameters())[n])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+
+def test_compiled_training_matches_eager(make_config):
+    eager = sft.run(make_config("name=eager", "train.max_steps=2", "eval.before=false"))
+    compiled = sft.run(make_config("name=compiled", "train.max_steps=2", "eval.before=false", "train.compile=true"))
+    assert _losses(Path(eager["run_dir"])) == pytest.approx(_losses(Path(compiled["run_dir"])), abs=1e-5)
+    assert compiled["after"]["eval_loss"] == pytest.approx(eager["after"]["eval_loss"], abs=1e-5)

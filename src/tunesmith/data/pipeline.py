@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,16 +27,20 @@ class PreparedData:
 
 def prepare(source: str, tokenizer, options: TokenizeOptions, *, fmt: str | None = None,
             invalid_rows: str = "error", split: str | None = None,
-            require_trained: bool = True) -> PreparedData:
+            require_trained: bool = True, sample: int | None = None, seed: int = 0) -> PreparedData:
     """Load, validate, normalise and tokenize ``source``.
 
     With ``require_trained`` a dataset whose rows hold no trained token at all is refused here,
-    before any model is loaded or trained.
+    before any model is loaded or trained. ``sample`` keeps a seeded random subset of that many valid
+    rows (in source order, with their source row numbers) before tokenization.
     """
     rows, name = load_rows(source, split=split)
     if not rows:
         raise TunesmithError(f"{name}: the dataset has no rows")
     normalised = normalise(rows, fmt, policy=invalid_rows, name=name)
+    if sample is not None and sample < len(normalised.examples):
+        keep = sorted(random.Random(seed).sample(range(len(normalised.examples)), sample))
+        normalised.examples = [normalised.examples[i] for i in keep]
     tokenized = tokenize_examples(tokenizer, normalised.examples, options, name=name)
     if require_trained and tokenized.trained_tokens == 0:
         raise TunesmithError(f"{name}: no row has a trained token after validation and tokenization "

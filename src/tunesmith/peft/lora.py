@@ -83,8 +83,11 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
-        lora_input = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return result + (self.lora_B(self.lora_A(lora_input)) * self.scaling).to(result.dtype)
+        hidden = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)).to(result.dtype)
+        # s is folded into B (r×d_out, cheap) and the add into the matmul: one kernel over the activations
+        scaled_b = (self.lora_B.weight * self.scaling).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, self.r), scaled_b.t())
+        return out.view(result.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B · A`` in fp32 (d_out×d_in): what merging adds to the base weight."""

@@ -96,7 +96,8 @@ def prepare_run(config: RunConfig, *, resume: bool) -> RunSetup:
     use_template(tokenizer, config.model.template)
     options = _tokenize_options(config)
     train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
-                    invalid_rows=config.data.invalid_rows, split=config.data.split)
+                    invalid_rows=config.data.invalid_rows, split=config.data.split,
+                    sample=config.data.sample_rows, seed=config.seed)
     heldout, rows = None, None
     if config.data.eval:
         heldout = prepare(config.data.eval, tokenizer, options, fmt=config.data.format,

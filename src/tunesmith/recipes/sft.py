@@ -18,7 +18,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters, adapters_disabled, freeze_base, inject_lora
 from tunesmith.recipes.common import (RunSetup, evaluate_phase, finish_run, load_resume_state, prepare_run,
                                       save_training_checkpoint)
-from tunesmith.train.loop import accumulate_and_step
+from tunesmith.train.loop import accumulate_and_step, compiled_layers
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.schedule import lr_at, warmup_steps
 
@@ -79,52 +79,53 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     plan = plan_for(state["epoch"])
     progress = _progress(config, total_steps, state["step"])
     window_start, window_tokens = time.time(), 0
-    try:
-        while state["step"] < total_steps:
-            if state["micro"] >= len(plan):
-                state["epoch"], state["micro"] = state["epoch"] + 1, 0
-                plan = plan_for(state["epoch"])
-            step, chunk = state["step"], plan[state["micro"]: state["micro"] + config.train.grad_accum]
-            first = state["micro"]
-            hook = None if on_micro_batch is None else (lambda i: on_micro_batch(step, first + i))
-            micro_examples = [gather_examples(examples, batch) for batch in chunk]
-            lr = lr_at(step, base_lr=config.optim.lr, total_steps=total_steps, warmup=warmup,
-                       kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
-            step_start = time.time()
-            result = accumulate_and_step(model, optimizer, params, [collate(m) for m in micro_examples], lr=lr,
-                                         max_grad_norm=config.optim.max_grad_norm, device=device,
-                                         dtype=setup.dtype, on_micro_batch=hook)
-            tokens = sum(len(ex["input_ids"]) for m in micro_examples for ex in _flat(m))
-            state["train_seconds"] += time.time() - step_start
-            state.update(step=step + 1, micro=state["micro"] + len(chunk), tokens=state["tokens"] + tokens)
-            window_tokens += tokens
-            if result.skipped:
-                state["skipped"] += 1
-                state["bad_streak"] += 1
-                _check_bad_steps(config, state, result)
-            else:
-                state["bad_streak"] = 0
-            row = None
-            if state["step"] % config.train.log_every == 0 or state["step"] == total_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                row = {"step": state["step"], "epoch": state["epoch"], "loss": result.loss, "lr": lr,
-                       "grad_norm": result.grad_norm, "tokens": state["tokens"],
-                       "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
-                window_start, window_tokens = time.time(), 0
-            if config.train.eval_every and state["step"] % config.train.eval_every == 0 and setup.eval is not None:
-                heldout = evaluate_phase(setup, None, task=False)
-                row = {**(row or {"step": state["step"]}), "eval_loss": heldout["eval_loss"],
-                       "eval_perplexity": heldout["perplexity"]}
-                model.train()
-            if row is not None:
-                log.log(row)
-                progress.update(row)
-            if config.train.checkpoint_every and (state["step"] % config.train.checkpoint_every == 0
-                                                  or state["step"] == total_steps):
-                save_training_checkpoint(setup, model, optimizer, state)
-    finally:
-        log.close()
-        progress.close()
+    with compiled_layers(model, config.train.compile):
+        try:
+            while state["step"] < total_steps:
+                if state["micro"] >= len(plan):
+                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
+                    plan = plan_for(state["epoch"])
+                step, chunk = state["step"], plan[state["micro"]: state["micro"] + config.train.grad_accum]
+                first = state["micro"]
+                hook = None if on_micro_batch is None else (lambda i: on_micro_batch(step, first + i))
+                micro_examples = [gather_examples(examples, batch) for batch in chunk]
+                lr = lr_at(step, base_lr=config.optim.lr, total_steps=total_steps, warmup=warmup,
+                           kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
+                step_start = time.time()
+                result = accumulate_and_step(model, optimizer, params, [collate(m) for m in micro_examples], lr=lr,
+                                             max_grad_norm=config.optim.max_grad_norm, device=device,
+                                             dtype=setup.dtype, on_micro_batch=hook)
+                tokens = sum(len(ex["input_ids"]) for m in micro_examples for ex in _flat(m))
+                state["train_seconds"] += time.time() - step_start
+                state.update(step=step + 1, micro=state["micro"] + len(chunk), tokens=state["tokens"] + tokens)
+                window_tokens += tokens
+                if result.skipped:
+                    state["skipped"] += 1
+                    state["bad_streak"] += 1
+                    _check_bad_steps(config, state, result)
+                else:
+                    state["bad_streak"] = 0
+                row = None
+                if state["step"] % config.train.log_every == 0 or state["step"] == total_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    row = {"step": state["step"], "epoch": state["epoch"], "loss": result.loss, "lr": lr,
+                           "grad_norm": result.grad_norm, "tokens": state["tokens"],
+                           "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
+                    window_start, window_tokens = time.time(), 0
+                if config.train.eval_every and state["step"] % config.train.eval_every == 0 and setup.eval is not None:
+                    heldout = evaluate_phase(setup, None, task=False)
+                    row = {**(row or {"step": state["step"]}), "eval_loss": heldout["eval_loss"],
+                           "eval_perplexity": heldout["perplexity"]}
+                    model.train()
+                if row is not None:
+                    log.log(row)
+                    progress.update(row)
+                if config.train.checkpoint_every and (state["step"] % config.train.checkpoint_every == 0
+                                                      or state["step"] == total_steps):
+                    save_training_checkpoint(setup, model, optimizer, state)
+        finally:
+            log.close()
+            progress.close()
 
     # --- save the result, evaluate it, write the report
     model.eval()

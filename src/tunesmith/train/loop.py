@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train.head import linear_cross_entropy
 
 
 def trained_tokens(batch: dict) -> int:
@@ -25,22 +27,170 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def supervised_loss_sum(model, batch: dict) -> torch.Tensor:
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(batch: dict) -> int:
+    """Tokens at the start that every row of ``batch`` shares and that carry no loss (0: none worth sharing).
+
+    Rows built from one template with one system prompt start with the same tokens. Their hidden states
+    are identical across the batch, so they can be computed once and broadcast (see ``decoder_hidden``).
+    The prefix stops before the first trained target, so no loss position needs a prefix hidden state.
+    Packed rows (``position_ids``) and left padding are never shared.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.shape[0] < 2 or "position_ids" in batch:
+        return 0
+    same = (ids == ids[:1]).all(dim=0)
+    if "attention_mask" in batch:
+        same &= batch["attention_mask"].bool().all(dim=0)
+    length = int(same.long().cumprod(0).sum())
+    trained = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if len(trained):
+        length = min(length, int(trained[0]) - 1)  # hidden[length - 1] predicts labels[length]: untrained
+    length = min(length, ids.shape[1] - 1)  # keep at least one suffix position
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def _plain_dynamic_cache(cache) -> bool:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+FLAT_MAX_TOKENS = 4096
+
+
+def _flat_layout(batch: dict, shared: int):
+    """One row holding the shared prefix once and every row's remaining real tokens (no padding).
+
+    Returns ``(input_ids, position_ids, segment, index)``: ``segment`` is -1 on the prefix and the row
+    number elsewhere; ``index[i, t]`` is where row ``i``'s token ``t`` sits in the flat row (0 on padding).
+    None when the batch is not right-padded.
+    """
+    ids = batch["input_ids"]
+    size, width = ids.shape
+    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    lengths = mask.sum(dim=1)
+    if not torch.equal(mask, torch.arange(width, device=ids.device) < lengths[:, None]):
+        return None
+    pieces, positions, segment = [ids[0, :shared]], [torch.arange(shared)], [torch.full((shared,), -1)]
+    index = torch.zeros(size, width, dtype=torch.long)
+    index[:, :shared] = torch.arange(shared)
+    cursor = shared
+    for row, length in enumerate(lengths.tolist()):
+        count = length - shared
+        pieces.append(ids[row, shared:length])
+        positions.append(torch.arange(shared, length))
+        segment.append(torch.full((count,), row))
+        index[row, shared:length] = torch.arange(cursor, cursor + count)
+        cursor += count
+    device = ids.device
+    return (torch.cat(pieces)[None], torch.cat(positions)[None].to(device), torch.cat(segment).to(device),
+            index.to(device))
+
+
+def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Causal, within each row's own tokens plus the shared prefix: (1, 1, N, N), in the form the
+    attention implementation reads (boolean for SDPA, additive for eager)."""
+    order = torch.arange(len(segment), device=segment.device)
+    allowed = (order[None, :] <= order[:, None]) & ((segment[None, :] == segment[:, None]) | (segment[None, :] < 0))
+    if implementation == "sdpa":
+        return allowed[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.Tensor, int]:
+    """Final hidden states of a padded batch and the position they start at.
+
+    Layouts, all giving the plain forward's loss and gradients (tested):
+
+    * ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining real
+      tokens, as one row with a block mask (causal within a row, every row also sees the prefix) and
+      positions continuing the prefix. No padding and no repeated prefix is computed. Used for SDPA and
+      eager attention up to ``FLAT_MAX_TOKENS`` tokens.
+    * ``cache`` — the prefix runs once, its key/value cache is repeated across the batch and the suffixes
+      run at full batch size (flash attention and long batches).
+    * ``plain`` — the batch as given (packed rows, sliding-window or hybrid caches).
+
+    Gradients reach the shared prefix from every row (gather / repeat backward sums them). Returns
+    ``(hidden, p)`` where hidden covers positions ``p:`` of the batch (``p`` > 0 only for ``cache``).
+    """
+    decoder = model.get_decoder()
+    inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
+    if layout == "plain" or "position_ids" in batch:
+        return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, 0
+    shared = shared_prefix_length(batch)
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    tokens = int(batch.get("attention_mask", batch["input_ids"]).bool().sum()) - shared * (len(batch["input_ids"]) - 1)
+    if layout == "flat" or (layout == "auto" and implementation in ("sdpa", "eager") and tokens <= FLAT_MAX_TOKENS):
+        flat = _flat_layout(batch, shared)
+        if flat is not None:
+            ids, positions, segment, index = flat
+            mask = _flat_mask(segment, implementation, model.dtype)
+            hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+            return hidden.last_hidden_state[0][index], 0
+    if shared:
+        prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
+        cache = prefix["cache"] if "cache" in prefix else prefix.past_key_values
+        if _plain_dynamic_cache(cache):  # sliding-window or hybrid caches: no sharing
+            size, length = batch["input_ids"].shape
+            cache.batch_repeat_interleave(size)
+            positions = torch.arange(shared, length, device=batch["input_ids"].device).expand(size, -1)
+            out = decoder(input_ids=batch["input_ids"][:, shared:], use_cache=True, position_ids=positions,
+                          **{cache_argument(decoder): cache}, **inputs)
+            return out.last_hidden_state, shared
+    return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, 0
+
+
+def supervised_loss_sum(model, batch: dict, *, layout: str = "auto") -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions.
 
     The shift happens here: hidden state ``t`` predicts ``labels[t + 1]``. Only the positions whose
     target is trained go through the output head, so prompt tokens never produce full-vocabulary
-    logits (the head is a large share of a small model's compute and memory).
+    logits (the head is a large share of a small model's compute and memory). Padding is not computed,
+    and a prefix shared by every row (a common system prompt) is computed once (``decoder_hidden``).
     """
-    inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    hidden, start = decoder_hidden(model, batch, layout=layout)
+    targets = batch["labels"][:, start + 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
+    if type(head) is torch.nn.Linear and head.bias is None:  # a plain head: fused, chunked
+        return linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], softcap=cap)
+    logits = head(hidden[:, :-1][keep]).float()  # a wrapped or quantized head
     if cap:
         logits = cap * torch.tanh(logits / cap)
     return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (``model.layers`` / ``h`` / ``blocks`` of the decoder)."""
+    decoder = model.get_decoder()
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    return []
+
+
+@contextlib.contextmanager
+def compiled_layers(model, enabled: bool = True):
+    """Compile each decoder block with ``torch.compile`` (dynamic shapes) for the duration of the block.
+
+    The blocks share one compiled graph (parameters are graph inputs), so compiling costs about one
+    block's worth of time; it pays off over longer runs. Afterwards the model runs eagerly again
+    (generation, saving).
+    """
+    layers = decoder_layers(model) if enabled else []
+    for layer in layers:
+        layer.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
 
 
 @dataclass
