@@ -52,10 +52,15 @@ class DataConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["lora", "full"] = "lora"
+    name: Literal["lora", "qlora", "full"] = "lora"
+    """lora: adapters over the frozen base; qlora: the same over a 4-bit base (see `quant`); full: all weights."""
     objective: Literal["sft"] = "sft"
     freeze_embeddings: bool = False
     """Full fine-tuning only: keep the input embeddings (and a tied output head) frozen."""
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.name in ("lora", "qlora")
 
 
 class LoRASection(_Section):
@@ -68,8 +73,24 @@ class LoRASection(_Section):
     """Scale by alpha/sqrt(r) instead of alpha/r."""
 
 
+class QuantSection(_Section):
+    """The 4-bit base of `method.name: qlora` (bitsandbytes)."""
+
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the per-block scales too (8-bit, blocks of 256): about 0.37 bits per parameter less."""
+    blocksize: Literal[32, 64, 128, 256] = 64
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on CUDA when supported, else fp16 on CUDA, fp32 on CPU."""
+    storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
+    """The dtype the packed 4-bit codes are stored in; a float type lets FSDP shard them."""
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
+    """Linear layers kept in full precision (embeddings and norms are never quantized)."""
+
+
 class OptimConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
+    """adamw (torch) or a bitsandbytes AdamW: 8-bit state, paged state (CUDA; plain on CPU), or both."""
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -102,6 +123,8 @@ class TrainConfig(_Section):
     checkpoint_every: int | None = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     progress: bool = True
+    gradient_checkpointing: bool = False
+    """Recompute each decoder block's activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
     """Compile the decoder blocks with torch.compile for training: a one-off cost (~40 s for the embedded
     model on 2 CPU cores), then faster steps; worth it for runs of more than a few minutes."""
@@ -128,6 +151,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     lora: LoRASection = Field(default_factory=LoRASection)
+    quant: QuantSection = Field(default_factory=QuantSection)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -46,12 +46,15 @@ class Stop(Exception):
     pass
 
 
-def test_resume_mid_epoch_mid_accumulation_reproduces_run(make_config):
+@pytest.mark.parametrize("method", [["method.name=lora"],
+                                    ["method.name=qlora", "optim.name=paged_adamw_8bit",
+                                     "train.gradient_checkpointing=true"]], ids=["lora", "qlora"])
+def test_resume_mid_epoch_mid_accumulation_reproduces_run(make_config, method):
     # Dropout makes the RNG part of the state that must be restored.
-    straight = make_config("name=straight", "lora.dropout=0.2")
+    straight = make_config("name=straight", "lora.dropout=0.2", *method)
     sft.run(straight)
 
-    broken = make_config("name=broken", "lora.dropout=0.2")
+    broken = make_config("name=broken", "lora.dropout=0.2", *method)
 
     def stop_at(step, micro):
         if (step, micro) == (3, 7):  # step 4's second micro-batch: mid-epoch, mid-accumulation

@@ -23,6 +23,7 @@ from tunesmith.eval.report import write_report
 from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
 from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
+from tunesmith.quant.bnb import QuantizedModel, QuantSpec, quantize_model
 from tunesmith.templates import use_template
 from tunesmith.train.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                         save_checkpoint)
@@ -34,7 +35,8 @@ IDENTITY_KEYS = ("model.source", "model.template", "method.name", "method.object
                  "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.dropout", "data.train",
                  "data.format", "data.split", "data.max_length", "data.overlength", "data.invalid_rows",
                  "data.train_on", "data.reasoning", "data.batching", "data.token_budget", "train.micro_batch_size",
-                 "train.grad_accum", "seed")
+                 "train.grad_accum", "seed", "quant.type", "quant.double_quant", "quant.blocksize",
+                 "quant.skip_modules", "quant.storage", "optim.name")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RunSetup:
     eval: PreparedData | None
     eval_rows: list[dict] | None  # built-in task rows scored with task metrics
     fingerprints: dict
+    quantization: QuantizedModel | None = None
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -107,14 +110,37 @@ def prepare_run(config: RunConfig, *, resume: bool) -> RunSetup:
         if is_builtin_task(config.data.eval) and config.eval.task_rows:
             rows = load_rows(config.data.eval)[0][:config.eval.task_rows]
     run_dir = _claim_run_dir(config, resume)
-    loaded = load(config.model.source, dtype=config.model.dtype, device=config.model.device,
-                  trust_remote_code=config.model.trust_remote_code)
     device = resolve_device(config.model.device)
+    qlora = config.method.name == "qlora"
+    loaded = load(config.model.source, dtype=config.model.dtype, device="cpu" if qlora else config.model.device,
+                  trust_remote_code=config.model.trust_remote_code)
+    quantization = quantize_base(config, loaded.model, device) if qlora else None
     fingerprints = {"data": _digest([(ex["input_ids"], ex["labels"]) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=loaded.model, device=device,
                     dtype=resolve_dtype(config.model.dtype, device), train=train, eval=heldout, eval_rows=rows,
-                    fingerprints=fingerprints)
+                    fingerprints=fingerprints, quantization=quantization)
+
+
+def quant_spec(config: RunConfig, device: torch.device) -> QuantSpec:
+    quant = config.quant
+    compute = quant.compute_dtype
+    if compute == "auto":
+        compute_dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
+        if device.type == "cuda" and compute_dtype == torch.float32:
+            compute_dtype = torch.float16
+    else:
+        compute_dtype = resolve_dtype(compute, device)
+    return QuantSpec(quant_type=quant.type, double_quant=quant.double_quant, compute_dtype=compute_dtype,
+                     storage=quant.storage, blocksize=quant.blocksize, skip_modules=list(quant.skip_modules))
+
+
+def quantize_base(config: RunConfig, model: torch.nn.Module, device: torch.device) -> QuantizedModel:
+    """QLoRA: the frozen base in 4 bits on ``device``; prints what was quantized and what was kept."""
+    quantized = quantize_model(model, quant_spec(config, device), device)
+    print(f"{config.quant.type}{' + double quantization' if config.quant.double_quant else ''}: "
+          f"{quantized.summary()}")
+    return quantized
 
 
 def _lookup(tree: dict, dotted: str):
@@ -160,14 +186,14 @@ def load_resume_state(setup: RunSetup, model, optimizer) -> dict:
 
 
 def _trainable_weights(setup: RunSetup, model) -> dict[str, torch.Tensor]:
-    if setup.config.method.name == "lora":
+    if setup.config.method.uses_adapter:
         return {name: p.detach() for name, p in adapter_parameters(model).items()}
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def save_training_checkpoint(setup: RunSetup, model, optimizer, state: dict) -> Path:
     def write_adapter(tmp: Path) -> None:
-        if setup.config.method.name == "lora":
+        if setup.config.method.uses_adapter:
             save_adapter(model, setup.lora_config, tmp / "adapter",
                          base_model_name_or_path=setup.config.model.source)
 
@@ -212,7 +238,7 @@ def _publish_dir(build, target: Path) -> None:
 def save_result(setup: RunSetup) -> Path:
     """``adapter/`` (PEFT format) for LoRA, ``model/`` (plain HF dir) for full fine-tuning; with the tokenizer."""
     config, model, tokenizer = setup.config, setup.model, setup.tokenizer
-    if config.method.name == "lora":
+    if config.method.uses_adapter:
         target = setup.run_dir / "adapter"
 
         def build(tmp: Path) -> None:
@@ -249,7 +275,8 @@ def finish_run(setup: RunSetup, state: dict, started: float) -> dict:
     if setup.eval is not None:
         evaluate_phase(setup, "after")
         after = json.loads((setup.run_dir / "eval_after.json").read_text())
-    summary = {"run_dir": str(setup.run_dir), "output": str(output), "steps": state["step"],
+    summary = {"run_dir": str(setup.run_dir), "output": str(output), "method": setup.config.method.name,
+               "quantization": setup.quantization.summary() if setup.quantization else None, "steps": state["step"],
                "skipped_steps": state["skipped"], "tokens": state["tokens"],
                "train_seconds": round(state["train_seconds"], 2), "eval_seconds": round(time.time() - eval_start, 2),
                "before": before["metrics"] if before else None, "after": after["metrics"] if after else None}

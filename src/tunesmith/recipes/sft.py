@@ -18,7 +18,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters, adapters_disabled, freeze_base, inject_lora
 from tunesmith.recipes.common import (RunSetup, evaluate_phase, finish_run, load_resume_state, prepare_run,
                                       save_training_checkpoint)
-from tunesmith.train.loop import accumulate_and_step, compiled_layers
+from tunesmith.train.loop import accumulate_and_step, compiled_layers, enable_gradient_checkpointing
+from tunesmith.train.optim import build_optimizer
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.schedule import lr_at, warmup_steps
 
@@ -26,7 +27,7 @@ from tunesmith.train.schedule import lr_at, warmup_steps
 def _trainable(setup: RunSetup) -> list[torch.nn.Parameter]:
     """LoRA: adapters only. Full: every parameter, optionally without the input embeddings."""
     config, model = setup.config, setup.model
-    if config.method.name == "lora":
+    if config.method.uses_adapter:
         torch.manual_seed(config.seed)  # adapter init is part of the run's identity
         inject_lora(model, setup.lora_config)
         freeze_base(model)
@@ -49,8 +50,9 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     setup = prepare_run(config, resume=resume)
     params = _trainable(setup)
     model, device, tokenizer = setup.model, setup.device, setup.tokenizer
-    optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps,
-                                  weight_decay=config.optim.weight_decay)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = build_optimizer(config.optim, params)
     examples = setup.train.examples
     lengths = [len(ex["input_ids"]) for ex in examples]
     budget = config.data.token_budget or config.data.max_length
@@ -70,7 +72,7 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     if resume:
         state.update(load_resume_state(setup, model, optimizer))
     elif config.eval.before and setup.eval is not None:
-        with adapters_disabled(model) if config.method.name == "lora" else contextlib.nullcontext():
+        with adapters_disabled(model) if config.method.uses_adapter else contextlib.nullcontext():
             evaluate_phase(setup, "before")
 
     # --- train

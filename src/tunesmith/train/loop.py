@@ -131,7 +131,7 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
             mask = _flat_mask(segment, implementation, model.dtype)
             hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
             return hidden.last_hidden_state[0][index], 0
-    if shared:
+    if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
         prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
         cache = prefix["cache"] if "cache" in prefix else prefix.past_key_values
         if _plain_dynamic_cache(cache):  # sliding-window or hybrid caches: no sharing
@@ -173,6 +173,25 @@ def decoder_layers(model) -> list[torch.nn.Module]:
         if isinstance(layers, torch.nn.ModuleList):
             return list(layers)
     return []
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder block in the backward pass (non-reentrant checkpointing).
+
+    The non-reentrant form tracks gradients through the recomputation itself, so a frozen (or 4-bit)
+    base whose inputs carry no gradient still passes gradients to the adapters inside the blocks — the
+    reentrant form needs ``requires_grad`` inputs for that, which QLoRA recipes patch in by hand.
+    """
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    model.config.use_cache = False
+
+
+def _checkpointing(decoder) -> bool:
+    return bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training
 
 
 @contextlib.contextmanager
