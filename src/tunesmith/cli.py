@@ -79,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = verbs.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base; write a plain HF model dir")
+    p.add_argument("source", metavar="RUN_DIR_OR_ADAPTER")
+    p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--quantize", choices=["nf4"], help="save the merged model in 4 bits (bitsandbytes NF4 + DQ)")
+    p.add_argument("--merge-base", choices=["original", "dequantized"], default="original",
+                   help="QLoRA: merge into the original weights (default) or into dequant(NF4) ones")
+    p.add_argument("--base", help="base model (default: the run's or the adapter's)")
+    p.add_argument("--data", help="held-out data for the quality check (default: the run's eval data)")
+    p.add_argument("--check-rows", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+
+    quant = verbs.add_parser("quantize", help="quantization tools").add_subparsers(dest="quant_verb", required=True)
+    p = quant.add_parser("report", help="memory, reconstruction error and perplexity at each precision")
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default="builtin:test", help="held-out data for perplexity")
+    p.add_argument("--rows", type=int, default=32, help="held-out rows for perplexity")
+    p.add_argument("--json", action="store_true")
+
     p = verbs.add_parser("demo", help="the default job: tune the embedded model on the built-in task, before/after")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="changes to the default recipe")
     return parser
@@ -183,6 +202,31 @@ def cmd_eval(args) -> None:
             print(f"{key:<18}{value}")
 
 
+def cmd_merge(args) -> None:
+    from tunesmith.merge import merge
+
+    check = merge(args.source, args.out, dtype=args.dtype, quantize=args.quantize, merge_base=args.merge_base,
+                  base=args.base, data=args.data, check_rows=args.check_rows)
+    if args.json:
+        print(json.dumps(check))
+        return
+    print(f"merged {check['adapter']} into {check['base']} ({check['merge_base']} weights) -> {args.out} "
+          f"[{check['dtype']}]")
+    for name in ("merged", "quantized"):
+        if name in check:
+            c = check[name]
+            print(f"  {name:<10} max |Δlogit| {c['max_abs_logit_diff']:.3g}  mean |Δlogit| "
+                  f"{c['mean_abs_logit_diff']:.3g}  mean KL {c['mean_kl']:.3g}  ({c['tokens']} tokens)")
+    print(f"  quality check saved to {Path(args.out) / 'merge_check.json'}")
+
+
+def cmd_quantize(args) -> None:
+    from tunesmith.quant.report import format_report, quantization_report
+
+    report = quantization_report(args.model, data=args.data, rows=args.rows)
+    print(json.dumps(report) if args.json else format_report(report))
+
+
 def cmd_demo(args) -> None:
     from tunesmith.demo import run_demo
 
@@ -190,7 +234,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo}
+            "eval": cmd_eval, "demo": cmd_demo, "merge": cmd_merge, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,3 +143,32 @@ def test_flat_layout_with_eager_attention():
     with torch.no_grad():
         torch.testing.assert_close(supervised_loss_sum(model, batch, layout="flat"),
                                    supervised_loss_sum(model, batch, layout="plain"), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients(quantized):
+    from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
+    from tunesmith.quant.bnb import QuantSpec, quantize_model
+    from tunesmith.train.loop import enable_gradient_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny_llama()
+        if quantized:
+            quantize_model(model, QuantSpec())
+        torch.manual_seed(0)
+        inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+        freeze_base(model)
+        for p in adapter_parameters(model).values():
+            torch.nn.init.normal_(p, std=0.05)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        calls = []
+        act = model.model.layers[0].mlp.act_fn
+        act.forward = lambda x, _f=act.forward: (calls.append(1), _f(x))[1]  # module hooks skip recomputation
+        supervised_loss_sum(model, _shared_batch()).backward()
+        assert len(calls) == (2 if checkpointing else 1)  # the backward pass ran the block again
+        grads.append({k: p.grad for k, p in adapter_parameters(model).items()})
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-5, rtol=1e-4)

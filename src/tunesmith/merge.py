@@ -1,0 +1,165 @@
+"""``tunesmith merge``: fold a LoRA adapter into its base and write a plain Hugging Face model dir.
+
+The output loads with ``AutoModelForCausalLM.from_pretrained`` and no tunesmith code: safetensors shards,
+config, and the tokenizer with the chat template used in training. Every merge is checked: held-out
+conversations run through (base + adapter) and through the merged model as saved, and the logit differences
+and KL divergence are printed and written to ``merge_check.json`` in the output dir.
+
+A QLoRA adapter was trained against dequant(NF4(W)), not W. By default it is merged into the original 16-bit
+weights (reloaded from the source) — the usual choice, as the 4-bit rounding is not baked into the result;
+``merge_base="dequantized"`` merges into dequant(NF4(W)) instead, which reproduces the trained function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.data.pipeline import prepare
+from tunesmith.data.tokenize import TokenizeOptions
+from tunesmith.errors import TunesmithError
+from tunesmith.models import load
+from tunesmith.models.load import resolve_dtype
+from tunesmith.peft.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from tunesmith.peft.lora import merged_state_dict
+from tunesmith.quant.bnb import QuantSpec, dequantized_weight, is_quantized, quantize_model
+from tunesmith.templates import use_template
+
+
+def _resolve(source: str) -> tuple[Path, dict | None]:
+    """The adapter dir and, for a run dir, the run's config."""
+    path = Path(source)
+    if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
+        return path / "adapter", yaml.safe_load((path / "config.yaml").read_text())
+    if (path / "config.yaml").is_file() and (path / "model").is_dir():
+        raise TunesmithError(f"{path} is a full fine-tuning run: {path / 'model'} is already a plain model dir")
+    if not path.is_dir():
+        raise TunesmithError(f"{source} is neither a run dir nor an adapter dir")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise TunesmithError(f"{path / name} is missing: an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    run_config = path.parent / "config.yaml"
+    return path, (yaml.safe_load(run_config.read_text()) if run_config.is_file() else None)
+
+
+def _dequantize_in_place(model: torch.nn.Module, spec: QuantSpec) -> None:
+    """Replace the linear layers by dense ones holding dequant(quant(W)): the base a QLoRA adapter saw."""
+    quantize_model(model, spec)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and is_quantized(module):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight = torch.nn.Parameter(dequantized_weight(module).float(), requires_grad=False)
+            if module.bias is not None:
+                dense.bias = torch.nn.Parameter(module.bias.data.float(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+
+
+def logit_agreement(reference, candidate, batches: list[dict]) -> dict:
+    """Max / mean absolute logit difference and mean KL(reference ‖ candidate) per token, in fp32."""
+    max_abs, abs_sum, kl_sum, count = 0.0, 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            ref = reference(input_ids=batch).logits.float()
+            out = candidate(input_ids=batch).logits.float()
+            diff = (ref - out).abs()
+            max_abs = max(max_abs, float(diff.max()))
+            abs_sum += float(diff.mean(dim=-1).sum())
+            kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                            reduction="none").sum(-1)
+            kl_sum += float(kl.sum())
+            count += ref.shape[0] * ref.shape[1]
+    return {"max_abs_logit_diff": max_abs, "mean_abs_logit_diff": abs_sum / count, "mean_kl": kl_sum / count,
+            "tokens": count}
+
+
+def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = None,
+          merge_base: str = "original", base: str | None = None, data: str | None = None,
+          check_rows: int = 8) -> dict:
+    adapter_dir, run_config = _resolve(source)
+    adapter_config = json.loads((adapter_dir / CONFIG_NAME).read_text())
+    base = base or (run_config or {}).get("model", {}).get("source") or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise TunesmithError(f"{adapter_dir / CONFIG_NAME} names no base model; pass --base")
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TunesmithError(f"{out_dir} already exists and is not empty; choose another --out")
+    method = (run_config or {}).get("method", {}).get("name", "lora")
+    if merge_base == "dequantized" and method != "qlora":
+        raise TunesmithError("--merge-base dequantized is for QLoRA adapters; this adapter was trained with "
+                             f"method {method!r} on the original weights")
+    target_dtype = resolve_dtype(dtype, torch.device("cpu"))
+
+    def base_model():
+        loaded = load(base, dtype="fp32", device="cpu")
+        if merge_base == "dequantized":
+            quant = (run_config or {}).get("quant", {})
+            _dequantize_in_place(loaded.model, QuantSpec(
+                quant_type=quant.get("type", "nf4"), double_quant=quant.get("double_quant", True),
+                blocksize=quant.get("blocksize", 64), skip_modules=quant.get("skip_modules", ["lm_head"])))
+        return loaded
+
+    loaded = base_model()
+    tokenizer = loaded.tokenizer
+    template = (run_config or {}).get("model", {}).get("template")
+    use_template(tokenizer, template)
+    adapted = loaded.model
+    load_adapter(adapted, adapter_dir)
+    adapted.eval()
+    if method == "qlora" and merge_base == "original":
+        print(f"merging the QLoRA adapter into the original weights of {base} (reloaded in full precision), not "
+              "into the 4-bit weights it was trained against; --merge-base dequantized reproduces the trained "
+              "function exactly")
+
+    # the merged model: a fresh base with the merged weights, in the requested dtype
+    merged = base_model().model
+    merged.load_state_dict(merged_state_dict(adapted))
+    merged.to(target_dtype)
+    tmp = out_dir.with_name(f".{out_dir.name}-partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        del merged
+
+        from transformers import AutoModelForCausalLM
+
+        heldout = data or (run_config or {}).get("data", {}).get("eval") or "builtin:test"
+        examples = prepare(heldout, tokenizer, TokenizeOptions(max_length=512), require_trained=False).examples
+        batches = [torch.tensor([ex["input_ids"]]) for ex in examples[:check_rows]]
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target_dtype).eval()
+        check = {"base": base, "adapter": str(adapter_dir), "method": method, "merge_base": merge_base,
+                 "dtype": str(target_dtype).replace("torch.", ""), "data": heldout,
+                 "merged": logit_agreement(adapted, reloaded, batches)}
+        del reloaded
+        if quantize:
+            check["quantized"] = _write_quantized(tmp, quantize, adapted, batches)
+        (tmp / "merge_check.json").write_text(json.dumps(check, indent=1))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind
+        raise
+    return check
+
+
+def _write_quantized(model_dir: Path, quantize: str, reference, batches) -> dict:
+    """Reload the merged weights quantized (bitsandbytes NF4 + double quantization) and save that instead."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantize != "nf4":
+        raise TunesmithError(f"--quantize supports nf4, got {quantize!r}")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu").eval()
+    agreement = logit_agreement(reference, model, batches)
+    for shard in model_dir.glob("model*.safetensors*"):
+        shard.unlink()
+    model.save_pretrained(model_dir)
+    return agreement
