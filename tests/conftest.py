@@ -29,6 +29,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir_64(tmp_path_factory, tokenizer):
+    """The tiny Llama at width 64: its rows are whole 4-bit blocks, which bitsandbytes' CPU kernel needs."""
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    build_tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture()
 def tiny_model():
     return build_tiny_llama()

@@ -27,7 +27,7 @@ from tunesmith.models import load
 from tunesmith.models.load import resolve_dtype
 from tunesmith.peft.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from tunesmith.peft.lora import merged_state_dict
-from tunesmith.quant.bnb import QuantSpec, dequantized_weight, is_quantized, quantize_model
+from tunesmith.quant.bnb import QuantSpec, dequantized_weight, is_quantized, keep_training_numerics, quantize_model
 from tunesmith.templates import use_template
 
 
@@ -158,6 +158,7 @@ def _write_quantized(model_dir: Path, quantize: str, reference, batches) -> dict
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu").eval()
+    keep_training_numerics(model)
     agreement = logit_agreement(reference, model, batches)
     for shard in model_dir.glob("model*.safetensors*"):
         shard.unlink()

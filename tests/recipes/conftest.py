@@ -27,11 +27,13 @@ def data_files(tmp_path):
 
 
 @pytest.fixture()
-def make_config(tmp_path, tiny_model_dir, data_files):
+def make_config(tmp_path, tiny_model_dir, tiny_model_dir_64, data_files):
     train, heldout = data_files
 
     def make(*overrides: str):
-        base = [f"model.source={tiny_model_dir}", f"data.train={train}", f"data.eval={heldout}",
+        # QLoRA runs use the 64-wide model so every linear layer is really 4-bit on the CPU kernel
+        model = tiny_model_dir_64 if "method.name=qlora" in overrides else tiny_model_dir
+        base = [f"model.source={model}", f"data.train={train}", f"data.eval={heldout}",
                 f"output_dir={tmp_path / 'runs'}", "name=run", "train.progress=false", "eval.task_rows=0",
                 "train.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=6", "optim.lr=0.01",
                 "lora.r=4", "lora.alpha=8", "train.checkpoint_every=2", "train.keep_checkpoints=5"]

@@ -35,7 +35,11 @@ class QuantizedModel:
 
     def summary(self) -> str:
         kinds = sorted({name.rsplit(".", 1)[-1] for name in self.quantized})
-        kept = ", ".join(f"{name} ({why})" for name, why in self.kept.items())
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.kept.items():
+            by_reason.setdefault(why, []).append(name)
+        kept = ", ".join(f"{names[0]} ({why})" if len(names) == 1 else f"{len(names)} layers ({names[0]}, …: {why})"
+                         for why, names in by_reason.items())
         return (f"{len(self.quantized)} linear layers in 4 bits ({', '.join(kinds)}); kept unquantized: {kept}")
 
 
@@ -78,6 +82,11 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str
                                          blocksize=spec.blocksize, compress_statistics=spec.double_quant,
                                          quant_type=spec.quant_type,
                                          quant_storage=STORAGE_DTYPES[spec.storage]).to(device)
+        keep_training_numerics(layer)
+        problem = _kernel_disagrees(layer)
+        if problem:
+            kept[name] = problem
+            continue
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data.to(device, spec.compute_dtype), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
@@ -92,6 +101,40 @@ def quantize_model(model: nn.Module, spec: QuantSpec, device: torch.device | str
     if not quantized:
         raise TunesmithError("no linear layer was quantized; check quant.skip_modules")
     return QuantizedModel(quantized=quantized, kept=kept)
+
+
+def keep_training_numerics(model: nn.Module) -> None:
+    """Make bitsandbytes' 4-bit layers compute the same way in eval mode as in training.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight the first time it runs in eval mode without
+    gradients, rounding the block scales to bf16 (and failing on rows shorter than a block). An evaluation
+    in the middle of a run would then change the function the rest of the run trains — and a resumed run
+    would differ from an uninterrupted one depending on the machine. The repack is turned off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _kernel_disagrees(layer: nn.Module) -> str | None:
+    """Why this device's 4-bit kernel cannot be trusted with ``layer``, or None when it decodes its own codes.
+
+    bitsandbytes' CPU kernel (0.50) dequantizes blocks row by row while quantizing over the flattened weight, so
+    a weight whose rows are not a whole number of blocks comes back wrong — silently, in the forward pass too.
+    The check decodes the stored codes with the plain-PyTorch reference and compares with the kernel's output.
+    """
+    import bitsandbytes.functional as bf
+
+    from tunesmith.quant.nf4 import dequantize_bnb
+
+    weight = layer.weight
+    got = bf.dequantize_4bit(weight.data, weight.quant_state).float()
+    want = dequantize_bnb(weight.data, weight.quant_state)
+    error = (got - want).abs().max().item()
+    if error <= 4 * torch.finfo(weight.quant_state.dtype).eps * want.abs().max().item():
+        return None
+    return (f"the {weight.device.type} 4-bit kernel mis-decodes rows of {layer.in_features} values in blocks of "
+            f"{weight.quant_state.blocksize} (max error {error:.2g}); kept in full precision")
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
