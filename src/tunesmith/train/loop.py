@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.head import linear_cross_entropy
+from tunesmith.train.rows import NAME as ROWS, Rows, row_attention
 
 
 def trained_tokens(batch: dict) -> int:
@@ -109,7 +110,8 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
     * ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining real
       tokens, as one row with a block mask (causal within a row, every row also sees the prefix) and
       positions continuing the prefix. No padding and no repeated prefix is computed. Used for SDPA and
-      eager attention up to ``FLAT_MAX_TOKENS`` tokens.
+      eager attention up to ``FLAT_MAX_TOKENS`` tokens. With SDPA, attention runs row by row
+      (``train.rows``) instead of over the whole masked sequence.
     * ``cache`` — the prefix runs once, its key/value cache is repeated across the batch and the suffixes
       run at full batch size (flash attention and long batches).
     * ``plain`` — the batch as given (packed rows, sliding-window or hybrid caches).
@@ -129,7 +131,16 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
         if flat is not None:
             ids, positions, segment, index = flat
             mask = _flat_mask(segment, implementation, model.dtype)
-            hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+            # row attention needs its own attention function at every call: not under checkpointing (the
+            # recomputation runs after this block) nor in compiled blocks (each batch's row lengths would recompile)
+            if implementation != "sdpa" or _checkpointing(decoder) or _compiled(model):
+                hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+                return hidden.last_hidden_state[0][index], 0
+            counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
+            rows = Rows.from_lengths(shared, counts, ids.device)
+            with row_attention(model):
+                hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
+                                 **{ROWS: rows})
             return hidden.last_hidden_state[0][index], 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
         prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
@@ -190,6 +201,11 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
+def _compiled(model) -> bool:
+    layers = decoder_layers(model)
+    return bool(layers) and getattr(layers[0], "_compiled_call_impl", None) is not None
+
+
 def _checkpointing(decoder) -> bool:
     return bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training
 
@@ -239,6 +255,15 @@ def accumulate_and_step(model, optimizer, params: list[torch.nn.Parameter], micr
             loss = supervised_loss_sum(model, batch) / max(total, 1)
         loss.backward()
         loss_value += float(loss.detach())
+    grad_norm, skipped = clip_and_step(optimizer, params, loss_value, lr=lr, max_grad_norm=max_grad_norm)
+    return StepResult(loss=loss_value, grad_norm=grad_norm, trained=total, skipped=skipped)
+
+
+def clip_and_step(optimizer, params: list[torch.nn.Parameter], loss_value: float, *, lr: float,
+                  max_grad_norm: float | None) -> tuple[float, bool]:
+    """Clip the accumulated gradients and step at ``lr``, unless the loss or the gradient norm is not
+    finite; then parameters and optimizer state stay untouched. Gradients are cleared either way.
+    Returns ``(grad_norm, skipped)``."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
     skipped = not (torch.isfinite(norm) and torch.isfinite(torch.tensor(loss_value)))
     if not skipped:
@@ -246,4 +271,4 @@ def accumulate_and_step(model, optimizer, params: list[torch.nn.Parameter], micr
             group["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_value, grad_norm=float(norm), trained=total, skipped=skipped)
+    return float(norm), bool(skipped)
