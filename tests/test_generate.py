@@ -150,3 +150,15 @@ def test_stream_decoder_skips_special_tokens(tokenizer):
     ids = tokenizer.encode("Hi!<|im_end|>")
     decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
     assert "".join(decoder.push(i) for i in ids) == "Hi!"
+
+
+def test_generation_builds_no_autograd_graph():
+    """Trainable weights (an adapter mid-run) must not make decoding record a graph step after step."""
+    model = build_tiny_llama()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    outputs = []
+    handle = model.register_forward_hook(lambda module, args, output: outputs.append(output.logits))
+    run(model, PROMPTS[:2], SamplingConfig(max_new_tokens=3))
+    handle.remove()
+    assert len(outputs) == 3 and not any(logits.requires_grad for logits in outputs)

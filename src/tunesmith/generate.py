@@ -52,12 +52,12 @@ class SamplingConfig:
             raise TunesmithError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
 
 
-@torch.inference_mode()
 def cache_argument(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache``; use whichever this version's forward takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int],
              pad_id: int, on_token: OnToken | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return only the new tokens, one list per prompt.
