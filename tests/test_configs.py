@@ -7,13 +7,15 @@ import pytest
 from tunesmith.config import RunConfig, load_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
+from tunesmith.errors import TunesmithError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_every_expected_config_is_there():
-    assert {p.stem for p in CONFIGS} >= {"default", "full", "lora_jsonl", "tinyllama_ultrachat"}
+    assert {p.stem for p in CONFIGS} >= {"default", "full", "lora_jsonl", "tinyllama_ultrachat", "dpo_sigmoid",
+                                         "dpo_ipo", "dpo_simpo"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -34,6 +36,27 @@ def test_tutorial_config_keeps_the_tutorial_settings():
     assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (64, 32.0, 0.1)
     assert (config.train.micro_batch_size, config.train.grad_accum, config.optim.lr) == (2, 4, 2e-4)
     assert config.model.template == "zephyr" and config.data.sample_rows == 3000
+    assert (config.method.name, config.quant.type, config.quant.double_quant) == ("qlora", "nf4", True)
+    assert config.optim.name == "paged_adamw_32bit" and config.train.gradient_checkpointing
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+def test_dpo_configs_one_per_loss(loss):
+    config = load_config(ROOT / "configs" / f"dpo_{loss}.yaml")
+    assert config.method.objective == "dpo" and config.dpo.loss == loss
+    assert config.data.train == "builtin-preference" and config.data.eval == "builtin-preference:test"
+    assert (config.lora.r, config.lora.alpha) == (16, 32.0)  # the default SFT adapter's shape, to continue it
+    with_adapter = load_config(ROOT / "configs" / f"dpo_{loss}.yaml", ["dpo.init_adapter=runs/sft"])
+    assert with_adapter.dpo.init_adapter == "runs/sft" and with_adapter.dpo.init_mode == "continue"
+
+
+def test_dpo_section_follows_the_objective():
+    assert load_config(None).dpo is None
+    assert load_config(None, ["method.objective=dpo"]).dpo.loss == "sigmoid"
+    with pytest.raises(TunesmithError, match="the dpo section applies only to method.objective=dpo"):
+        load_config(None, ["dpo.beta=0.2"])
+    with pytest.raises(TunesmithError, match="unknown key 'dpo.temperature'"):
+        load_config(None, ["method.objective=dpo", "dpo.temperature=1"])
 
 
 def test_sample_rows_is_seeded_and_keeps_source_row_numbers(tokenizer):

@@ -177,7 +177,7 @@ def cmd_compare(args) -> None:
 
 def cmd_train(args) -> None:
     from tunesmith.config import load_config
-    from tunesmith.recipes.sft import run
+    from tunesmith.recipes import dpo, sft
 
     if args.resume:
         if args.config:
@@ -185,9 +185,10 @@ def cmd_train(args) -> None:
         config = load_config(Path(args.resume) / "config.yaml", args.overrides)
         config = config.model_copy(update={"name": Path(args.resume).name,
                                            "output_dir": str(Path(args.resume).parent)})
-        run(config, resume=True)
     else:
-        run(load_config(args.config, args.overrides).with_run_name())
+        config = load_config(args.config, args.overrides).with_run_name()
+    recipe = dpo if config.method.objective == "dpo" else sft
+    recipe.run(config, resume=bool(args.resume))
 
 
 def cmd_eval(args) -> None:

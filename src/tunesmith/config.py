@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
 
@@ -54,7 +54,8 @@ class DataConfig(_Section):
 class MethodConfig(_Section):
     name: Literal["lora", "qlora", "full"] = "lora"
     """lora: adapters over the frozen base; qlora: the same over a 4-bit base (see `quant`); full: all weights."""
-    objective: Literal["sft"] = "sft"
+    objective: Literal["sft", "dpo"] = "sft"
+    """sft: next-token loss on the answers; dpo: preference tuning on prompt/chosen/rejected pairs (see `dpo`)."""
     freeze_embeddings: bool = False
     """Full fine-tuning only: keep the input embeddings (and a tied output head) frozen."""
 
@@ -86,6 +87,33 @@ class QuantSection(_Section):
     """The dtype the packed 4-bit codes are stored in; a float type lets FSDP shard them."""
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
     """Linear layers kept in full precision (embeddings and norms are never quantized)."""
+
+
+class DPOSection(_Section):
+    """Preference tuning (`method.objective: dpo`); the losses' maths is in `tunesmith.train.preference`."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """sigmoid: DPO, −log σ(β·h) with h the chosen-minus-rejected log-ratio to the reference; ipo: (h − 1/(2β))²
+    on per-token-averaged log-ratios; simpo: reference-free, −log σ(β·(mean log-prob margin) − γ)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference (sigmoid, ipo); the reward scale for simpo (2.0 is typical)."""
+    gamma: float = Field(0.5, ge=0)
+    """simpo only: the target reward margin γ."""
+    sft_weight: float = Field(0.0, ge=0)
+    """Weight of an added NLL (SFT) term on the chosen answers, per chosen token; 0 turns it off."""
+    reference: Literal["auto", "adapters_disabled", "precomputed"] = "auto"
+    """Where π_ref comes from, without a second copy of the weights. adapters_disabled: the same model with its
+    LoRA adapters off (LoRA/QLoRA from the base model); precomputed: the starting policy's log-probs, computed
+    once before training and cached in the run dir (full fine-tuning, and any run starting from an adapter).
+    auto picks adapters_disabled when it is the starting policy, else precomputed. simpo uses no reference."""
+    init_adapter: str | None = None
+    """Start from an SFT run's adapter: the run dir or an adapter dir (LoRA/QLoRA only). For full fine-tuning,
+    point model.source at the SFT run's model/ dir instead."""
+    init_mode: Literal["continue", "stack"] = "continue"
+    """continue: train the loaded adapter further (its shape must match `lora`; reference: the SFT model's cached
+    log-probs). stack: fold the SFT adapter into the frozen base and train a new adapter (shaped by `lora`) over
+    it (reference: adapters disabled, i.e. the SFT model); adapter/ then holds both as one rank-(r₁+r₂) adapter
+    for the original base. LoRA only: under QLoRA the folded SFT adapter would be quantized."""
 
 
 class OptimConfig(_Section):
@@ -156,6 +184,22 @@ class RunConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    dpo: DPOSection | None = None
+    """Preference tuning options; present exactly when method.objective is dpo (defaults filled in)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_section_with_objective(cls, data):
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method")
+        objective = method.get("objective") if isinstance(method, dict) else getattr(method, "objective", None)
+        if objective == "dpo" and data.get("dpo") is None:
+            return {**data, "dpo": {}}
+        if objective != "dpo" and data.get("dpo") is not None:
+            raise ValueError("the dpo section applies only to method.objective=dpo; set method.objective=dpo "
+                             "or remove the dpo section")
+        return data
 
     @field_validator("name")
     @classmethod
@@ -174,7 +218,8 @@ class RunConfig(_Section):
         """A copy whose name is set: the configured one, or the method and the current time."""
         if self.name is not None:
             return self
-        return self.model_copy(update={"name": f"{self.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
+        prefix = self.method.name if self.method.objective == "sft" else f"{self.method.objective}-{self.method.name}"
+        return self.model_copy(update={"name": f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -196,6 +241,8 @@ def _explain(exc: ValidationError, origin: str) -> TunesmithError:
         key = ".".join(str(part) for part in error["loc"])
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key {key!r}")
+        elif not key:  # a rule across sections
+            problems.append(error["msg"].removeprefix("Value error, "))
         else:
             problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
     return TunesmithError(f"{origin}: " + "; ".join(problems))

@@ -10,8 +10,9 @@ from tunesmith.data.pipeline import prepare
 from tunesmith.data.sources import load_rows
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.evaluate import evaluate, is_builtin_task
+from tunesmith.eval.evaluate import evaluate
 from tunesmith.models import load
+from tunesmith.recipes.common import builtin_task_source
 from tunesmith.templates import use_template
 
 
@@ -41,6 +42,26 @@ def run_eval(target: str, *, adapter: str | None = None, data: str | None = None
         load_adapter(loaded.model, adapter)
     loaded.model.eval()
     prepared = prepare(data, loaded.tokenizer, TokenizeOptions(max_length=max_length))
-    rows = load_rows(data)[0][:task_rows] if is_builtin_task(data) and task_rows else None
-    metrics, _ = evaluate(loaded.model, loaded.tokenizer, examples=prepared.examples, rows=rows)
+    task_source = builtin_task_source(data)
+    rows = load_rows(task_source)[0][:task_rows] if task_source and task_rows else None
+    if prepared.normalised.format == "preference":
+        metrics = _preference_metrics(loaded.model, loaded.tokenizer, prepared.examples, rows)
+    else:
+        metrics, _ = evaluate(loaded.model, loaded.tokenizer, examples=prepared.examples, rows=rows)
     return {"model": model_source, "adapter": adapter, "data": data, **metrics}
+
+
+def _preference_metrics(model, tokenizer, examples: list[dict], rows: list[dict] | None) -> dict:
+    """Preference pairs, reference-free: how often the model's own log-probability ranks chosen above rejected,
+    and the loss per chosen token; with the built-in pairs, the task metrics on the same prompts."""
+    from tunesmith.eval.task import evaluate_task
+    from tunesmith.train.preference import pair_logps, ranked_above
+
+    logps = pair_logps(model, examples, pad_id=tokenizer.pad_token_id)
+    metrics = {"likelihood_accuracy": float(ranked_above(logps["chosen"], logps["rejected"]).mean()),
+               "chosen_loss": float(-logps["chosen"].sum() / logps["chosen_len"].sum().clamp(min=1)),
+               "pairs": len(examples)}
+    if rows:
+        result = evaluate_task(model, tokenizer, rows)
+        metrics.update({k: result.metrics[k] for k in ("valid_json_rate", "exact_match", "fields")})
+    return metrics

@@ -14,11 +14,12 @@ import torch
 import yaml
 
 from tunesmith.config import RunConfig
+from tunesmith.data.builtin import BUILTIN_NAME
 from tunesmith.data.pipeline import PreparedData, prepare
 from tunesmith.data.sources import load_rows
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.evaluate import evaluate, is_builtin_task
+from tunesmith.eval.evaluate import evaluate
 from tunesmith.eval.report import write_report
 from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
 from tunesmith.models.load import resolve_path
@@ -36,7 +37,8 @@ IDENTITY_KEYS = ("model.source", "model.template", "method.name", "method.object
                  "data.format", "data.split", "data.max_length", "data.overlength", "data.invalid_rows",
                  "data.train_on", "data.reasoning", "data.batching", "data.token_budget", "train.micro_batch_size",
                  "train.grad_accum", "seed", "quant.type", "quant.double_quant", "quant.blocksize",
-                 "quant.skip_modules", "quant.storage", "optim.name")
+                 "quant.skip_modules", "quant.storage", "optim.name", "dpo.loss", "dpo.reference",
+                 "dpo.init_adapter", "dpo.init_mode")
 
 
 @dataclass
@@ -93,29 +95,62 @@ def _claim_run_dir(config: RunConfig, resume: bool) -> Path:
     return run_dir
 
 
-def prepare_run(config: RunConfig, *, resume: bool) -> RunSetup:
-    """Tokenizer, data (refused early when nothing is trained), then the model."""
+def builtin_task_source(source: str | None) -> str | None:
+    """The built-in task split whose rows a built-in eval source is scored on (``builtin-preference:test``
+    has the same prompts as ``builtin:test``); None for any other source."""
+    kind, _, split = (source or "").partition(":")
+    if kind in (BUILTIN_NAME, f"{BUILTIN_NAME}-preference"):
+        return f"{BUILTIN_NAME}:{split}" if split else BUILTIN_NAME
+    return None
+
+
+def _check_objective(config: RunConfig, data: PreparedData) -> None:
+    """Preference pairs train with DPO and only with DPO; say which setting fixes a mismatch."""
+    pairs = data.normalised.format == "preference"
+    if config.method.objective == "dpo" and not pairs:
+        raise TunesmithError(f"method.objective=dpo needs preference data (prompt/chosen/rejected columns), but "
+                             f"{data.name} is in {data.normalised.format} format; the built-in pairs are "
+                             f"data.train={BUILTIN_NAME}-preference data.eval={BUILTIN_NAME}-preference:test")
+    if config.method.objective == "sft" and pairs:
+        raise TunesmithError(f"{data.name} holds preference pairs (prompt/chosen/rejected); train on them with "
+                             "method.objective=dpo")
+
+
+def _example_key(example: dict) -> tuple:
+    if "chosen" in example:
+        return (_example_key(example["chosen"]), _example_key(example["rejected"]))
+    return (example["input_ids"], example["labels"])
+
+
+def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSetup:
+    """Tokenizer, data (refused early when nothing is trained, or when its kind does not fit the objective),
+    then the model; ``adjust_model(model)`` may change the dense weights before a QLoRA base is quantized."""
     tokenizer = load_tokenizer(config.model.source, trust_remote_code=config.model.trust_remote_code)
     use_template(tokenizer, config.model.template)
     options = _tokenize_options(config)
     train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
                     invalid_rows=config.data.invalid_rows, split=config.data.split,
                     sample=config.data.sample_rows, seed=config.seed)
+    _check_objective(config, train)
     heldout, rows = None, None
     if config.data.eval:
         heldout = prepare(config.data.eval, tokenizer, options, fmt=config.data.format,
                           invalid_rows=config.data.invalid_rows)
+        _check_objective(config, heldout)
         if config.eval.loss_rows is not None:
             heldout.tokenized.examples = heldout.tokenized.examples[:config.eval.loss_rows]
-        if is_builtin_task(config.data.eval) and config.eval.task_rows:
-            rows = load_rows(config.data.eval)[0][:config.eval.task_rows]
+        task_source = builtin_task_source(config.data.eval)
+        if task_source and config.eval.task_rows:
+            rows = load_rows(task_source)[0][:config.eval.task_rows]
     run_dir = _claim_run_dir(config, resume)
     device = resolve_device(config.model.device)
     qlora = config.method.name == "qlora"
     loaded = load(config.model.source, dtype=config.model.dtype, device="cpu" if qlora else config.model.device,
                   trust_remote_code=config.model.trust_remote_code)
+    if adjust_model is not None:
+        adjust_model(loaded.model)
     quantization = quantize_base(config, loaded.model, device) if qlora else None
-    fingerprints = {"data": _digest([(ex["input_ids"], ex["labels"]) for ex in train.examples]),
+    fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=loaded.model, device=device,
                     dtype=resolve_dtype(config.model.dtype, device), train=train, eval=heldout, eval_rows=rows,
@@ -210,11 +245,16 @@ def evaluate_phase(setup: RunSetup, phase: str | None, *, task: bool = True) -> 
                                rows=setup.eval_rows if task else None, batch_size=cfg.batch_size,
                                max_new_tokens=cfg.max_new_tokens, reasoning=setup.config.data.reasoning)
     if phase is not None:
-        payload = {"metrics": metrics,
-                   "predictions": result.predictions if result else [],
-                   "prompts": result.prompts if result else [], "expected": result.expected if result else []}
-        _write_json(setup.run_dir / f"eval_{phase}.json", payload)
+        save_eval(setup, phase, metrics, result)
     return metrics
+
+
+def save_eval(setup: RunSetup, phase: str, metrics: dict, result) -> None:
+    """``eval_<phase>.json``: the metrics and, when the task was scored (``result``), its predictions."""
+    payload = {"metrics": metrics,
+               "predictions": result.predictions if result else [],
+               "prompts": result.prompts if result else [], "expected": result.expected if result else []}
+    _write_json(setup.run_dir / f"eval_{phase}.json", payload)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -235,14 +275,19 @@ def _publish_dir(build, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_result(setup: RunSetup) -> Path:
-    """``adapter/`` (PEFT format) for LoRA, ``model/`` (plain HF dir) for full fine-tuning; with the tokenizer."""
+def save_result(setup: RunSetup, *, write_adapter=None) -> Path:
+    """``adapter/`` (PEFT format) for LoRA, ``model/`` (plain HF dir) for full fine-tuning; with the tokenizer.
+
+    ``write_adapter(dir)`` replaces the plain adapter save (a recipe whose adapter file is not the model's)."""
     config, model, tokenizer = setup.config, setup.model, setup.tokenizer
     if config.method.uses_adapter:
         target = setup.run_dir / "adapter"
 
         def build(tmp: Path) -> None:
-            save_adapter(model, setup.lora_config, tmp, base_model_name_or_path=config.model.source)
+            if write_adapter is None:
+                save_adapter(model, setup.lora_config, tmp, base_model_name_or_path=config.model.source)
+            else:
+                write_adapter(tmp)
             tokenizer.save_pretrained(tmp)
     else:
         target = setup.run_dir / "model"
@@ -255,25 +300,30 @@ def save_result(setup: RunSetup) -> Path:
 
 
 def _before_after_table(before: dict | None, after: dict) -> str:
-    keys = [k for k in ("eval_loss", "perplexity", "valid_json_rate", "exact_match") if k in after]
-    lines = [f"{'metric':<16}{'before':>12}{'after':>12}"]
+    rates = ("preference_accuracy", "likelihood_accuracy", "valid_json_rate", "exact_match")
+    keys = [k for k in ("eval_loss", "perplexity", "chosen_loss", *rates) if k in after]
+    width = max([16] + [len(k) + 1 for k in keys])
+    lines = [f"{'metric':<{width}}{'before':>12}{'after':>12}"]
     for key in keys:
-        rate = key in ("valid_json_rate", "exact_match")
-        fmt = (lambda v: f"{v:.1%}") if rate else (lambda v: f"{v:.4f}")
+        fmt = (lambda v: f"{v:.1%}") if key in rates else (lambda v: f"{v:.4f}")
         old = fmt(before[key]) if before and key in before else "-"
-        lines.append(f"{key:<16}{old:>12}{fmt(after[key]):>12}")
+        lines.append(f"{key:<{width}}{old:>12}{fmt(after[key]):>12}")
     return "\n".join(lines)
 
 
-def finish_run(setup: RunSetup, state: dict, started: float) -> dict:
-    """Save the result, evaluate it, write ``summary.json`` and ``report.html``, print before/after."""
-    output = save_result(setup)
+def finish_run(setup: RunSetup, state: dict, started: float, *, evaluate_after=evaluate_phase,
+               write_adapter=None) -> dict:
+    """Save the result, evaluate it, write ``summary.json`` and ``report.html``, print before/after.
+
+    ``evaluate_after(setup, "after")`` writes ``eval_after.json`` (recipes with their own held-out metrics
+    pass theirs); ``write_adapter`` goes to ``save_result``."""
+    output = save_result(setup, write_adapter=write_adapter)
     before_path = setup.run_dir / "eval_before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     after = None
     eval_start = time.time()
     if setup.eval is not None:
-        evaluate_phase(setup, "after")
+        evaluate_after(setup, "after")
         after = json.loads((setup.run_dir / "eval_after.json").read_text())
     summary = {"run_dir": str(setup.run_dir), "output": str(output), "method": setup.config.method.name,
                "quantization": setup.quantization.summary() if setup.quantization else None, "steps": state["step"],
@@ -299,3 +349,38 @@ def finish_run(setup: RunSetup, state: dict, started: float) -> dict:
         print(_before_after_table(summary["before"], summary["after"]))
     print(f"run dir: {setup.run_dir}  ({output.name}/, report.html, metrics.jsonl)")
     return summary
+
+
+def check_bad_steps(config: RunConfig, state: dict, result) -> None:
+    """After a skipped (non-finite) step: stop under ``train.nonfinite=abort`` or after too many in a row."""
+    if config.train.nonfinite == "abort" or state["bad_streak"] >= config.train.max_bad_steps:
+        why = ("train.nonfinite=abort" if config.train.nonfinite == "abort"
+               else f"{state['bad_streak']} non-finite steps in a row (train.max_bad_steps)")
+        raise TunesmithError(f"step {state['step']}: non-finite loss or gradient (loss {result.loss}, grad norm "
+                             f"{result.grad_norm}); stopping because of {why}. The last checkpoint is intact: "
+                             "lower optim.lr or check the data, then resume with --resume")
+
+
+class Progress:
+    """A tqdm bar with loss, learning rate, tokens/s; tqdm shows the ETA."""
+
+    def __init__(self, config: RunConfig, total: int, initial: int):
+        self.bar = None
+        if config.train.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.last = initial
+
+    def update(self, row: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(row["step"] - self.last)
+        self.last = row["step"]
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -14,10 +14,9 @@ import torch
 
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import collate_for, gather_examples, plan_batches
-from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters, adapters_disabled, freeze_base, inject_lora
-from tunesmith.recipes.common import (RunSetup, evaluate_phase, finish_run, load_resume_state, prepare_run,
-                                      save_training_checkpoint)
+from tunesmith.recipes.common import (Progress, RunSetup, check_bad_steps, evaluate_phase, finish_run,
+                                      load_resume_state, prepare_run, save_training_checkpoint)
 from tunesmith.train.loop import accumulate_and_step, compiled_layers, enable_gradient_checkpointing
 from tunesmith.train.optim import build_optimizer
 from tunesmith.train.metrics import MetricsLog
@@ -79,7 +78,7 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     log = MetricsLog(setup.run_dir)
     model.train()
     plan = plan_for(state["epoch"])
-    progress = _progress(config, total_steps, state["step"])
+    progress = Progress(config, total_steps, state["step"])
     window_start, window_tokens = time.time(), 0
     with compiled_layers(model, config.train.compile):
         try:
@@ -104,7 +103,7 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
                 if result.skipped:
                     state["skipped"] += 1
                     state["bad_streak"] += 1
-                    _check_bad_steps(config, state, result)
+                    check_bad_steps(config, state, result)
                 else:
                     state["bad_streak"] = 0
                 row = None
@@ -113,6 +112,8 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
                     row = {"step": state["step"], "epoch": state["epoch"], "loss": result.loss, "lr": lr,
                            "grad_norm": result.grad_norm, "tokens": state["tokens"],
                            "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
+                    if device.type == "cuda":
+                        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     window_start, window_tokens = time.time(), 0
                 if config.train.eval_every and state["step"] % config.train.eval_every == 0 and setup.eval is not None:
                     heldout = evaluate_phase(setup, None, task=False)
@@ -136,37 +137,3 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
 
 def _flat(batch: list) -> list[dict]:
     return [ex for item in batch for ex in (item if isinstance(item, list) else [item])]
-
-
-def _check_bad_steps(config: RunConfig, state: dict, result) -> None:
-    if config.train.nonfinite == "abort" or state["bad_streak"] >= config.train.max_bad_steps:
-        why = ("train.nonfinite=abort" if config.train.nonfinite == "abort"
-               else f"{state['bad_streak']} non-finite steps in a row (train.max_bad_steps)")
-        raise TunesmithError(f"step {state['step']}: non-finite loss or gradient (loss {result.loss}, grad norm "
-                             f"{result.grad_norm}); stopping because of {why}. The last checkpoint is intact: "
-                             "lower optim.lr or check the data, then resume with --resume")
-
-
-class _progress:
-    """A tqdm bar with loss, learning rate, tokens/s; tqdm shows the ETA."""
-
-    def __init__(self, config: RunConfig, total: int, initial: int):
-        self.bar = None
-        if config.train.progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-        self.last = initial
-
-    def update(self, row: dict) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(row["step"] - self.last)
-        self.last = row["step"]
-        if "loss" in row:
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                 tok_s=f"{row['tokens_per_s']:.0f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -110,7 +110,7 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
     * ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining real
       tokens, as one row with a block mask (causal within a row, every row also sees the prefix) and
       positions continuing the prefix. No padding and no repeated prefix is computed. Used for SDPA and
-      eager attention up to ``FLAT_MAX_TOKENS`` tokens. With SDPA, attention runs row by row
+      eager attention up to ``FLAT_MAX_TOKENS`` tokens. With SDPA on CPU, attention runs row by row
       (``train.rows``) instead of over the whole masked sequence.
     * ``cache`` — the prefix runs once, its key/value cache is repeated across the batch and the suffixes
       run at full batch size (flash attention and long batches).
@@ -131,9 +131,10 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
         if flat is not None:
             ids, positions, segment, index = flat
             mask = _flat_mask(segment, implementation, model.dtype)
-            # row attention needs its own attention function at every call: not under checkpointing (the
-            # recomputation runs after this block) nor in compiled blocks (each batch's row lengths would recompile)
-            if implementation != "sdpa" or _checkpointing(decoder) or _compiled(model):
+            # Row attention: on CPU only (on a GPU the many small kernels cost more than the masked attention
+            # saves: -25% tokens/s measured on an H200); not under checkpointing (the recomputation runs after
+            # this block) nor in compiled blocks (each batch's row lengths would recompile).
+            if implementation != "sdpa" or ids.device.type != "cpu" or _checkpointing(decoder) or _compiled(model):
                 hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
                 return hidden.last_hidden_state[0][index], 0
             counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
