@@ -51,3 +51,15 @@ def test_flat_layout_uses_row_attention_once_per_layer(tiny_model, monkeypatch):
     supervised_loss_sum(tiny_model, batch, layout="flat")
     assert calls == [True, True]  # two layers, both with the row layout
     assert tiny_model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_sliding_window_or_softcapping_models_are_not_flattened():
+    from tunesmith.train.loop import _plain_causal_attention
+    from tinymodels import build_tiny_llama
+
+    config = build_tiny_llama().config
+    assert _plain_causal_attention(config, 100)
+    config.sliding_window = 64  # a window shorter than the rows: the flat mask would let rows see too far back
+    assert not _plain_causal_attention(config, 100) and _plain_causal_attention(config, 64)
+    config.sliding_window, config.attn_logit_softcapping = None, 50.0
+    assert not _plain_causal_attention(config, 10)

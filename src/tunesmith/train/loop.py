@@ -91,6 +91,14 @@ def _flat_layout(batch: dict, shared: int):
             index.to(device))
 
 
+def _plain_causal_attention(config, length: int) -> bool:
+    """Whether attention is plain causal softmax for rows of ``length``: no logit soft-capping and no sliding
+    window shorter than the rows (the flat layout's mask knows neither)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(config, "sliding_window", None)
+    return not getattr(config, "attn_logit_softcapping", None) and (window is None or window >= length)
+
+
 def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Causal, within each row's own tokens plus the shared prefix: (1, 1, N, N), in the form the
     attention implementation reads (boolean for SDPA, additive for eager)."""
@@ -126,7 +134,8 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
     shared = shared_prefix_length(batch)
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
     tokens = int(batch.get("attention_mask", batch["input_ids"]).bool().sum()) - shared * (len(batch["input_ids"]) - 1)
-    if layout == "flat" or (layout == "auto" and implementation in ("sdpa", "eager") and tokens <= FLAT_MAX_TOKENS):
+    if layout == "flat" or (layout == "auto" and implementation in ("sdpa", "eager") and tokens <= FLAT_MAX_TOKENS
+                            and _plain_causal_attention(model.config, batch["input_ids"].shape[1])):
         flat = _flat_layout(batch, shared)
         if flat is not None:
             ids, positions, segment, index = flat

@@ -61,7 +61,7 @@ def _attend(query, key, value, mask, scaling, causal):
 def row_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention-interface function: (1, H, N, D) inputs, (1, N, H, D) output."""
     rows: Rows | None = kwargs.get(NAME)
-    if rows is None:
+    if rows is None or dropout:  # the flat layout's block mask is the attention_mask: SDPA applies it
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
