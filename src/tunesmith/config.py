@@ -154,8 +154,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute each decoder block's activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
-    """Compile the decoder blocks with torch.compile for training: a one-off cost (~40 s for the embedded
-    model on 2 CPU cores), then faster steps; worth it for runs of more than a few minutes."""
+    """Compile the parts of each decoder block around attention (MLP, norms) with torch.compile for training;
+    a few seconds of compiling. Measured on a 2-core CPU it does not make steps faster (BENCHMARKS.md)."""
 
 
 class EvalConfig(_Section):

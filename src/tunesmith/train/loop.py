@@ -142,8 +142,8 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
             mask = _flat_mask(segment, implementation, model.dtype)
             # Row attention: on CPU only (on a GPU the many small kernels cost more than the masked attention
             # saves: -25% tokens/s measured on an H200); not under checkpointing (the recomputation runs after
-            # this block) nor in compiled blocks (each batch's row lengths would recompile).
-            if implementation != "sdpa" or ids.device.type != "cpu" or _checkpointing(decoder) or _compiled(model):
+            # this block).
+            if implementation != "sdpa" or ids.device.type != "cpu" or _checkpointing(decoder):
                 hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
                 return hidden.last_hidden_state[0][index], 0
             counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
@@ -211,31 +211,30 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-def _compiled(model) -> bool:
-    layers = decoder_layers(model)
-    return bool(layers) and getattr(layers[0], "_compiled_call_impl", None) is not None
-
-
 def _checkpointing(decoder) -> bool:
     return bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training
 
 
 @contextlib.contextmanager
 def compiled_layers(model, enabled: bool = True):
-    """Compile each decoder block with ``torch.compile`` (dynamic shapes) for the duration of the block.
+    """Compile the parts of each decoder block around attention (MLP, norms) with ``torch.compile`` for the
+    duration of the block.
 
-    The blocks share one compiled graph (parameters are graph inputs), so compiling costs about one
-    block's worth of time; it pays off over longer runs. Afterwards the model runs eagerly again
+    Attention stays eager so the flat layout's row attention (whose shapes change with every batch) keeps
+    running; what compiles is the elementwise work around the matrix products (norms, activation × gate),
+    which eager mode runs as many small memory-bound kernels. Blocks of one shape share compiled graphs
+    (parameters are graph inputs), so compiling costs a few seconds. Afterwards the model runs eagerly again
     (generation, saving).
     """
-    layers = decoder_layers(model) if enabled else []
-    for layer in layers:
-        layer.compile(dynamic=True)
+    parts = [child for layer in (decoder_layers(model) if enabled else [])
+             for name, child in layer.named_children() if "attn" not in name and "attention" not in name]
+    for part in parts:
+        part.compile(dynamic=True)
     try:
         yield
     finally:
-        for layer in layers:
-            layer._compiled_call_impl = None
+        for part in parts:
+            part._compiled_call_impl = None
 
 
 @dataclass
