@@ -10,9 +10,8 @@ from tunesmith.data.pipeline import prepare
 from tunesmith.data.sources import load_rows
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.evaluate import evaluate
+from tunesmith.eval.evaluate import builtin_task_source, evaluate
 from tunesmith.models import load
-from tunesmith.recipes.common import builtin_task_source
 from tunesmith.templates import use_template
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from tunesmith.data.batching import pad_collate
+from tunesmith.data.builtin import BUILTIN_NAME
 from tunesmith.eval.task import TaskResult, evaluate_task
 from tunesmith.train.loop import autocast_for, supervised_loss_sum, trained_tokens
 
@@ -30,8 +31,13 @@ def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
-def is_builtin_task(source: str | None) -> bool:
-    return bool(source) and source.split(":")[0] == "builtin"
+def builtin_task_source(source: str | None) -> str | None:
+    """The built-in task split whose rows a built-in eval source is scored on (``builtin-preference:test``
+    has the same prompts as ``builtin:test``); None for any other source."""
+    kind, _, split = (source or "").partition(":")
+    if kind in (BUILTIN_NAME, f"{BUILTIN_NAME}-preference"):
+        return f"{BUILTIN_NAME}:{split}" if split else BUILTIN_NAME
+    return None
 
 
 def evaluate(model, tokenizer, *, examples: list[dict], rows: list[dict] | None, batch_size: int = 16,

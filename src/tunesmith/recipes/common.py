@@ -19,7 +19,7 @@ from tunesmith.data.pipeline import PreparedData, prepare
 from tunesmith.data.sources import load_rows
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.evaluate import evaluate
+from tunesmith.eval.evaluate import builtin_task_source, evaluate
 from tunesmith.eval.report import write_report
 from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
 from tunesmith.models.load import resolve_path
@@ -93,15 +93,6 @@ def _claim_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml())
     return run_dir
-
-
-def builtin_task_source(source: str | None) -> str | None:
-    """The built-in task split whose rows a built-in eval source is scored on (``builtin-preference:test``
-    has the same prompts as ``builtin:test``); None for any other source."""
-    kind, _, split = (source or "").partition(":")
-    if kind in (BUILTIN_NAME, f"{BUILTIN_NAME}-preference"):
-        return f"{BUILTIN_NAME}:{split}" if split else BUILTIN_NAME
-    return None
 
 
 def _check_objective(config: RunConfig, data: PreparedData) -> None:
