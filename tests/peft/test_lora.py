@@ -94,6 +94,35 @@ def test_gradients_match_closed_form():
     torch.testing.assert_close(layer.lora_A.weight.grad, s * b.T @ upstream.T @ x)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_path_matches_reference(dropout, bias):
+    """A frozen plain base takes the one-node fused path; output and every gradient equal the module path's."""
+    generator = torch.Generator().manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 5, bias=bias), r=3, alpha=6, dropout=dropout)
+    layer.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(5, 3, generator=generator))
+    x = torch.randn(2, 4, 6, generator=generator)
+    upstream = torch.randn(2, 4, 5, generator=generator)
+    results = []
+    for forward in (layer.forward, layer.reference_forward):
+        inputs = x.clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same dropout mask on both paths
+        out = forward(inputs)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), out.grad_fn.name(), inputs.grad, layer.lora_A.weight.grad,
+                        layer.lora_B.weight.grad))
+        layer.zero_grad(set_to_none=True)
+    (fused, fused_node, *fused_grads), (reference, reference_node, *reference_grads) = results
+    assert "LoRALinearFunction" in fused_node and "LoRALinearFunction" not in reference_node
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    frozen = golden_layer().requires_grad_(False)  # also the fused path: the hand-checked values hold
+    torch.testing.assert_close(frozen(torch.tensor([[1., 2, 3]])), torch.tensor([[9.5, 6, 15, 1]]))
+
+
 def test_init_is_identity_and_reproducible(tiny_model):
     reference = logits(tiny_model)
     torch.manual_seed(123)

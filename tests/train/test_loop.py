@@ -108,6 +108,7 @@ def test_layouts_give_same_loss_and_gradients(tiny_model, layout, common):
     for p in params.values():  # non-zero B so the prefix's gradient path matters
         torch.nn.init.normal_(p, std=0.05)
     batch = _shared_batch()
+    batch["labels"][0, 17:] = IGNORE_INDEX  # an untrained tail: the flat layout leaves it out
     if not common:  # no shared prefix: the flat layout still drops the padding
         batch["input_ids"][1, 2] += 1
     results = []
@@ -126,12 +127,15 @@ def test_flat_layout_holds_prefix_once_and_no_padding():
     from tunesmith.train.loop import _flat_layout
 
     batch = _shared_batch()
+    batch["labels"][2, 18:] = IGNORE_INDEX  # row 2's last trained target is now label 17
     ids, positions, segment, index = _flat_layout(batch, 12)
-    assert ids.shape == (1, 12 + 8 + 5 + 10)
-    assert positions[0, :14].tolist() == list(range(14)) and positions[0, 20:22].tolist() == [12, 13]
-    assert segment.tolist() == [-1] * 12 + [0] * 8 + [1] * 5 + [2] * 10
-    assert index[1, :17].tolist() == list(range(12)) + list(range(20, 25))
-    torch.testing.assert_close(ids[0][index[2, :22]], batch["input_ids"][2, :22])
+    # each row up to its last trained target (label t is predicted by token t - 1): 12 + 7 + 4 + 5 tokens
+    assert ids.shape == (1, 12 + 7 + 4 + 5)
+    assert positions[0, :14].tolist() == list(range(14)) and positions[0, 19:21].tolist() == [12, 13]
+    assert segment.tolist() == [-1] * 12 + [0] * 7 + [1] * 4 + [2] * 5
+    assert index[1, :17].tolist() == list(range(12)) + list(range(19, 23)) + [0]
+    torch.testing.assert_close(ids[0][index[2, :17]], batch["input_ids"][2, :17])
+    assert index[2, 17:].tolist() == [0] * 5
     left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
     assert _flat_layout(left, 0) is None  # left padding: not flattened
 

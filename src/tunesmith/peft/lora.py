@@ -80,14 +80,29 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled and self.merged:
             raise TunesmithError("a merged LoRA adapter cannot be disabled; call unmerge() first")
-        result = self.base_layer(x)
         if self.disabled or self.merged:
-            return result
+            return self.base_layer(x)
+        if self._fused_ok(x):
+            return _lora_linear(x, self.lora_dropout(x), self.base_layer.weight, self.base_layer.bias,
+                                self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter through the plain modules (quantized bases, autocast; the fused path's reference)."""
+        result = self.base_layer(x)
         hidden = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)).to(result.dtype)
         # s is folded into B (r×d_out, cheap) and the add into the matmul: one kernel over the activations
         scaled_b = (self.lora_B.weight * self.scaling).to(result.dtype)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, self.r), scaled_b.t())
         return out.view(result.shape)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """Whether ``_lora_linear`` computes this call: a plain frozen float ``nn.Linear`` base, one dtype
+        throughout, and no autocast (which would pick the matmuls' dtype itself)."""
+        weight = self.base_layer.weight
+        return (type(self.base_layer) is nn.Linear and not weight.requires_grad
+                and x.dtype == weight.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B · A`` in fp32 (d_out×d_in): what merging adds to the base weight."""
@@ -129,6 +144,58 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}, disabled={self.disabled}")
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """``Y = X Wᵀ + b + s · (X' Aᵀ) Bᵀ`` with ``X'`` = dropout(X), as one autograd node.
+
+    Backward, with G = ∂L/∂Y and U = X' Aᵀ (n×r, kept from the forward):
+
+        ∂L/∂X = G W + s · (G B) A      (with dropout, the second term is ∂L/∂X' and flows back through it)
+        ∂L/∂A = s · (G B)ᵀ X'          ∂L/∂B = s · Gᵀ U
+
+    Autograd over the plain modules computes the same products but as separate nodes, each allocating its
+    own output and adding it to the next: on CPU that bookkeeping costs about as much as the rank-r products
+    themselves. Here the adapter's products accumulate in place into the base layer's output (forward) and
+    input gradient (backward). ``LoRALinear.reference_forward`` is the reference; tests compare them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_adapter, weight, bias, lora_a, lora_b, scaling):
+        shape = x.shape
+        x2, xa2 = x.reshape(-1, shape[-1]), x_adapter.reshape(-1, shape[-1])
+        hidden = xa2 @ lora_a.t()
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out.addmm_(hidden, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(xa2, weight, lora_a, lora_b, hidden)
+        ctx.scaling, ctx.shape, ctx.same_input = scaling, shape, x_adapter is x
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xa2, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        s, shape = ctx.scaling, ctx.shape
+        g = grad.reshape(-1, grad.shape[-1])
+        gb = g @ lora_b  # (n×r)
+        grad_x = grad_xa = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            if ctx.same_input:
+                grad_x.addmm_(gb, lora_a, alpha=s)
+            grad_x = grad_x.view(shape)
+        if ctx.needs_input_grad[1] and not ctx.same_input:
+            grad_xa = (gb @ lora_a).mul_(s).view(shape)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[4]:
+            grad_a = (gb.t() @ xa2).mul_(s)
+        if ctx.needs_input_grad[5]:
+            grad_b = (g.t() @ hidden).mul_(s)
+        return grad_x, grad_xa, None, grad_bias, grad_a, grad_b, None
+
+
+def _lora_linear(x, x_adapter, weight, bias, lora_a, lora_b, scaling):
+    return _LoRALinearFunction.apply(x, x_adapter, weight, bias, lora_a, lora_b, scaling)
 
 
 @dataclass

@@ -28,16 +28,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             y = targets[start:start + chunk]
-            raw = (h @ weight.t()).float()
-            logits = softcap * torch.tanh(raw / softcap) if softcap else raw
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # One vocabulary-sized buffer per chunk, transformed in place: logits -> exp -> softmax -> ∂L/∂z
+            # (fresh temporaries of this size each cost a pass over memory plus page faults on CPU).
+            z = (h @ weight.t()).float()
+            if softcap:
+                z.div_(softcap).tanh_()
+                tanh = z.clone() if with_grad else None
+                z.mul_(softcap)
+            picked = z.gather(1, y[:, None]).squeeze(1)
+            peak = z.amax(dim=1, keepdim=True)
+            norm = z.sub_(peak).exp_().sum(dim=1, keepdim=True)  # z now holds exp(z - max)
+            total += (peak.squeeze(1) + norm.squeeze(1).log() - picked).sum()
             if not with_grad:
                 continue
-            grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            grad = z.div_(norm)  # softmax
             grad[torch.arange(len(y), device=y.device), y] -= 1.0
             if softcap:
-                grad *= 1.0 - (logits.add_(lse[:, None]) / softcap).square_()  # d(c·tanh(x/c))/dx = 1 − tanh²
+                grad.mul_(1.0 - tanh.square_())  # d(c·tanh(x/c))/dx = 1 − tanh²
             grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad.t() @ h.float()

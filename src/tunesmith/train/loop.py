@@ -63,11 +63,15 @@ FLAT_MAX_TOKENS = 4096
 
 
 def _flat_layout(batch: dict, shared: int):
-    """One row holding the shared prefix once and every row's remaining real tokens (no padding).
+    """One row holding the shared prefix once and every row's remaining real tokens (no padding), up to the
+    row's last trained target.
 
-    Returns ``(input_ids, position_ids, segment, index)``: ``segment`` is -1 on the prefix and the row
-    number elsewhere; ``index[i, t]`` is where row ``i``'s token ``t`` sits in the flat row (0 on padding).
-    None when the batch is not right-padded.
+    A row's tokens after that carry no loss and no later position reads them (hidden state ``t`` predicts
+    ``labels[t + 1]``; attention is causal), so they are left out: with a chat template that is the closing
+    ``<|im_end|>`` and newline of each row. Returns ``(input_ids, position_ids, segment, index)``:
+    ``segment`` is -1 on the prefix and the row number elsewhere; ``index[i, t]`` is where row ``i``'s token
+    ``t`` sits in the flat row (0 on padding and on the tokens left out). None when the batch is not
+    right-padded.
     """
     ids = batch["input_ids"]
     size, width = ids.shape
@@ -75,6 +79,9 @@ def _flat_layout(batch: dict, shared: int):
     lengths = mask.sum(dim=1)
     if not torch.equal(mask, torch.arange(width, device=ids.device) < lengths[:, None]):
         return None
+    trained = batch["labels"] != IGNORE_INDEX
+    last_target = torch.where(trained, torch.arange(width, device=ids.device), 0).amax(dim=1)
+    lengths = torch.minimum(lengths, last_target.clamp(min=shared + 1)).cpu()
     pieces, positions, segment = [ids[0, :shared]], [torch.arange(shared)], [torch.full((shared,), -1)]
     index = torch.zeros(size, width, dtype=torch.long)
     index[:, :shared] = torch.arange(shared)
@@ -116,8 +123,9 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
     Layouts, all giving the plain forward's loss and gradients (tested):
 
     * ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining real
-      tokens, as one row with a block mask (causal within a row, every row also sees the prefix) and
-      positions continuing the prefix. No padding and no repeated prefix is computed. Used for SDPA and
+      tokens up to its last trained target, as one row with a block mask (causal within a row, every row
+      also sees the prefix) and positions continuing the prefix. No padding, no repeated prefix and no
+      trailing untrained token is computed (the hidden states there are not meaningful). Used for SDPA and
       eager attention up to ``FLAT_MAX_TOKENS`` tokens. With SDPA on CPU, attention runs row by row
       (``train.rows``) instead of over the whole masked sequence.
     * ``cache`` — the prefix runs once, its key/value cache is repeated across the batch and the suffixes
