@@ -22,12 +22,14 @@ import time
 
 import torch
 
+from tunesmith.config import OptimConfig
 from tunesmith.data.batching import pad_collate
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.models import load
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
 from tunesmith.train.loop import accumulate_and_step, compiled_layers
+from tunesmith.train.optim import build_optimizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,7 +72,7 @@ def ours_stepper(compile_layers: bool = False):
     freeze_base(model)
     params = list(adapter_parameters(model).values())
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    optimizer = build_optimizer(OptimConfig(lr=2e-3, weight_decay=0.01), params)  # torch's AdamW defaults
     compiling = compiled_layers(model, compile_layers)
     compiling.__enter__()  # stays compiled while ``step`` (which holds ``compiling``) is alive
 

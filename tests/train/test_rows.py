@@ -14,7 +14,7 @@ def _block_mask(prefix: int, lengths: list[int]) -> torch.Tensor:
     return (order[None] <= order[:, None]) & ((segment[None] == segment[:, None]) | (segment[None] < 0))
 
 
-@pytest.mark.parametrize("prefix", [0, 5])
+@pytest.mark.parametrize("prefix", [0, 5, 9])  # 9: a prefix longer than every row
 def test_row_attention_equals_masked_sdpa(prefix):
     lengths = [3, 7, 1, 4]
     n, heads, kv_heads, dim = prefix + sum(lengths), 4, 2, 8

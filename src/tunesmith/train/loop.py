@@ -35,7 +35,7 @@ def shared_prefix_length(batch: dict) -> int:
     """Tokens at the start that every row of ``batch`` shares and that carry no loss (0: none worth sharing).
 
     Rows built from one template with one system prompt start with the same tokens. Their hidden states
-    are identical across the batch, so they can be computed once and broadcast (see ``decoder_hidden``).
+    are identical across the batch, so they can be computed once and broadcast (see ``_decoder_states``).
     The prefix stops before the first trained target, so no loss position needs a prefix hidden state.
     Packed rows (``position_ids``) and left padding are never shared.
     """
@@ -117,8 +117,8 @@ def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -
         ~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.Tensor, int]:
-    """Final hidden states of a padded batch and the position they start at.
+def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Final hidden states of a padded batch: ``(states, index, p)``.
 
     Layouts, all giving the plain forward's loss and gradients (tested):
 
@@ -132,13 +132,15 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
       run at full batch size (flash attention and long batches).
     * ``plain`` — the batch as given (packed rows, sliding-window or hybrid caches).
 
-    Gradients reach the shared prefix from every row (gather / repeat backward sums them). Returns
-    ``(hidden, p)`` where hidden covers positions ``p:`` of the batch (``p`` > 0 only for ``cache``).
+    Gradients reach the shared prefix from every row (gather / repeat backward sums them). For ``flat``,
+    ``states`` is the flat sequence's (N × d) and ``index`` (rows × width) says where each batch position sits
+    in it; otherwise ``index`` is None and ``states`` (rows × width − p × d) covers positions ``p:`` of the
+    batch (``p`` > 0 only for ``cache``).
     """
     decoder = model.get_decoder()
     inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
     if layout == "plain" or "position_ids" in batch:
-        return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, 0
+        return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
     shared = shared_prefix_length(batch)
     implementation = getattr(model.config, "_attn_implementation", None) or "eager"
     tokens = int(batch.get("attention_mask", batch["input_ids"]).bool().sum()) - shared * (len(batch["input_ids"]) - 1)
@@ -153,13 +155,13 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
             # this block).
             if implementation != "sdpa" or ids.device.type != "cpu" or _checkpointing(decoder):
                 hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
-                return hidden.last_hidden_state[0][index], 0
+                return hidden.last_hidden_state[0], index, 0
             counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
             rows = Rows.from_lengths(shared, counts, ids.device)
             with row_attention(model):
                 hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
                                  **{ROWS: rows})
-            return hidden.last_hidden_state[0][index], 0
+            return hidden.last_hidden_state[0], index, 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
         prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
         cache = prefix["cache"] if "cache" in prefix else prefix.past_key_values
@@ -169,29 +171,41 @@ def decoder_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
             positions = torch.arange(shared, length, device=batch["input_ids"].device).expand(size, -1)
             out = decoder(input_ids=batch["input_ids"][:, shared:], use_cache=True, position_ids=positions,
                           **{cache_argument(decoder): cache}, **inputs)
-            return out.last_hidden_state, shared
-    return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, 0
+            return out.last_hidden_state, None, shared
+    return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
+
+
+def trained_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden, targets, keep)``: the final hidden state of every trained position (T × d, rows in order),
+    the token each one predicts (T), and where they are (``keep``, rows × positions ``p + 1:``).
+
+    The shift happens here: hidden state ``t`` predicts ``labels[t + 1]``. See ``_decoder_states`` for how
+    the batch is laid out; the trained positions are picked straight from it in one gather.
+    """
+    states, index, start = _decoder_states(model, batch, layout)
+    targets = batch["labels"][:, start + 1:]
+    keep = targets != IGNORE_INDEX
+    if index is not None:
+        return states.index_select(0, index[:, :-1][keep]), targets[keep], keep
+    return states[:, :-1][keep], targets[keep], keep
 
 
 def supervised_loss_sum(model, batch: dict, *, layout: str = "auto") -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions.
 
-    The shift happens here: hidden state ``t`` predicts ``labels[t + 1]``. Only the positions whose
-    target is trained go through the output head, so prompt tokens never produce full-vocabulary
-    logits (the head is a large share of a small model's compute and memory). Padding is not computed,
-    and a prefix shared by every row (a common system prompt) is computed once (``decoder_hidden``).
+    Only the positions whose target is trained go through the output head, so prompt tokens never produce
+    full-vocabulary logits (the head is a large share of a small model's compute and memory). Padding is not
+    computed, and a prefix shared by every row (a common system prompt) is computed once (``trained_hidden``).
     """
-    hidden, start = decoder_hidden(model, batch, layout=layout)
-    targets = batch["labels"][:, start + 1:]
-    keep = targets != IGNORE_INDEX
+    hidden, targets, _ = trained_hidden(model, batch, layout=layout)
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if type(head) is torch.nn.Linear and head.bias is None:  # a plain head: fused, chunked
-        return linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], softcap=cap)
-    logits = head(hidden[:, :-1][keep]).float()  # a wrapped or quantized head
+        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap)
+    logits = head(hidden).float()  # a wrapped or quantized head
     if cap:
         logits = cap * torch.tanh(logits / cap)
-    return F.cross_entropy(logits, targets[keep], reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

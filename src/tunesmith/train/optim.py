@@ -1,6 +1,6 @@
 """Optimizers by name: torch's AdamW and bitsandbytes' 8-bit and paged AdamW variants.
 
-* ``adamw`` — torch AdamW, fp32 state (2 × 4 bytes per trained parameter).
+* ``adamw`` — torch AdamW (its fused implementation), fp32 state (2 × 4 bytes per trained parameter).
 * ``adamw_8bit`` — both moments stored in 8 bits with blockwise scales (~2 bytes per parameter);
   tensors under 4096 elements keep 32-bit state, as bitsandbytes does.
 * ``paged_adamw_32bit`` / ``paged_adamw_8bit`` — the same state in CUDA unified memory, which the driver
@@ -23,7 +23,10 @@ BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_32bit": "PagedAdamW32b
 def build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     kwargs = {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay}
     if config.name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
+        # torch's fused kernel updates every tensor in one pass; the default per-tensor loop costs ~2× as long
+        # for the few hundred small adapter matrices of a LoRA run (measured on CPU)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, **kwargs, fused=fused)
     import bitsandbytes as bnb
 
     cls = getattr(bnb.optim, BNB_OPTIMIZERS[config.name])

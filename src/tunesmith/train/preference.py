@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.data.batching import pad_collate
 from tunesmith.errors import TunesmithError
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import autocast_for, clip_and_step, decoder_hidden
+from tunesmith.train.loop import autocast_for, clip_and_step, trained_hidden
 
 LOGIT_CHUNK = 256
 LOSSES = ("sigmoid", "ipo", "simpo")
@@ -81,15 +81,13 @@ def _token_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
 def completion_logps(model, batch: dict, *, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(sums, counts)``: each row's summed log-probability of its trained tokens, and how many there are.
 
-    The shift happens here, as in ``supervised_loss_sum``: hidden state t predicts ``labels[t + 1]``, and only
-    the trained positions go through the output head (prompt tokens never produce logits).
+    As in ``supervised_loss_sum``, only the trained positions go through the output head (prompt tokens never
+    produce logits); ``trained_hidden`` does the shift.
     """
-    hidden, start = decoder_hidden(model, batch, layout=layout)
-    targets = batch["labels"][:, start + 1:]
-    keep = targets != IGNORE_INDEX
-    token = _token_logps(model, hidden[:, :-1][keep], targets[keep])
+    hidden, targets, keep = trained_hidden(model, batch, layout=layout)
+    token = _token_logps(model, hidden, targets)
     rows = keep.nonzero(as_tuple=True)[0]
-    sums = torch.zeros(len(targets), dtype=token.dtype, device=token.device).index_add(0, rows, token)
+    sums = torch.zeros(len(keep), dtype=token.dtype, device=token.device).index_add(0, rows, token)
     return sums, keep.sum(dim=1)
 
 
