@@ -14,6 +14,7 @@ from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.head import linear_cross_entropy
 from tunesmith.train.rows import NAME as ROWS, Rows, row_attention
+from tunesmith.train.trim import last_block_at
 
 
 def trained_tokens(batch: dict) -> int:
@@ -125,7 +126,8 @@ def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torc
     * ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining real
       tokens up to its last trained target, as one row with a block mask (causal within a row, every row
       also sees the prefix) and positions continuing the prefix. No padding, no repeated prefix and no
-      trailing untrained token is computed (the hidden states there are not meaningful). Used for SDPA and
+      trailing untrained token is computed, and the last block computes its position-wise parts at the
+      trained positions only (``train.trim``): elsewhere the final states are not meaningful. Used for SDPA and
       eager attention up to ``FLAT_MAX_TOKENS`` tokens. With SDPA on CPU, attention runs row by row
       (``train.rows``) instead of over the whole masked sequence.
     * ``cache`` — the prefix runs once, its key/value cache is repeated across the batch and the suffixes
@@ -153,15 +155,21 @@ def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torc
             # Row attention: on CPU only (on a GPU the many small kernels cost more than the masked attention
             # saves: -25% tokens/s measured on an H200); not under checkpointing (the recomputation runs after
             # this block).
-            if implementation != "sdpa" or ids.device.type != "cpu" or _checkpointing(decoder):
+            if _checkpointing(decoder):
                 hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
                 return hidden.last_hidden_state[0], index, 0
-            counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
-            rows = Rows.from_lengths(shared, counts, ids.device)
-            with row_attention(model):
-                hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
-                                 **{ROWS: rows})
-            return hidden.last_hidden_state[0], index, 0
+            read = index[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # the states trained_hidden picks
+            layers = decoder_layers(model)
+            with last_block_at(layers[-1], read) if layers else contextlib.nullcontext():
+                if implementation != "sdpa" or ids.device.type != "cpu":
+                    hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+                    return hidden.last_hidden_state[0], index, 0
+                counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
+                rows = Rows.from_lengths(shared, counts, ids.device)
+                with row_attention(model):
+                    hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
+                                     **{ROWS: rows})
+                return hidden.last_hidden_state[0], index, 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
         prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
         cache = prefix["cache"] if "cache" in prefix else prefix.past_key_values

@@ -1,0 +1,43 @@
+"""The last block at the read positions only: same states there, same gradients, fewer rows through the MLP."""
+
+import torch
+
+from tinymodels import build_tiny_llama
+from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
+from tunesmith.train.loop import decoder_layers
+from tunesmith.train.trim import last_block_at
+
+
+def _adapted_model():
+    model = build_tiny_llama()
+    torch.manual_seed(0)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    freeze_base(model)
+    for param in adapter_parameters(model).values():  # non-zero B: every adapter matters
+        torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def test_read_positions_match_the_full_block_and_the_block_is_restored():
+    model = _adapted_model()
+    ids = torch.randint(5, 200, (1, 14), generator=torch.Generator().manual_seed(3))
+    read = torch.tensor([2, 7, 8, 13])
+    params = adapter_parameters(model)
+    last = decoder_layers(model)[-1]
+    originals = (last.self_attn.q_proj, last.self_attn.o_proj, last.mlp)
+    mlp_rows = []
+    hook = last.mlp.register_forward_hook(lambda module, args, out: mlp_rows.append(args[0].shape[1]))
+    results = []
+    for trimmed in (False, True):
+        model.zero_grad(set_to_none=True)
+        with last_block_at(last, read if trimmed else read[:0]):  # no positions: nothing is trimmed
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, read]
+        (hidden * torch.linspace(-1, 1, hidden.shape[-1])).sum().backward()
+        results.append((hidden.detach(), {k: p.grad.clone() for k, p in params.items()}))
+    hook.remove()
+    (full, full_grads), (trim, trim_grads) = results
+    assert mlp_rows == [14, 4]  # the last MLP ran on the 4 read positions only
+    torch.testing.assert_close(trim, full, atol=1e-5, rtol=1e-5)
+    for key in full_grads:
+        torch.testing.assert_close(trim_grads[key], full_grads[key], atol=1e-6, rtol=1e-4)
+    assert (last.self_attn.q_proj, last.self_attn.o_proj, last.mlp) == originals
