@@ -91,8 +91,8 @@ class _RowAttention(torch.autograd.Function):
         ∂V = Pᵀ ∂O,   ∂P = ∂O Vᵀ,   ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)),   ∂Q = s · ∂S K,   ∂K = ∂Sᵀ Q̃
 
     Gathered keys are scattered back with ``index_add_``, which sums the shared prefix's gradient over rows.
-    Returns O (H, N, D) in flat order. SDPA's CPU kernel, fed the same padded rows with a mask, spends about
-    twice as long on these short rows (measured); tests compare against SDPA over the block-masked sequence.
+    Returns O (H, N, D) in flat order. SDPA's CPU kernel, fed the same padded rows with a mask, spends ~1.5× as
+    long on these short rows (measured); tests compare against SDPA over the block-masked sequence.
     """
 
     @staticmethod
