@@ -6,6 +6,10 @@ AdamW settings. Throughput counts the real (non-padding) tokens of each batch pe
 steps, after warm-up steps that are not timed; the two loops alternate step by step on the same batches. Run:
 
     .venv/bin/python benchmarks/cpu_lora.py [--steps 20] [--warmup 2] [--batch 8] [--compile] [--json]
+    .venv/bin/python benchmarks/cpu_lora.py --only peft|ours   # one loop alone in this process
+
+Loops in one process disturb each other's memory (see BENCHMARKS.md), so ``--only`` runs one loop per
+process, as users run them; alternate ``--only peft`` and ``--only ours`` processes and compare.
 
 With --compile a third loop (ours with train.compile=true) joins; its compilation happens in the untimed
 warm-up steps. Measured: the compiled loop's runtime in the same process slows the PEFT loop by ~10%, so
@@ -106,10 +110,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="also time ours with train.compile=true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", choices=["peft", "ours"], help="time one loop alone")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = load("default").tokenizer
     data = batches(tokenizer, args.batch, args.warmup + args.steps)
+    if args.only:
+        (tps, losses), = measure({args.only: (peft_stepper if args.only == "peft" else ours_stepper)()}, data,
+                                 args.warmup).values()
+        print(json.dumps({"loop": args.only, "batch": args.batch, "steps": args.steps,
+                          "tokens_per_s": round(tps, 1), "last_loss": round(losses[-1], 5)}))
+        return
     steppers = {"peft": peft_stepper(), "ours": ours_stepper()}
     if args.compile:
         steppers["ours_compiled"] = ours_stepper(compile_layers=True)
