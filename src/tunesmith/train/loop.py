@@ -119,7 +119,7 @@ def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -
 
 
 def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Final hidden states of a padded batch: ``(states, index, p)``.
+    """Final hidden states of a padded batch: ``(states, read, p)``.
 
     Layouts, all giving the plain forward's loss and gradients (tested):
 
@@ -135,9 +135,9 @@ def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torc
     * ``plain`` — the batch as given (packed rows, sliding-window or hybrid caches).
 
     Gradients reach the shared prefix from every row (gather / repeat backward sums them). For ``flat``,
-    ``states`` is the flat sequence's (N × d) and ``index`` (rows × width) says where each batch position sits
-    in it; otherwise ``index`` is None and ``states`` (rows × width − p × d) covers positions ``p:`` of the
-    batch (``p`` > 0 only for ``cache``).
+    ``states`` is the flat sequence's (N × d) and ``read`` holds where the trained positions' states sit in
+    it (in row order); otherwise ``read`` is None and ``states`` (rows × width − p × d) covers positions
+    ``p:`` of the batch (``p`` > 0 only for ``cache``).
     """
     decoder = model.get_decoder()
     inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
@@ -151,25 +151,25 @@ def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torc
         flat = _flat_layout(batch, shared)
         if flat is not None:
             ids, positions, segment, index = flat
+            read = index[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # where the trained states sit
             mask = _flat_mask(segment, implementation, model.dtype)
-            # Row attention: on CPU only (on a GPU the many small kernels cost more than the masked attention
-            # saves: -25% tokens/s measured on an H200); not under checkpointing (the recomputation runs after
-            # this block).
+            # Row attention and the trimmed last block: not under checkpointing (the recomputation runs after
+            # this block). Row attention on CPU only (on a GPU the many small kernels cost more than the masked
+            # attention saves: -25% tokens/s measured on an H200).
             if _checkpointing(decoder):
                 hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
-                return hidden.last_hidden_state[0], index, 0
-            read = index[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # the states trained_hidden picks
+                return hidden.last_hidden_state[0], read, 0
             layers = decoder_layers(model)
             with last_block_at(layers[-1], read) if layers else contextlib.nullcontext():
                 if implementation != "sdpa" or ids.device.type != "cpu":
                     hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
-                    return hidden.last_hidden_state[0], index, 0
+                    return hidden.last_hidden_state[0], read, 0
                 counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
                 rows = Rows.from_lengths(shared, counts, ids.device)
                 with row_attention(model):
                     hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
                                      **{ROWS: rows})
-                return hidden.last_hidden_state[0], index, 0
+                return hidden.last_hidden_state[0], read, 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
         prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
         cache = prefix["cache"] if "cache" in prefix else prefix.past_key_values
@@ -190,11 +190,11 @@ def trained_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.T
     The shift happens here: hidden state ``t`` predicts ``labels[t + 1]``. See ``_decoder_states`` for how
     the batch is laid out; the trained positions are picked straight from it in one gather.
     """
-    states, index, start = _decoder_states(model, batch, layout)
+    states, read, start = _decoder_states(model, batch, layout)
     targets = batch["labels"][:, start + 1:]
     keep = targets != IGNORE_INDEX
-    if index is not None:
-        return states.index_select(0, index[:, :-1][keep]), targets[keep], keep
+    if read is not None:
+        return states.index_select(0, read), targets[keep], keep
     return states[:, :-1][keep], targets[keep], keep
 
 

@@ -28,7 +28,8 @@ NAME = "tunesmith_rows"
 
 @dataclass
 class Rows:
-    """The flat sequence's layout: ``prefix`` (P) shared tokens, then each row's ``lengths[i]`` tokens in order.
+    """Where attention reads and writes in a flat sequence of ``prefix`` (P) shared tokens followed by each row's
+    ``lengths[i]`` tokens in order (``from_lengths``).
 
     Attention runs over "query rows": the prefix's own tokens first (when P > 0), then each row's. Every query
     row has Q = max(P, longest row) query slots and K = P + longest row key slots:
@@ -44,8 +45,6 @@ class Rows:
     least one key, so padding needs no special case.
     """
 
-    prefix: int
-    lengths: list[int]
     queries: torch.Tensor
     keys: torch.Tensor
     outputs: torch.Tensor
@@ -69,8 +68,7 @@ class Rows:
         allowed = ((key_slot[None] < prefix) | causal_own)[None].repeat(len(own), 1, 1)
         if prefix:  # the prefix's query row: causal over the prefix keys only
             allowed[0] = (key_slot[None] < prefix) & (key_slot[None] <= slot[:, None].clamp(max=prefix - 1))
-        return cls(prefix, list(lengths), queries.reshape(-1), keys.reshape(-1),
-                   real.reshape(-1).nonzero().squeeze(1), allowed)
+        return cls(queries.reshape(-1), keys.reshape(-1), real.reshape(-1).nonzero().squeeze(1), allowed)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self.biases:
