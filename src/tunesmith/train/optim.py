@@ -23,8 +23,8 @@ BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_32bit": "PagedAdamW32b
 def build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     kwargs = {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay}
     if config.name == "adamw":
-        # torch's fused kernel updates every tensor in one pass; the default per-tensor loop costs ~2× as long
-        # for the few hundred small adapter matrices of a LoRA run (measured on CPU)
+        # torch's fused kernel updates every tensor in one pass; the default per-tensor loop costs 2–3× as long
+        # for the few hundred small adapter matrices of a LoRA run (benchmarks/cpu_parts.py, CPU)
         fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(params, **kwargs, fused=fused)
     import bitsandbytes as bnb
