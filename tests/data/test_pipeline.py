@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tunesmith.data.formats import Example
-from tunesmith.data.pipeline import inspection, prepare
+from tunesmith.data.pipeline import format_inspection, inspection, prepare
 from tunesmith.data.tokenize import TokenizeOptions, tokenize_examples
 from tunesmith.errors import TunesmithError
 
@@ -65,7 +65,24 @@ def test_inspection_report(tmp_path, tokenizer):
     assert report["format"] == "messages"
     assert (report["rows"], report["valid_rows"], report["dropped"], report["sequences"]) == (3, 2, 1, 2)
     assert report["dropped_rows"] == [2]
+    assert report["dropped_by_reason"] == {"no assistant message to train on": {"count": 1, "first": [2]}}
     assert report["tokens"] == 2 * n
     assert report["trained_tokens"] == 2 * 4  # "hi there friend" is 3 tokens, plus <|im_end|>
     assert report["length"] == {"min": n, "max": n, "mean": float(n)}
     assert report["length_histogram"] == [{"from": n, "to": n, "count": 2}]
+
+
+def test_drops_joins_validation_and_tokenization_drops_by_reason(tmp_path, tokenizer):
+    short = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "ok"}]
+    rows = ([{"messages": [{"role": "user", "content": "x"}]}] * 6 + [{"messages": CHAT}] * 2
+            + [{"messages": short}])
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = prepare(path, tokenizer, TokenizeOptions(max_length=35, overlength="drop"), invalid_rows="drop")
+    (kept,) = prepared.examples
+    n = len(tokenize_examples(tokenizer, [Example(kind="chat", row=1, messages=CHAT)], TokenizeOptions())
+            .examples[0]["input_ids"])
+    assert prepared.drops() == {"count": 8, "unit": "row", "by_reason": {
+        "no assistant message to train on": {"count": 6, "first": [1, 2, 3, 4, 5]},
+        f"{n} tokens is over max_length 35": {"count": 2, "first": [7, 8]}}}
+    assert "  dropped     6 × no assistant message to train on (rows 1, 2, 3, 4, 5, …)" in format_inspection(
+        inspection(prepared))

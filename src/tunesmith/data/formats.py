@@ -49,7 +49,8 @@ class Example:
 class NormalisedData:
     format: str
     examples: list[Example]
-    dropped: list[tuple[int, str]]  # (1-based row, reason) for each row dropped under policy "drop"
+    dropped: list[tuple[int, str]]  # (number, reason) for each row dropped under policy "drop"
+    unit: str = "row"  # what the numbers count: "line" in a line-based file (JSONL, CSV), else "row"
 
 
 def detect_format(rows: list[dict], *, name: str = "dataset") -> str:

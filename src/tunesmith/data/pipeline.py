@@ -24,6 +24,21 @@ class PreparedData:
     def examples(self) -> list[dict]:
         return self.tokenized.examples
 
+    def drops(self) -> dict:
+        """Rows dropped at validation and at tokenization, grouped by reason (most common first).
+
+        ``unit`` says what the numbers count: ``"line"`` (the 1-based line in a JSONL or CSV file) or
+        ``"row"``. ``first`` holds up to five of a reason's numbers, ascending. A row is counted once
+        per reason even when a history-rewriting template split it into several dropped sequences.
+        """
+        dropped = list(dict.fromkeys(self.normalised.dropped + self.tokenized.dropped))
+        numbers: dict[str, list[int]] = {}
+        for number, reason in dropped:
+            numbers.setdefault(reason, []).append(number)
+        ordered = sorted(numbers.items(), key=lambda item: -len(item[1]))
+        return {"count": len(dropped), "unit": self.normalised.unit,
+                "by_reason": {reason: {"count": len(found), "first": sorted(found)[:5]} for reason, found in ordered}}
+
 
 def prepare(source: str, tokenizer, options: TokenizeOptions, *, fmt: str | None = None,
             invalid_rows: str = "error", split: str | None = None,
@@ -70,7 +85,7 @@ def inspection(prepared: PreparedData) -> dict:
     examples = prepared.examples
     lengths = [n for ex in examples for n in _lengths(ex)]
     trained = [sum(1 for label in (ex.get("labels") or []) if label != IGNORE_INDEX) for ex in examples]
-    dropped = prepared.normalised.dropped + prepared.tokenized.dropped
+    drops = prepared.drops()
     kinds = Counter(ex.kind for ex in prepared.normalised.examples)
     return {
         "dataset": prepared.name,
@@ -78,9 +93,10 @@ def inspection(prepared: PreparedData) -> dict:
         "rows": prepared.rows,
         "rows_by_kind": dict(sorted(kinds.items())),
         "valid_rows": len(prepared.normalised.examples),
-        "dropped": len(dropped),
-        "dropped_by_reason": dict(Counter(reason for _, reason in dropped).most_common()),
-        "dropped_rows": [row for row, _ in dropped][:50],
+        "dropped": drops["count"],
+        "dropped_unit": drops["unit"],
+        "dropped_by_reason": drops["by_reason"],
+        "dropped_rows": sorted({number for number, _ in prepared.normalised.dropped + prepared.tokenized.dropped})[:50],
         "sequences": len(examples),
         "truncated": prepared.tokenized.truncated,
         "tokens": sum(lengths),
@@ -98,7 +114,11 @@ def format_inspection(report: dict) -> str:
         f"format        {report['format']}  ({', '.join(f'{k}: {v}' for k, v in report['rows_by_kind'].items())})",
         f"rows          {report['rows']}  valid {report['valid_rows']}  dropped {report['dropped']}",
     ]
-    lines += [f"  dropped     {count} × {reason}" for reason, count in report["dropped_by_reason"].items()]
+    unit = report["dropped_unit"]
+    lines += [f"  dropped     {drop['count']} × {reason} ({unit}{'s' if drop['count'] > 1 else ''} "
+              f"{', '.join(map(str, drop['first']))}"
+              f"{', …' if drop['count'] > len(drop['first']) else ''})"
+              for reason, drop in report["dropped_by_reason"].items()]
     length = report["length"]
     lines += [
         f"sequences     {report['sequences']}  truncated {report['truncated']}",
