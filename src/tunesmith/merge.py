@@ -80,7 +80,12 @@ def logit_agreement(reference, candidate, batches: list[dict]) -> dict:
 
 def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = None,
           merge_base: str = "original", base: str | None = None, data: str | None = None,
-          check_rows: int = 8) -> dict:
+          check_rows: int = 8, trust_remote_code: bool = False) -> dict:
+    """Merge ``source`` (a run dir or an adapter dir) into its base and write the result to ``out``.
+
+    ``trust_remote_code`` comes only from the caller (the command line), never from a run dir's config.yaml:
+    a config file that someone else wrote must not be able to turn on running the model dir's own code.
+    """
     adapter_dir, run_config = _resolve(source)
     adapter_config = json.loads((adapter_dir / CONFIG_NAME).read_text())
     base = base or (run_config or {}).get("model", {}).get("source") or adapter_config.get("base_model_name_or_path")
@@ -96,7 +101,7 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
     target_dtype = resolve_dtype(dtype, torch.device("cpu"))
 
     def base_model():
-        loaded = load(base, dtype="fp32", device="cpu")
+        loaded = load(base, dtype="fp32", device="cpu", trust_remote_code=trust_remote_code)
         if merge_base == "dequantized":
             quant = (run_config or {}).get("quant", {})
             _dequantize_in_place(loaded.model, QuantSpec(
@@ -132,13 +137,14 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
         heldout = data or (run_config or {}).get("data", {}).get("eval") or "builtin:test"
         examples = prepare(heldout, tokenizer, TokenizeOptions(max_length=512), require_trained=False).examples
         batches = [torch.tensor([ex["input_ids"]]) for ex in examples[:check_rows]]
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target_dtype).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target_dtype,
+                                                        trust_remote_code=trust_remote_code).eval()
         check = {"base": base, "adapter": str(adapter_dir), "method": method, "merge_base": merge_base,
                  "dtype": str(target_dtype).replace("torch.", ""), "data": heldout,
                  "merged": logit_agreement(adapted, reloaded, batches)}
         del reloaded
         if quantize:
-            check["quantized"] = _write_quantized(tmp, quantize, adapted, batches)
+            check["quantized"] = _write_quantized(tmp, quantize, adapted, batches, trust_remote_code)
         (tmp / "merge_check.json").write_text(json.dumps(check, indent=1))
         if out_dir.exists():
             out_dir.rmdir()
@@ -149,7 +155,7 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
     return check
 
 
-def _write_quantized(model_dir: Path, quantize: str, reference, batches) -> dict:
+def _write_quantized(model_dir: Path, quantize: str, reference, batches, trust_remote_code: bool) -> dict:
     """Reload the merged weights quantized (bitsandbytes NF4 + double quantization) and save that instead."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -157,7 +163,8 @@ def _write_quantized(model_dir: Path, quantize: str, reference, batches) -> dict
         raise TunesmithError(f"--quantize supports nf4, got {quantize!r}")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
+                                                 trust_remote_code=trust_remote_code).eval()
     keep_training_numerics(model)
     agreement = logit_agreement(reference, model, batches)
     for shard in model_dir.glob("model*.safetensors*"):

@@ -129,13 +129,13 @@ def perplexities(model: nn.Module, examples: list[dict], pad_id: int) -> dict[st
 
 
 def quantization_report(source: str, *, data: str | None = "builtin:test", rows: int = 32,
-                        max_length: int = 512) -> dict:
+                        max_length: int = 512, trust_remote_code: bool = False) -> dict:
     """Footprint, reconstruction error and held-out perplexity of ``source`` at each precision."""
     from tunesmith.data.pipeline import prepare
     from tunesmith.data.tokenize import TokenizeOptions
     from tunesmith.models import load
 
-    loaded = load(source, dtype="fp32", device="cpu")
+    loaded = load(source, dtype="fp32", device="cpu", trust_remote_code=trust_remote_code)
     model = loaded.model.eval()
     report = {"model": source, **footprint(model), "reconstruction_error": reconstruction_errors(model)}
     if data and rows > 0:
