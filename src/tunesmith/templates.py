@@ -56,6 +56,15 @@ END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "</s>", "<|end|
 REASONING_MODES = ("on", "off")
 
 
+class TemplateFailed(TunesmithError):
+    """The chat template raised on one conversation (a Jinja error, the template's ``raise_exception``, a
+    ``TypeError`` joining a value it did not expect); data preparation makes it that row's problem."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the chat template failed on this conversation ({reason})")
+        self.reason = reason
+
+
 @dataclass
 class Rendered:
     """One training example: token ids, which of them are trained, and the text they came from."""
@@ -110,6 +119,11 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def renders_tool_calls(tokenizer) -> bool:
+    """Whether the template reads ``tool_calls``; one that does not would drop the calls from the text."""
+    return "tool_calls" in (getattr(tokenizer, "chat_template", None) or "")
+
+
 def supports_reasoning(tokenizer) -> str | None:
     """How the template takes a reasoning mode: ``"kwarg"`` (enable_thinking), ``"flag"`` (/think), or None."""
     template = getattr(tokenizer, "chat_template", None) or ""
@@ -152,7 +166,7 @@ def chat_text(tokenizer, messages: list[dict], *, add_generation_prompt: bool, *
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as exc:  # Jinja raises its own types, including the template's raise_exception
-        raise TunesmithError(f"the chat template failed on this conversation: {exc}") from exc
+        raise TemplateFailed(str(exc)) from exc
 
 
 def render_prompt(tokenizer, messages: list[dict], *, reasoning: str | None = None) -> list[int]:
@@ -187,15 +201,16 @@ def render(tokenizer, messages: list[dict], *, train_on: str = "all", first_trai
            reasoning: str | None = None) -> list[Rendered]:
     """Render a conversation into one or more examples with assistant-only trained masks.
 
-    ``train_on``: ``"all"`` trains every assistant turn at index >= ``first_trained``; ``"last"``
-    only the final one. Returns one example, or one per trained turn when the template rewrites
+    ``train_on``: ``"all"`` trains every assistant turn at index >= ``first_trained`` except those
+    with ``weight`` 0; ``"last"`` only the final one of those. Returns one example, or one per trained turn when the template rewrites
     history (see the module docstring).
     """
     if train_on not in ("all", "last"):
         raise TunesmithError(f"train_on must be 'all' or 'last', not {train_on!r}")
     flagged, kwargs = apply_reasoning(tokenizer, messages, reasoning)
     shift = len(flagged) - len(messages)  # a system message inserted for the reasoning flag
-    targets = [i for i, m in enumerate(flagged) if m.get("role") == "assistant" and i >= first_trained + shift]
+    targets = [i for i, m in enumerate(flagged)
+               if m.get("role") == "assistant" and m.get("weight") != 0 and i >= first_trained + shift]
     if train_on == "last":
         targets = targets[-1:]
     full = chat_text(tokenizer, flagged, add_generation_prompt=False, **kwargs)

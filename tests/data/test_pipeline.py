@@ -81,8 +81,8 @@ def test_drops_joins_validation_and_tokenization_drops_by_reason(tmp_path, token
     (kept,) = prepared.examples
     n = len(tokenize_examples(tokenizer, [Example(kind="chat", row=1, messages=CHAT)], TokenizeOptions())
             .examples[0]["input_ids"])
-    assert prepared.drops() == {"count": 8, "unit": "row", "by_reason": {
+    assert prepared.drops() == {"count": 8, "unit": "line", "by_reason": {
         "no assistant message to train on": {"count": 6, "first": [1, 2, 3, 4, 5]},
         f"{n} tokens is over max_length 35": {"count": 2, "first": [7, 8]}}}
-    assert "  dropped     6 × no assistant message to train on (rows 1, 2, 3, 4, 5, …)" in format_inspection(
+    assert "  dropped     6 × no assistant message to train on (lines 1, 2, 3, 4, 5, …)" in format_inspection(
         inspection(prepared))

@@ -85,7 +85,7 @@ def test_csv_keeps_cells_as_written(tmp_path):
 def test_csv_ragged_row_names_line(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("prompt,completion\na,b\nc,d,e\n", encoding="utf-8")
-    with pytest.raises(TunesmithError, match=r"ragged\.csv: line 3 has a different number of cells than the header"):
+    with pytest.raises(TunesmithError, match=r"ragged\.csv: line 3 has 3 cells but the header has 2"):
         load_rows(str(path))
 
 

@@ -27,7 +27,9 @@ BAD_ROWS = [
     ("messages", {"messages": [USER, SYSTEM, ASSISTANT]},
      "conversation message 2 is a system message but only the first message may be one"),
     ("messages", {"messages": [{"role": "user", "content": ["Hi"]}, ASSISTANT]},
-     "conversation message 1 content must be a string, not list"),
+     'messages message 1 content part 1 must be an object such as {"type": "text", "text": ...}, not str'),
+    ("messages", {"messages": [{"role": "user", "content": {"text": "Hi"}}, ASSISTANT]},
+     "conversation message 1 content must be a string, not dict"),
     ("messages", {"messages": [{"role": "user", "content": None}, ASSISTANT]},
      "conversation message 1 content must be a string, not null"),
     ("messages", {"messages": [USER, {"role": "assistant", "content": None}]},
@@ -69,7 +71,8 @@ BAD_ROWS = [
 def test_bad_row_reason(fmt, row, reason):
     with pytest.raises(TunesmithError) as info:
         normalise([row], fmt, name="data.jsonl")
-    assert str(info.value) == f"data.jsonl: row 1: {reason}; fix the row, or pass policy=drop to skip bad rows"
+    assert str(info.value) == (f"data.jsonl: row 1: {reason}; fix the row, or skip bad rows with "
+                               "--invalid-rows drop (data.invalid_rows=drop in a training config)")
 
 
 @pytest.mark.parametrize("messages", [
@@ -89,8 +92,8 @@ def test_error_policy_names_file_and_first_bad_row(tmp_path):
     rows, name = load_rows(str(path))
     with pytest.raises(TunesmithError) as info:
         normalise(rows, name=name)
-    assert str(info.value) == (f"{path}: row 2: no assistant message to train on; "
-                               "fix the row, or pass policy=drop to skip bad rows")
+    assert str(info.value) == (f"{path}: line 2: no assistant message to train on; fix the row, or skip bad "
+                               "rows with --invalid-rows drop (data.invalid_rows=drop in a training config)")
 
 
 def test_drop_policy_counts_reasons():

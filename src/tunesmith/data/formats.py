@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunesmith.data.validate import (
-    InvalidRow, check_columns, check_example, check_policy, check_string, row_error, type_name,
+    InvalidRow, check_example, check_policy, check_row, check_string, row_error, type_name,
 )
 from tunesmith.errors import TunesmithError
 
@@ -66,41 +66,69 @@ def detect_format(rows: list[dict], *, name: str = "dataset") -> str:
 
 def normalise(rows: list[dict], fmt: str | None = None, *, policy: str = "error",
               name: str = "dataset") -> NormalisedData:
-    """Convert and validate every row; ``policy`` says whether a bad row stops the run or is dropped."""
+    """Convert and validate every row; ``policy`` says whether a bad row stops the run or is dropped.
+
+    Rows are numbered as ``load_rows`` numbered them (``Rows.numbers`` and ``Rows.unit``: lines of a
+    JSONL or CSV file); a plain list's rows are numbered 1, 2, ...
+    """
     check_policy(policy)
     fmt = fmt or detect_format(rows, name=name)
     if fmt not in FORMATS:
         raise TunesmithError(f"unknown dataset format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    numbers = getattr(rows, "numbers", range(1, len(rows) + 1))
+    unit = getattr(rows, "unit", "row")
     examples, dropped = [], []
-    for number, row in enumerate(rows, start=1):
+    for number, row in zip(numbers, rows):
         try:
-            check_columns(row, fmt)
+            check_row(row, fmt)
             example = _CONVERTERS[fmt](row, number)
             check_example(example)
         except InvalidRow as problem:
             if policy == "error":
-                raise row_error(name, number, str(problem)) from None
+                raise row_error(name, number, str(problem), unit) from None
             dropped.append((number, str(problem)))
         else:
             examples.append(example)
     if not examples:
         first_row, first_reason = dropped[0]
         raise TunesmithError(f"{name}: all {len(rows)} rows are invalid and were dropped "
-                             f"(row {first_row}: {first_reason}); check the format and the data")
-    return NormalisedData(format=fmt, examples=examples, dropped=dropped)
+                             f"({unit} {first_row}: {first_reason}); check the format and the data")
+    return NormalisedData(format=fmt, examples=examples, dropped=dropped, unit=unit)
 
 
 def _message_list(value, what: str) -> list[dict]:
     """Copy the messages, dropping null-valued keys (Arrow fills keys absent from a message with null)
-    but keeping a null ``content``, which an assistant message with ``tool_calls`` may carry."""
+    but keeping a null ``content``, which an assistant message with ``tool_calls`` may carry.
+
+    Content given as a list of parts (OpenAI's format) becomes one string when every part is text.
+    """
     if not isinstance(value, list):
         raise InvalidRow(f"{what} must be a list of messages, not {type_name(value)}")
     messages = []
     for index, message in enumerate(value, start=1):
         if not isinstance(message, dict):
             raise InvalidRow(f"{what} message {index} must be an object, not {type_name(message)}")
-        messages.append({key: item for key, item in message.items() if item is not None or key == "content"})
+        message = {key: item for key, item in message.items() if item is not None or key == "content"}
+        if isinstance(message.get("content"), list):
+            message["content"] = _join_text_parts(message["content"], f"{what} message {index}")
+        messages.append(message)
     return messages
+
+
+def _join_text_parts(parts: list, where: str) -> str:
+    """Text parts joined by newlines, as vLLM joins them for a text-only model; any other part is refused."""
+    texts = []
+    for index, part in enumerate(parts, start=1):
+        if not isinstance(part, dict):
+            raise InvalidRow(f"{where} content part {index} must be an object such as "
+                             f"{{\"type\": \"text\", \"text\": ...}}, not {type_name(part)}")
+        if part.get("type") != "text":
+            raise InvalidRow(f"{where} content part {index} is of type {part.get('type')!r}, but a text-only model "
+                             "can read only text parts")
+        if not isinstance(part.get("text"), str):
+            raise InvalidRow(f"{where} content part {index} has no text string")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _from_messages(row: dict, number: int) -> Example:
@@ -114,7 +142,7 @@ def _from_sharegpt(row: dict, number: int) -> Example:
             if key not in turn:
                 raise InvalidRow(f"conversations message {index} has no {key!r} key")
         speaker = turn.pop("from")
-        if speaker not in SHAREGPT_ROLES:
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
             raise InvalidRow(f"conversations message {index} has unknown speaker {speaker!r}; "
                              f"use one of {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.pop("value"), **turn})

@@ -24,6 +24,22 @@ class PreparedData:
     def examples(self) -> list[dict]:
         return self.tokenized.examples
 
+    def check_token_budget(self, token_budget: int) -> None:
+        """Refuse, before any model loads, a packing budget that one example cannot fit in.
+
+        Packing never cuts an example (``data.max_length`` and ``data.overlength`` decide that when
+        tokenizing), so an example longer than a packed row would stop training midway.
+        """
+        for example in self.examples:
+            length = len(example["input_ids"])
+            if length > token_budget:
+                unit = self.normalised.unit
+                raise TunesmithError(
+                    f"{self.name}: {unit} {example['row']} is {length} tokens long, more than "
+                    f"data.token_budget={token_budget} (the tokens of one packed row); raise data.token_budget "
+                    f"to at least {max(len(ex['input_ids']) for ex in self.examples)}, or lower data.max_length to "
+                    f"{token_budget} to truncate longer examples")
+
     def drops(self) -> dict:
         """Rows dropped at validation and at tokenization, grouped by reason (most common first).
 
@@ -56,7 +72,8 @@ def prepare(source: str, tokenizer, options: TokenizeOptions, *, fmt: str | None
     if sample is not None and sample < len(normalised.examples):
         keep = sorted(random.Random(seed).sample(range(len(normalised.examples)), sample))
         normalised.examples = [normalised.examples[i] for i in keep]
-    tokenized = tokenize_examples(tokenizer, normalised.examples, options, name=name)
+    tokenized = tokenize_examples(tokenizer, normalised.examples, options, name=name, invalid_rows=invalid_rows,
+                                  unit=normalised.unit)
     if require_trained and tokenized.trained_tokens == 0:
         raise TunesmithError(f"{name}: no row has a trained token after validation and tokenization "
                              f"({len(normalised.dropped) + len(tokenized.dropped)} rows dropped); "

@@ -10,6 +10,7 @@ already, so ``datasets`` reads them.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -51,26 +52,61 @@ def _builtin_rows(source: str, split: str | None) -> tuple[list[dict], str]:
     return make(split), f"{kind}:{split}"
 
 
+class Rows(list):
+    """A source's rows (a plain ``list[dict]``) and where each came from, for messages to point at.
+
+    ``numbers[i]`` is row ``i``'s number in the source and ``unit`` what it counts: ``"line"``, the
+    1-based line where the row starts in a line-based file (JSONL, CSV, where blank lines and quoted
+    line breaks make it differ from the position), else ``"row"``, its 1-based position.
+    """
+
+    def __init__(self, rows: list[dict], numbers: list[int] | None = None, unit: str = "row"):
+        super().__init__(rows)
+        self.numbers = numbers if numbers is not None else list(range(1, len(rows) + 1))
+        self.unit = unit
+
+
 def _file_rows(path: Path, name: str) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _jsonl_rows(path.read_text(encoding="utf-8"), name)
+        return _jsonl_rows(_read_text(path, name), name)
     if suffix == ".json":
-        return _json_rows(path.read_text(encoding="utf-8"), name)
+        return _json_rows(_read_text(path, name), name)
     if suffix == ".csv":
-        return _csv_rows(path, name)
+        return _csv_rows(_read_text(path, name), name)
     if suffix == ".parquet":
         return _parquet_rows(path, name)
     raise TunesmithError(f"{name}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 
-def _jsonl_rows(text: str, name: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _read_text(path: Path, name: str) -> str:
+    """The file as UTF-8 text without a leading BOM (else it would start the first key or column name)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TunesmithError(f"{name}: line {line} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                             "re-save the file as UTF-8") from None
+
+
+def _parse_json(text: str, name: str, where: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise TunesmithError(f"{name}: {where} nests too deeply to read; "
+                             "flatten the nested lists or objects") from None
+
+
+def _jsonl_rows(text: str, name: str) -> Rows:
+    # Lines end at "\n" only: str.splitlines() would also split at U+2028 or U+0085 inside a string.
+    rows, numbers = [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = _parse_json(line, name, f"line {number}")
         except json.JSONDecodeError as exc:
             raise TunesmithError(
                 f"{name}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
@@ -79,13 +115,14 @@ def _jsonl_rows(text: str, name: str) -> list[dict]:
             raise TunesmithError(f"{name}: line {number} must be a JSON object such as {{\"text\": ...}}, "
                                  f"not {type(row).__name__}")
         rows.append(row)
-    return rows
+        numbers.append(number)
+    return Rows(rows, numbers, unit="line")
 
 
 def _json_rows(text: str, name: str) -> list[dict]:
     """A list of objects, or an object with exactly one list-valued key (``{"data": [...]}``)."""
     try:
-        data = json.loads(text)
+        data = _parse_json(text, name, "the JSON")
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line, saved as .json
             return _jsonl_rows(text, name)
@@ -104,17 +141,29 @@ def _json_rows(text: str, name: str) -> list[dict]:
     return data
 
 
-def _csv_rows(path: Path, name: str) -> list[dict]:
-    """Every cell stays a string, as written; an empty cell is ``""``."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = []
-        for row in reader:
-            if None in row or None in row.values():
-                raise TunesmithError(f"{name}: line {reader.line_num} has a different number of cells "
-                                     f"than the header ({len(reader.fieldnames)}); fix the quoting or the row")
-            rows.append(row)
-    return rows
+def _csv_rows(text: str, name: str) -> Rows:
+    """Every cell stays a string, as written; an empty cell is ``""``; blank lines are skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, numbers = [], []
+    # csv refuses cells over 128 KiB by default (a long document is a normal cell here); the limit is
+    # process-wide, so it is raised to the file's size only while this file is read.
+    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))
+    try:
+        header = next(reader, [])
+        start = reader.line_num + 1  # a record's number is the line it starts on (a quoted cell may span lines)
+        for cells in reader:
+            if cells:
+                if len(cells) != len(header):
+                    raise TunesmithError(f"{name}: line {start} has {len(cells)} cells but the header has "
+                                         f"{len(header)}; fix the quoting or the row")
+                rows.append(dict(zip(header, cells)))
+                numbers.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise TunesmithError(f"{name}: line {reader.line_num} is not valid CSV ({exc}); fix the row") from None
+    finally:
+        csv.field_size_limit(limit)
+    return Rows(rows, numbers, unit="line")
 
 
 def _parquet_rows(path: Path, name: str) -> list[dict]:

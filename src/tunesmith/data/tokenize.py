@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunesmith.data.formats import Example
+from tunesmith.data.validate import InvalidRow, row_error
 from tunesmith.errors import TunesmithError
-from tunesmith.templates import IGNORE_INDEX, render
+from tunesmith.templates import IGNORE_INDEX, TemplateFailed, render, renders_tool_calls
 
 OVERLENGTH_POLICIES = ("truncate", "drop", "error")
 
@@ -52,10 +53,22 @@ def _plain(tokenizer, prompt: str, answer: str, *, train_prompt: bool = False) -
     return {"input_ids": ids, "labels": labels}
 
 
+def _refuse_tool_calls(tokenizer, messages: list[dict], what: str) -> None:
+    if renders_tool_calls(tokenizer):
+        return
+    for index, message in enumerate(messages, start=1):
+        if message.get("tool_calls"):
+            raise InvalidRow(f"{what} message {index} calls tools (tool_calls) but this chat template cannot "
+                             "render tool calls (choose one that does with --template or model.template)")
+
+
 def _chat(tokenizer, messages, options: TokenizeOptions, first_trained: int = 0) -> list[dict]:
-    return [{"input_ids": r.input_ids, "labels": r.labels}
-            for r in render(tokenizer, messages, train_on=options.train_on, first_trained=first_trained,
-                            reasoning=options.reasoning)]
+    try:
+        rendered = render(tokenizer, messages, train_on=options.train_on, first_trained=first_trained,
+                          reasoning=options.reasoning)
+    except TemplateFailed as exc:
+        raise InvalidRow(f"the chat template failed on this row ({exc.reason})") from None
+    return [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered]
 
 
 def _as_messages(answer) -> list[dict]:
@@ -67,19 +80,28 @@ def _preference_side(tokenizer, example: Example, answer, options: TokenizeOptio
         (side,) = _chat(tokenizer, list(example.messages) + _as_messages(answer), options,
                         first_trained=len(example.messages))[-1:]
         return side
+    if not isinstance(answer, str) and any(m.get("tool_calls") for m in answer):
+        raise InvalidRow("an answer calls tools (tool_calls), which needs the prompt as a message list")
     text = answer if isinstance(answer, str) else "".join(m["content"] for m in answer)
     return _plain(tokenizer, example.prompt or "", text)
 
 
 def sequences(tokenizer, example: Example, options: TokenizeOptions) -> list[dict]:
-    """The training sequences of one example (a history-rewriting template can give several)."""
+    """The training sequences of one example (a history-rewriting template can give several).
+
+    A row the template cannot render raises ``InvalidRow``.
+    """
     if example.kind == "chat":
+        _refuse_tool_calls(tokenizer, example.messages, "conversation")
         return _chat(tokenizer, example.messages, options, example.first_trained)
     if example.kind == "completion":
         return [_plain(tokenizer, example.prompt, example.completion)]
     if example.kind == "text":
         return [_plain(tokenizer, "", example.text, train_prompt=True)]
     if example.kind == "preference":
+        for what in ("prompt", "chosen", "rejected"):
+            if what == "prompt" and example.messages is not None or isinstance(getattr(example, what), list):
+                _refuse_tool_calls(tokenizer, example.messages if what == "prompt" else getattr(example, what), what)
         return [{"chosen": _preference_side(tokenizer, example, example.chosen, options),
                  "rejected": _preference_side(tokenizer, example, example.rejected, options)}]
     raise ValueError(f"unknown example kind {example.kind!r}")
@@ -91,25 +113,33 @@ def _fit(seq: dict, max_length: int) -> tuple[dict, bool]:
     return {"input_ids": seq["input_ids"][:max_length], "labels": seq["labels"][:max_length]}, True
 
 
-def tokenize_examples(tokenizer, examples: list[Example], options: TokenizeOptions, *,
-                      name: str = "dataset") -> TokenizedData:
+def tokenize_examples(tokenizer, examples: list[Example], options: TokenizeOptions, *, name: str = "dataset",
+                      invalid_rows: str = "error", unit: str = "row") -> TokenizedData:
     """Tokenize every example and apply the over-length policy after tokenization.
 
     ``truncate`` cuts from the right; ``drop`` drops the row; ``error`` stops with the row number.
     A sequence left with no trained token (all of its answer cut off) is never trained silently:
-    it is dropped and counted, or is an error under ``error``.
+    it is dropped and counted, or is an error under ``error``. A row the template cannot render is
+    handled by ``invalid_rows``, like a row that fails validation. Messages call a row ``{unit} N``.
     """
     if options.overlength not in OVERLENGTH_POLICIES:
         raise TunesmithError(f"overlength must be one of {', '.join(OVERLENGTH_POLICIES)}, not {options.overlength!r}")
     out = TokenizedData(examples=[])
     for example in examples:
-        for seq in sequences(tokenizer, example, options):
+        try:
+            rendered = sequences(tokenizer, example, options)
+        except InvalidRow as problem:
+            if invalid_rows == "error":
+                raise row_error(name, example.row, str(problem), unit) from None
+            out.dropped.append((example.row, str(problem)))
+            continue
+        for seq in rendered:
             sides = ("chosen", "rejected") if "chosen" in seq else (None,)
             longest = max(len((seq[s] if s else seq)["input_ids"]) for s in sides)
             if longest > options.max_length and options.overlength != "truncate":
                 reason = f"{longest} tokens is over max_length {options.max_length}"
                 if options.overlength == "error":
-                    raise TunesmithError(f"{name}: row {example.row}: {reason}; raise max_length or set "
+                    raise TunesmithError(f"{name}: {unit} {example.row}: {reason}; raise max_length or set "
                                          "overlength=truncate or overlength=drop")
                 out.dropped.append((example.row, reason))
                 continue
@@ -125,7 +155,7 @@ def tokenize_examples(tokenizer, examples: list[Example], options: TokenizeOptio
                 reason = ("no trained token left after truncation to max_length "
                           f"{options.max_length}" if cut else "no trained token")
                 if options.overlength == "error":
-                    raise TunesmithError(f"{name}: row {example.row}: {reason}")
+                    raise TunesmithError(f"{name}: {unit} {example.row}: {reason}")
                 out.dropped.append((example.row, reason))
                 continue
             out.truncated += cut

@@ -1,7 +1,7 @@
 """Per-row checks that catch what would otherwise train silently wrong.
 
-A bad row either stops the run (policy ``error``: the message names the dataset, the 1-based row and
-the reason) or is dropped and counted (policy ``drop``). Checks raise ``InvalidRow`` with the reason, so
+A bad row either stops the run (policy ``error``: the message names the dataset, the row's line in a
+JSONL or CSV file or its 1-based row elsewhere, and the reason) or is dropped and counted (policy ``drop``). Checks raise ``InvalidRow`` with the reason, so
 conversion in ``formats`` and the semantic checks here report problems the same way.
 """
 
@@ -24,14 +24,16 @@ REQUIRED_COLUMNS = {
     "sharegpt": ("conversations",),
     "preference": ("prompt", "chosen", "rejected"),
 }
+IMAGE_COLUMNS = ("image", "images")
 
 
 class InvalidRow(Exception):
-    """One row's problem; the message is the reason, worded to stand after ``row N:``."""
+    """One row's problem; the message is the reason, worded to stand after ``line N:`` or ``row N:``."""
 
 
-def row_error(name: str, row: int, reason: str) -> TunesmithError:
-    return TunesmithError(f"{name}: row {row}: {reason}; fix the row, or pass policy=drop to skip bad rows")
+def row_error(name: str, number: int, reason: str, unit: str = "row") -> TunesmithError:
+    return TunesmithError(f"{name}: {unit} {number}: {reason}; fix the row, or skip bad rows with "
+                          "--invalid-rows drop (data.invalid_rows=drop in a training config)")
 
 
 def check_policy(policy: str) -> None:
@@ -39,14 +41,21 @@ def check_policy(policy: str) -> None:
         raise TunesmithError(f"unknown bad-row policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-def check_columns(row: dict, fmt: str) -> None:
-    """A column that is absent or null is missing: Arrow files fill absent values with null."""
+def check_row(row: dict, fmt: str) -> None:
+    """A column that is absent or null is missing: Arrow files fill absent values with null. Images are
+    refused rather than ignored: the answer may be about an image the model would never see."""
     for column in REQUIRED_COLUMNS[fmt]:
         if row.get(column) is None:
             raise InvalidRow(f"missing column {column!r} ({fmt} format)")
+    for column in IMAGE_COLUMNS:
+        if row.get(column) not in (None, "", []):
+            raise InvalidRow(f"the row has images in column {column!r}, but a text-only model cannot see them")
 
 
 def check_example(example: Example) -> None:
+    _check_unicode(example.messages, "conversation" if example.kind == "chat" else "prompt")
+    for what in ("prompt", "completion", "text", "chosen", "rejected"):
+        _check_unicode(getattr(example, what), what)
     if example.kind == "chat":
         _check_chat(example.messages, example.first_trained)
     elif example.kind == "completion":
@@ -61,6 +70,22 @@ def check_example(example: Example) -> None:
 def type_name(value) -> str:
     """JSON's word for a missing value, Python's for the rest, as users see them in their data."""
     return "null" if value is None else type(value).__name__
+
+
+def _check_unicode(value, what: str) -> None:
+    """A lone surrogate (JSON's "\\ud800" escape) decodes into a str that no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRow(f"{what} holds a lone surrogate {value[exc.start]!r} (a \\u escape that is not "
+                             "valid Unicode text)") from None
+    elif isinstance(value, list):
+        for index, item in enumerate(value, start=1):
+            _check_unicode(item, f"{what} message {index}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(item, f"{what} {key}")
 
 
 def check_string(value, what: str, *, allow_empty: bool = False) -> None:
@@ -84,13 +109,25 @@ def _check_messages(messages: list[dict], what: str) -> None:
             raise InvalidRow(f"{where} has unknown role {role!r}; use one of {', '.join(ROLES)}")
         if role == "system" and index != 1:
             raise InvalidRow(f"{where} is a system message but only the first message may be one")
+        _check_weight(message, where)
         calls_tools = role == "assistant" and bool(message.get("tool_calls"))
         if content is None and calls_tools:
             continue
         if not isinstance(content, str):
             raise InvalidRow(f"{where} content must be a string, not {type_name(content)}")
-        if role == "assistant" and not calls_tools and not content.strip():
-            raise InvalidRow(f"{where} is an assistant message with empty content")
+        if role in ("user", "assistant") and not calls_tools and not content.strip():
+            raise InvalidRow(f"{where} is {'an' if role == 'assistant' else 'a'} {role} message with empty content")
+
+
+def _check_weight(message: dict, where: str) -> None:
+    """``weight`` (0 or 1) says whether an assistant turn is trained, as in axolotl's and others' data."""
+    if "weight" not in message:
+        return
+    weight = message["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight not in (0, 1):
+        raise InvalidRow(f"{where} has weight {weight!r}; use 0 (not trained) or 1 (trained)")
+    if weight == 1 and message["role"] != "assistant":
+        raise InvalidRow(f"{where} has weight 1 but only assistant messages are trained")
 
 
 def _check_chat(messages: list[dict], first_trained: int) -> None:
@@ -98,13 +135,19 @@ def _check_chat(messages: list[dict], first_trained: int) -> None:
     first_turn = next((m["role"] for m in messages if m["role"] != "system"), None)
     if first_turn == "assistant":
         raise InvalidRow("the first non-system message is from the assistant; a conversation starts with the user")
-    if not any(m["role"] == "assistant" for m in messages[first_trained:]):
+    answers = [m for m in messages[first_trained:] if m["role"] == "assistant"]
+    if not answers:
         raise InvalidRow("no assistant message to train on")
+    if all(m.get("weight") == 0 for m in answers):
+        raise InvalidRow("no assistant message to train on (every one has weight 0)")
 
 
 def _check_preference(example: Example) -> None:
     if example.messages is not None:
         _check_messages(example.messages, "prompt")
+        if next((m["role"] for m in example.messages if m["role"] != "system"), None) == "assistant":
+            raise InvalidRow("the prompt's first non-system message is from the assistant; "
+                             "a prompt starts with the user")
     else:
         check_string(example.prompt, "prompt")
     for what in ("chosen", "rejected"):
