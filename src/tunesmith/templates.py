@@ -202,8 +202,8 @@ def render(tokenizer, messages: list[dict], *, train_on: str = "all", first_trai
     """Render a conversation into one or more examples with assistant-only trained masks.
 
     ``train_on``: ``"all"`` trains every assistant turn at index >= ``first_trained`` except those
-    with ``weight`` 0; ``"last"`` only the final one of those. Returns one example, or one per trained turn when the template rewrites
-    history (see the module docstring).
+    with ``weight`` 0; ``"last"`` only the final one of those. Returns one example, or one per
+    trained turn when the template rewrites history (see the module docstring).
     """
     if train_on not in ("all", "last"):
         raise TunesmithError(f"train_on must be 'all' or 'last', not {train_on!r}")

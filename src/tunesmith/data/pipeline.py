@@ -30,15 +30,14 @@ class PreparedData:
         Packing never cuts an example (``data.max_length`` and ``data.overlength`` decide that when
         tokenizing), so an example longer than a packed row would stop training midway.
         """
-        for example in self.examples:
-            length = len(example["input_ids"])
+        lengths = [len(example["input_ids"]) for example in self.examples]
+        for example, length in zip(self.examples, lengths):
             if length > token_budget:
-                unit = self.normalised.unit
                 raise TunesmithError(
-                    f"{self.name}: {unit} {example['row']} is {length} tokens long, more than "
+                    f"{self.name}: {self.normalised.unit} {example['row']} is {length} tokens long, more than "
                     f"data.token_budget={token_budget} (the tokens of one packed row); raise data.token_budget "
-                    f"to at least {max(len(ex['input_ids']) for ex in self.examples)}, or lower data.max_length to "
-                    f"{token_budget} to truncate longer examples")
+                    f"to at least {max(lengths)}, or lower data.max_length to {token_budget} to truncate longer "
+                    "examples")
 
     def drops(self) -> dict:
         """Rows dropped at validation and at tokenization, grouped by reason (most common first).
@@ -66,8 +65,6 @@ def prepare(source: str, tokenizer, options: TokenizeOptions, *, fmt: str | None
     rows (in source order, with their source row numbers) before tokenization.
     """
     rows, name = load_rows(source, split=split)
-    if not rows:
-        raise TunesmithError(f"{name}: the dataset has no rows")
     normalised = normalise(rows, fmt, policy=invalid_rows, name=name)
     if sample is not None and sample < len(normalised.examples):
         keep = sorted(random.Random(seed).sample(range(len(normalised.examples)), sample))

@@ -99,9 +99,10 @@ def sequences(tokenizer, example: Example, options: TokenizeOptions) -> list[dic
     if example.kind == "text":
         return [_plain(tokenizer, "", example.text, train_prompt=True)]
     if example.kind == "preference":
-        for what in ("prompt", "chosen", "rejected"):
-            if what == "prompt" and example.messages is not None or isinstance(getattr(example, what), list):
-                _refuse_tool_calls(tokenizer, example.messages if what == "prompt" else getattr(example, what), what)
+        for what, messages in (("prompt", example.messages), ("chosen", example.chosen),
+                               ("rejected", example.rejected)):
+            if isinstance(messages, list):
+                _refuse_tool_calls(tokenizer, messages, what)
         return [{"chosen": _preference_side(tokenizer, example, example.chosen, options),
                  "rejected": _preference_side(tokenizer, example, example.rejected, options)}]
     raise ValueError(f"unknown example kind {example.kind!r}")

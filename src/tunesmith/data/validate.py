@@ -1,8 +1,9 @@
 """Per-row checks that catch what would otherwise train silently wrong.
 
 A bad row either stops the run (policy ``error``: the message names the dataset, the row's line in a
-JSONL or CSV file or its 1-based row elsewhere, and the reason) or is dropped and counted (policy ``drop``). Checks raise ``InvalidRow`` with the reason, so
-conversion in ``formats`` and the semantic checks here report problems the same way.
+JSONL or CSV file or its 1-based row elsewhere, and the reason) or is dropped and counted (policy
+``drop``). Checks raise ``InvalidRow`` with the reason, so conversion in ``formats`` and the semantic
+checks here report problems the same way.
 """
 
 from __future__ import annotations
