@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
+from tunesmith.config import RunConfig, load_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
@@ -31,11 +32,11 @@ from tunesmith.quant.bnb import QuantSpec, dequantized_weight, is_quantized, kee
 from tunesmith.templates import use_template
 
 
-def _resolve(source: str) -> tuple[Path, dict | None]:
-    """The adapter dir and, for a run dir, the run's config."""
+def _resolve(source: str) -> tuple[Path, RunConfig | None]:
+    """The adapter dir and, for a run dir, the run's config (read and validated like any config)."""
     path = Path(source)
     if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
-        return path / "adapter", yaml.safe_load((path / "config.yaml").read_text())
+        return path / "adapter", load_config(path / "config.yaml")
     if (path / "config.yaml").is_file() and (path / "model").is_dir():
         raise TunesmithError(f"{path} is a full fine-tuning run: {path / 'model'} is already a plain model dir")
     if not path.is_dir():
@@ -44,7 +45,7 @@ def _resolve(source: str) -> tuple[Path, dict | None]:
         if not (path / name).is_file():
             raise TunesmithError(f"{path / name} is missing: an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     run_config = path.parent / "config.yaml"
-    return path, (yaml.safe_load(run_config.read_text()) if run_config.is_file() else None)
+    return path, (load_config(run_config) if run_config.is_file() else None)
 
 
 def _dequantize_in_place(model: torch.nn.Module, spec: QuantSpec) -> None:
@@ -61,21 +62,49 @@ def _dequantize_in_place(model: torch.nn.Module, spec: QuantSpec) -> None:
 
 
 def logit_agreement(reference, candidate, batches: list[dict]) -> dict:
-    """Max / mean absolute logit difference and mean KL(reference ‖ candidate) per token, in fp32."""
+    """Max / mean absolute logit difference and mean KL(reference ‖ candidate) per token.
+
+    The KL is computed in float64 from log-softmax and each token's value is clamped at 0: KL is never negative,
+    but for near-identical distributions (an exact fp32 merge) rounding leaves values like -1e-9, which would
+    read as a nonsensical negative divergence.
+    """
     max_abs, abs_sum, kl_sum, count = 0.0, 0.0, 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            ref = reference(input_ids=batch).logits.float()
-            out = candidate(input_ids=batch).logits.float()
+            ref = reference(input_ids=batch).logits.double()
+            out = candidate(input_ids=batch).logits.double()
             diff = (ref - out).abs()
             max_abs = max(max_abs, float(diff.max()))
             abs_sum += float(diff.mean(dim=-1).sum())
-            kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                            reduction="none").sum(-1)
-            kl_sum += float(kl.sum())
+            ref_logp, out_logp = ref.log_softmax(-1), out.log_softmax(-1)
+            kl = (ref_logp.exp() * (ref_logp - out_logp)).sum(-1)
+            kl_sum += float(kl.clamp(min=0).sum())
             count += ref.shape[0] * ref.shape[1]
     return {"max_abs_logit_diff": max_abs, "mean_abs_logit_diff": abs_sum / count, "mean_kl": kl_sum / count,
             "tokens": count}
+
+
+def _claim_output(out_dir: Path) -> Path:
+    """Check ``--out`` and make the temporary dir beside it that the merge is written into, then renamed."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TunesmithError(f"--out {out_dir} is an existing file; give a directory that does not exist or is empty")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise TunesmithError(f"--out {out_dir} already exists and is not empty; choose another --out")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-partial-", dir=out_dir.parent))
+    except OSError as exc:
+        raise TunesmithError(f"cannot write --out {out_dir}: {exc.strerror} ({exc.filename}); choose a directory "
+                             "you can write to") from exc
+
+
+def _base_model_name(adapter_dir: Path) -> str | None:
+    path = adapter_dir / CONFIG_NAME
+    try:
+        adapter_config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TunesmithError(f"cannot read adapter config {path}: {exc}") from exc
+    return adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
 
 
 def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = None,
@@ -85,56 +114,58 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
 
     ``trust_remote_code`` comes only from the caller (the command line), never from a run dir's config.yaml:
     a config file that someone else wrote must not be able to turn on running the model dir's own code.
+    The result is built in a temporary dir beside ``out`` and renamed into place at the end; on any failure
+    the temporary dir is removed, so ``out`` holds a whole merged model or nothing.
     """
+    if check_rows < 1:
+        raise TunesmithError(f"--check-rows must be at least 1, got {check_rows}: every merge is checked on "
+                             "held-out rows")
     adapter_dir, run_config = _resolve(source)
-    adapter_config = json.loads((adapter_dir / CONFIG_NAME).read_text())
-    base = base or (run_config or {}).get("model", {}).get("source") or adapter_config.get("base_model_name_or_path")
+    base = base or (run_config.model.source if run_config else None) or _base_model_name(adapter_dir)
     if not base:
         raise TunesmithError(f"{adapter_dir / CONFIG_NAME} names no base model; pass --base")
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise TunesmithError(f"{out_dir} already exists and is not empty; choose another --out")
-    method = (run_config or {}).get("method", {}).get("name", "lora")
+    method = run_config.method.name if run_config else "lora"
     if merge_base == "dequantized" and method != "qlora":
         raise TunesmithError("--merge-base dequantized is for QLoRA adapters; this adapter was trained with "
                              f"method {method!r} on the original weights")
+    if quantize not in (None, "nf4"):
+        raise TunesmithError(f"--quantize supports nf4, got {quantize!r}")
     target_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    out_dir = Path(out)
+    tmp = _claim_output(out_dir)
 
     def base_model():
         loaded = load(base, dtype="fp32", device="cpu", trust_remote_code=trust_remote_code)
         if merge_base == "dequantized":
-            quant = (run_config or {}).get("quant", {})
-            _dequantize_in_place(loaded.model, QuantSpec(
-                quant_type=quant.get("type", "nf4"), double_quant=quant.get("double_quant", True),
-                blocksize=quant.get("blocksize", 64), skip_modules=quant.get("skip_modules", ["lm_head"])))
+            quant = run_config.quant  # "dequantized" is refused above without a QLoRA run's config
+            _dequantize_in_place(loaded.model, QuantSpec(quant_type=quant.type, double_quant=quant.double_quant,
+                                                         blocksize=quant.blocksize,
+                                                         skip_modules=list(quant.skip_modules)))
         return loaded
 
-    loaded = base_model()
-    tokenizer = loaded.tokenizer
-    template = (run_config or {}).get("model", {}).get("template")
-    use_template(tokenizer, template)
-    adapted = loaded.model
-    load_adapter(adapted, adapter_dir)
-    adapted.eval()
-    if method == "qlora" and merge_base == "original":
-        print(f"merging the QLoRA adapter into the original weights of {base} (reloaded in full precision), not "
-              "into the 4-bit weights it was trained against; --merge-base dequantized reproduces the trained "
-              "function exactly")
-
-    # the merged model: a fresh base with the merged weights, in the requested dtype
-    merged = base_model().model
-    merged.load_state_dict(merged_state_dict(adapted))
-    merged.to(target_dtype)
-    tmp = out_dir.with_name(f".{out_dir.name}-partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        loaded = base_model()
+        tokenizer = loaded.tokenizer
+        use_template(tokenizer, run_config.model.template if run_config else None)
+        adapted = loaded.model
+        load_adapter(adapted, adapter_dir)
+        adapted.eval()
+        if method == "qlora" and merge_base == "original":
+            print(f"merging the QLoRA adapter into the original weights of {base} (reloaded in full precision), "
+                  "not into the 4-bit weights it was trained against; --merge-base dequantized reproduces the "
+                  "trained function exactly")
+
+        # the merged model: a fresh base with the merged weights, in the requested dtype
+        merged = base_model().model
+        merged.load_state_dict(merged_state_dict(adapted))
+        merged.to(target_dtype)
         merged.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
         del merged
 
         from transformers import AutoModelForCausalLM
 
-        heldout = data or (run_config or {}).get("data", {}).get("eval") or "builtin:test"
+        heldout = data or (run_config.data.eval if run_config else None) or "builtin:test"
         examples = prepare(heldout, tokenizer, TokenizeOptions(max_length=512), require_trained=False).examples
         batches = [torch.tensor([ex["input_ids"]]) for ex in examples[:check_rows]]
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target_dtype,
@@ -144,10 +175,9 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
                  "merged": logit_agreement(adapted, reloaded, batches)}
         del reloaded
         if quantize:
-            check["quantized"] = _write_quantized(tmp, quantize, adapted, batches, trust_remote_code)
+            check["quantized"] = _write_quantized(tmp, adapted, batches, trust_remote_code)
         (tmp / "merge_check.json").write_text(json.dumps(check, indent=1))
-        if out_dir.exists():
-            out_dir.rmdir()
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary dir
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind
@@ -155,12 +185,10 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
     return check
 
 
-def _write_quantized(model_dir: Path, quantize: str, reference, batches, trust_remote_code: bool) -> dict:
+def _write_quantized(model_dir: Path, reference, batches, trust_remote_code: bool) -> dict:
     """Reload the merged weights quantized (bitsandbytes NF4 + double quantization) and save that instead."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if quantize != "nf4":
-        raise TunesmithError(f"--quantize supports nf4, got {quantize!r}")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",

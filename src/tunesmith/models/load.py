@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,22 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; anything else must name a device this machine has."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TunesmithError(f"device {device!r} was asked for but CUDA is not available; use device=cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise TunesmithError(f"unknown device {device!r} (--device / model.device); use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TunesmithError(f"device {device!r} was asked for but CUDA is not available on this machine; "
+                             "use --device cpu (config: model.device=cpu) or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TunesmithError(f"device {device!r} was asked for but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s), numbered from cuda:0")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -72,29 +84,98 @@ def resolve_path(source: str) -> Path | str:
     return source
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _load_error(model_dir: Path | str, what: str, exc: Exception) -> TunesmithError:
+    """``what`` (a file, or the tokenizer in ``model_dir``) could not be loaded: say why and what to do."""
+    if "trust_remote_code" in str(exc):
+        return TunesmithError(f"{model_dir} ships its own model code (auto_map in its config), which runs only with "
+                              "--trust-remote-code (config: model.trust_remote_code=true); pass it only if you "
+                              f"trust the code in {model_dir}")
+    first_paragraph = " ".join(str(exc).strip().split("\n\n")[0].split())
+    return TunesmithError(f"cannot load {what}: {first_paragraph}; fix it or restore it from the "
+                          "model's source")
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_path(source)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if isinstance(path, Path) and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise TunesmithError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                             "tokenizer files of the model it came from into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:  # transformers' wording for unreadable tokenizer files
+        raise _load_error(path, f"the tokenizer in {path}", exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def load_config(path: Path | str, *, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig``; a broken ``config.json`` is an error naming the file and the problem."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    config_file = Path(path) / "config.json"
+    if isinstance(path, Path):  # read it ourselves first: transformers' errors for these lack the file or line
+        try:
+            raw = json.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TunesmithError(f"{config_file} is not valid JSON ({exc}); restore it from the model's source") \
+                from exc
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            raise TunesmithError(f"{config_file} has no \"model_type\" (e.g. \"llama\"); it is not a Hugging Face "
+                                 "model config: restore it from the model's source")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:  # e.g. a field of the wrong type
+        raise _load_error(path, str(config_file), exc) from exc
+
+
+def check_weights(path: Path) -> None:
+    """Refuse missing or damaged safetensors files by name, before transformers fails on them mid-load."""
+    from safetensors import SafetensorError, safe_open
+
+    index = path / "model.safetensors.index.json"
+    try:
+        files = sorted({path / shard for shard in json.loads(index.read_text())["weight_map"].values()}) \
+            if index.is_file() else sorted(path.glob("*.safetensors"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise TunesmithError(f"{index} is not a valid safetensors index ({exc}); restore it from the model's source") \
+            from exc
+    if not files and not any(path.glob("pytorch_model*.bin")):
+        raise TunesmithError(f"{path} holds no model weights (model.safetensors); copy the weight files into it")
+    for file in files:
+        if not file.is_file():
+            raise TunesmithError(f"{file} is missing ({index.name} lists it); copy it from the model's source")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as exc:
+            raise TunesmithError(f"{file} is damaged or truncated ({exc}), e.g. by an interrupted download or "
+                                 "copy; copy it again from the model's source") from exc
+
+
 def load(source: str = DEFAULT_MODEL, *, dtype: str | None = "auto", device: str | None = "auto",
          trust_remote_code: bool = False) -> LoadedModel:
     """Load model and tokenizer; the model is in eval mode on the resolved device and dtype."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_path(source)
     dev = resolve_device(device)
+    config = load_config(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    if isinstance(path, Path):
+        check_weights(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code
+            str(path), config=config, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code
         )
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise TunesmithError(f"cannot load model from {path}: {exc}") from exc
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path)
