@@ -197,3 +197,39 @@ def test_merge_check_kl_is_never_negative(tmp_path, tiny_model_dir, capsys):
     merged = json.loads(capsys.readouterr().out)["merged"]
     assert merged["max_abs_logit_diff"] < 1e-4
     assert 0 <= merged["mean_kl"] < 1e-9
+
+
+# --- 4. chat: a prompt longer than the model's context -------------------------------------------------------
+
+def prompt_tokens(tokenizer, text: str) -> int:
+    from tunesmith.templates import render_prompt
+
+    return len(render_prompt(tokenizer, [{"role": "user", "content": text}]))
+
+
+def test_chat_prompt_longer_than_the_context_is_one_error_line(tiny_model_dir, tokenizer, capsys):
+    long = "alpha " * 600
+    n = prompt_tokens(tokenizer, long)
+    assert n > 512  # the tiny model's max_position_embeddings
+    assert main(["chat", "--model", str(tiny_model_dir), "--prompt", long]) == 2
+    assert error_line(capsys) == (f"error: the prompt is {n} tokens, which leaves no room in the model's context "
+                                  "of 512 tokens; shorten the prompt")
+    medium = "alpha " * 300
+    n = prompt_tokens(tokenizer, medium)
+    assert main(["chat", "--model", str(tiny_model_dir), "--prompt", medium, "--max-tokens", "256"]) == 2
+    assert error_line(capsys) == (f"error: the prompt is {n} tokens and --max-tokens is 256: together more than the "
+                                  f"model's context of 512 tokens; shorten the prompt or lower --max-tokens to "
+                                  f"{512 - n} or less")
+
+
+def test_interactive_chat_drops_a_too_long_turn_and_goes_on(tiny_model_dir, tokenizer, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("alpha " * 600 + "\nhello\n/exit\n"))
+    assert main(["chat", "--model", str(tiny_model_dir), "--max-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    n = prompt_tokens(tokenizer, ("alpha " * 600).strip())
+    assert (f"error: the prompt is {n} tokens, which leaves no room in the model's context of 512 tokens; "
+            "shorten the prompt (/reset clears the history)\n") in captured.err
+    # the second turn was answered: three prompts were shown (long, hello, /exit), one reply line between
+    assert captured.out.count("> ") == 3 and captured.out.split("> ")[2].endswith("\n")

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+from tunesmith.errors import TunesmithError
 from tunesmith.generate import SamplingConfig, StreamDecoder, generate
 from tunesmith.models import LoadedModel, load
 from tunesmith.templates import render_prompt, stop_token_ids, use_template
@@ -37,10 +38,29 @@ def _conversation(options: ChatOptions, history: list[dict], prompt: str) -> lis
     return system + history + [{"role": "user", "content": prompt}]
 
 
+def check_fits(model, prompt_ids: list[int], max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the tokens to generate, does not fit the model's context.
+
+    Past ``max_position_embeddings`` the model has no trained positions: the reply would be garbage or
+    fail deep inside attention, so the user hears it here, in tokens, with what to change.
+    """
+    context = getattr(model.config, "max_position_embeddings", None)
+    length = len(prompt_ids)
+    if context is None or length + max_new_tokens <= context:
+        return
+    if length >= context:
+        raise TunesmithError(f"the prompt is {length} tokens, which leaves no room in the model's context of "
+                             f"{context} tokens; shorten the prompt")
+    raise TunesmithError(f"the prompt is {length} tokens and --max-tokens is {max_new_tokens}: together more than "
+                         f"the model's context of {context} tokens; shorten the prompt or lower --max-tokens to "
+                         f"{context - length} or less")
+
+
 def reply(loaded: LoadedModel, messages: list[dict], options: ChatOptions, *, stream=None) -> str:
     """Generate one assistant reply; with ``stream`` (a text file) its text is written as it is made."""
     tokenizer = loaded.tokenizer
     prompt_ids = render_prompt(tokenizer, messages, reasoning=options.reasoning)
+    check_fits(loaded.model, prompt_ids, options.sampling.max_new_tokens)
     decoder = StreamDecoder(tokenizer)
 
     def on_token(row: int, token: int) -> None:
@@ -54,9 +74,14 @@ def reply(loaded: LoadedModel, messages: list[dict], options: ChatOptions, *, st
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def chat(loaded: LoadedModel, options: ChatOptions, *, prompt: str | None, stdin=None, stdout=None) -> None:
-    """One-shot with ``prompt``; otherwise a loop over stdin lines (``/exit`` or end of input stops it)."""
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+def chat(loaded: LoadedModel, options: ChatOptions, *, prompt: str | None, stdin=None, stdout=None,
+         stderr=None) -> None:
+    """One-shot with ``prompt``; otherwise a loop over stdin lines (``/exit`` or end of input stops it).
+
+    In the loop, a turn that fails with a user error (a prompt too long for the context) is reported on
+    ``stderr`` and dropped from the history; the session goes on.
+    """
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if prompt is not None:
         reply(loaded, _conversation(options, [], prompt), options, stream=stdout)
         stdout.write("\n")
@@ -74,7 +99,11 @@ def chat(loaded: LoadedModel, options: ChatOptions, *, prompt: str | None, stdin
             continue
         if not line.strip():
             continue
-        answer = reply(loaded, _conversation(options, history, line.strip()), options, stream=stdout)
+        try:
+            answer = reply(loaded, _conversation(options, history, line.strip()), options, stream=stdout)
+        except TunesmithError as exc:
+            stderr.write(f"error: {exc} (/reset clears the history)\n")
+            continue
         stdout.write("\n")
         history += [{"role": "user", "content": line.strip()}, {"role": "assistant", "content": answer}]
 
@@ -119,7 +148,9 @@ def compare(models: list[str], prompt: str, options: ChatOptions, *, template: s
             use_template(loaded.tokenizer, template)
         tokenizer = loaded.tokenizer
         stops = stop_token_ids(tokenizer) if tokenizer.chat_template else [tokenizer.eos_token_id]
-        (new_ids,) = generate(loaded.model, [_prompt_ids(loaded, prompt, options)], sampling=options.sampling,
+        prompt_ids = _prompt_ids(loaded, prompt, options)
+        check_fits(loaded.model, prompt_ids, options.sampling.max_new_tokens)
+        (new_ids,) = generate(loaded.model, [prompt_ids], sampling=options.sampling,
                               stop_ids=stops, pad_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(new_ids, skip_special_tokens=True))
         del loaded
