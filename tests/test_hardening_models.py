@@ -11,6 +11,7 @@ import torch
 from tinymodels import build_tiny_llama
 
 from tunesmith.cli import main
+from tunesmith.errors import TunesmithError
 from tunesmith.peft.io import save_adapter
 from tunesmith.peft.lora import LoRAConfig, adapter_parameters, inject_lora
 
@@ -18,8 +19,9 @@ LORA = LoRAConfig(r=4, alpha=8)
 
 
 def write_adapter(out_dir: Path, base_dir: Path, seed: int = 0, scale: float = 0.05, model=None) -> Path:
-    """A LoRA adapter with random (non-zero) weights over ``model`` (default: the tiny Llama of ``seed``)."""
-    model = model if model is not None else build_tiny_llama(seed=seed)
+    """A LoRA adapter with random (non-zero) weights drawn from ``seed`` over ``model`` (default: the tiny Llama
+    that ``base_dir`` holds)."""
+    model = model if model is not None else build_tiny_llama()
     inject_lora(model, LORA)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -173,7 +175,6 @@ def test_merge_out_under_a_read_only_parent(adapter, tmp_path, capsys):
 
 
 def test_merge_check_rows_must_be_positive(adapter, tmp_path):
-    from tunesmith.errors import TunesmithError
     from tunesmith.merge import merge
 
     with pytest.raises(TunesmithError, match="--check-rows must be at least 1, got 0"):
@@ -233,3 +234,74 @@ def test_interactive_chat_drops_a_too_long_turn_and_goes_on(tiny_model_dir, toke
             "shorten the prompt (/reset clears the history)\n") in captured.err
     # the second turn was answered: three prompts were shown (long, hello, /exit), one reply line between
     assert captured.out.count("> ") == 3 and captured.out.split("> ")[2].endswith("\n")
+
+
+# --- 5. an adapter remembers its base: a different base of the same shape is refused --------------------------
+
+@pytest.fixture()
+def other_seed_model(tmp_path, tokenizer):
+    path = tmp_path / "other-seed"
+    build_tiny_llama(seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_adapter_on_a_same_shape_base_of_another_seed_is_refused(adapter, tiny_model_dir, other_seed_model,
+                                                                  tmp_path, capsys):
+    expected = (f"error: adapter {adapter / 'adapter_model.safetensors'} was trained on {tiny_model_dir}, and this "
+                f"base model ({other_seed_model}) is a different one: their embedding and norm weights differ; "
+                f"apply the adapter to {tiny_model_dir} (merge / eval: --base)")
+    assert main(["chat", "--model", str(other_seed_model), "--adapter", str(adapter), "--prompt", "hi"]) == 2
+    assert error_line(capsys) == expected
+    assert _merge(adapter, tmp_path / "merged", "--base", str(other_seed_model)) == 2
+    assert error_line(capsys) == expected
+    assert not (tmp_path / "merged").exists()
+    # its own base, in another dtype, is accepted
+    assert main(["chat", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--dtype", "bf16",
+                 "--prompt", "hi", "--max-tokens", "2"]) == 0
+
+
+def test_qlora_adapter_fingerprint_matches_its_dense_base(tmp_path, tiny_model_dir_64, capsys):
+    from tunesmith.peft.io import load_adapter
+    from tunesmith.quant.bnb import QuantSpec, quantize_model
+
+    quantized = build_tiny_llama(hidden_size=64, intermediate_size=128)
+    assert quantize_model(quantized, QuantSpec()).quantized  # the linear layers really are 4-bit
+    adapter = write_adapter(tmp_path / "adapter", tiny_model_dir_64, model=quantized)
+    # the dense base (merge, chat) and the 4-bit base (QLoRA DPO from this adapter) both match it
+    assert _merge(adapter, tmp_path / "merged", "--dtype", "fp32") == 0
+    requantized = build_tiny_llama(hidden_size=64, intermediate_size=128)
+    quantize_model(requantized, QuantSpec())
+    load_adapter(requantized, adapter)
+    other = build_tiny_llama(seed=1, hidden_size=64, intermediate_size=128)
+    quantize_model(other, QuantSpec())
+    with pytest.raises(TunesmithError, match="is a different one"):
+        load_adapter(other, adapter)
+
+
+# --- 6. normal runs print no third-party noise -----------------------------------------------------------------
+
+def test_qlora_train_and_merge_print_no_third_party_noise(tmp_path, tiny_model_dir_64):
+    import subprocess
+    import sys
+
+    rows = [{"messages": [{"role": "user", "content": f"Repeat {i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # a fresh process: bitsandbytes warns when it is first imported, which a test process did long ago
+    tunesmith = [sys.executable, "-m", "tunesmith.cli"]
+    train = subprocess.run(tunesmith + [
+        "train", f"model.source={tiny_model_dir_64}", f"data.train={data}", f"data.eval={data}",
+        f"output_dir={tmp_path}", "name=run", "method.name=qlora", "optim.name=paged_adamw_8bit",
+        "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=1", "train.progress=false",
+        "eval.task_rows=0", "eval.before=false", "lora.r=4", "lora.alpha=8"],
+        capture_output=True, text=True, timeout=120)
+    merge = subprocess.run(tunesmith + ["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged"),
+                                        "--merge-base", "dequantized", "--quantize", "nf4", "--check-rows", "1"],
+                           capture_output=True, text=True, timeout=120)
+    for run in (train, merge):
+        assert run.returncode == 0, run.stderr
+        noise = [line for line in run.stderr.splitlines()
+                 if any(word in line.lower() for word in ("kernels-community", "warning", "deprecat"))]
+        assert noise == [], run.stderr

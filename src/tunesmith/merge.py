@@ -28,7 +28,8 @@ from tunesmith.models import load
 from tunesmith.models.load import resolve_dtype
 from tunesmith.peft.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from tunesmith.peft.lora import merged_state_dict
-from tunesmith.quant.bnb import QuantSpec, dequantized_weight, is_quantized, keep_training_numerics, quantize_model
+from tunesmith.quant.bnb import (QuantSpec, dequantized_weight, is_quantized, keep_training_numerics, quantize_model,
+                                 quiet_bitsandbytes_import)
 from tunesmith.templates import use_template
 
 
@@ -189,6 +190,7 @@ def _write_quantized(model_dir: Path, reference, batches, trust_remote_code: boo
     """Reload the merged weights quantized (bitsandbytes NF4 + double quantization) and save that instead."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quiet_bitsandbytes_import()  # transformers imports bitsandbytes for this load
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",

@@ -171,6 +171,10 @@ def load(source: str = DEFAULT_MODEL, *, dtype: str | None = "auto", device: str
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if isinstance(path, Path):
         check_weights(path)
+    if getattr(config, "quantization_config", None):  # a saved 4-bit model: transformers imports bitsandbytes
+        from tunesmith.quant.bnb import quiet_bitsandbytes_import
+
+        quiet_bitsandbytes_import()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), config=config, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code

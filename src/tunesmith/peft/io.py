@@ -7,19 +7,23 @@ An adapter dir holds two files:
   (``bias: "none"``, ``use_dora: false``, ...).
 - ``adapter_model.safetensors``: ``base_model.model.<module path>.lora_A.weight`` (r×d_in) and
   ``.lora_B.weight`` (d_out×r) for every adapted module; PEFT drops its adapter name ("default") from the keys.
+  Its metadata (which PEFT ignores) holds ``tunesmith_base``: a fingerprint of the base model the adapter was
+  trained on, checked by ``load_adapter`` (see ``base_fingerprint``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from tunesmith.errors import TunesmithError
@@ -29,6 +33,9 @@ from tunesmith.peft.lora import (ALL_LINEAR, LoRAConfig, linear_module_names, lo
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+FINGERPRINT_KEY = "tunesmith_base"
+FINGERPRINT_RTOL = 1e-2  # bf16 rounding moves a row norm by < 0.2%; another base's rows differ by far more
+_FINGERPRINT_ROWS = 8
 
 # PEFT features that change the forward pass or the weights beyond plain LoRA: (field, value meaning "off").
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "use_qalora": False,
@@ -67,6 +74,57 @@ def _saved_target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
     return sorted(short)
 
 
+def base_fingerprint(model: nn.Module) -> dict | None:
+    """Statistics of the weights QLoRA never quantizes, to tell the base an adapter was trained on from another.
+
+    The L2 norms (in float64) of a few rows of the input embedding, spread over the vocabulary, and of every
+    norm layer's weight. They survive what changes between training and use: the linear layers' 4-bit
+    quantization (these layers stay dense) and the dtype (fp32 on CPU, bf16 on GPU: compared with a relative
+    tolerance); another model of the same shape, even the same architecture with another seed, differs.
+    None for a model without input embeddings.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        return None
+    weight = embeddings.weight.detach()
+    rows = torch.linspace(0, weight.shape[0] - 1, _FINGERPRINT_ROWS).long().to(weight.device)
+    norms = [m.weight.detach() for m in model.modules()
+             if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    statistics = weight[rows].double().norm(dim=-1).tolist() + [float(w.double().norm()) for w in norms]
+    return {"name": getattr(model, "name_or_path", None) or None, "embedding_shape": list(weight.shape),
+            "statistics": statistics}
+
+
+def adapter_metadata(model: nn.Module) -> dict[str, str]:
+    """The safetensors metadata of an adapter file trained on ``model``'s base."""
+    fingerprint = base_fingerprint(model)
+    return {"format": "pt", **({FINGERPRINT_KEY: json.dumps(fingerprint)} if fingerprint else {})}
+
+
+def _check_base(model: nn.Module, saved_json: str, weights_path: Path, config_path: Path) -> None:
+    """Refuse to apply an adapter to a base other than the one it was trained on (same shape, other weights)."""
+    try:
+        saved = json.loads(saved_json)
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise TunesmithError(f"adapter weights {weights_path}: its {FINGERPRINT_KEY} metadata is unreadable; "
+                             "save the adapter again")
+    current = base_fingerprint(model)
+    if current is None:
+        return
+    saved_statistics, statistics = saved.get("statistics", []), current["statistics"]
+    same = (saved.get("embedding_shape") == current["embedding_shape"] and len(saved_statistics) == len(statistics)
+            and all(math.isclose(a, b, rel_tol=FINGERPRINT_RTOL) for a, b in zip(saved_statistics, statistics)))
+    if not same:
+        # the name the user gave at training time (config.yaml's model.source) before the resolved path
+        trained_on = json.loads(config_path.read_text()).get("base_model_name_or_path") or saved.get("name") \
+            or "another model"
+        raise TunesmithError(f"adapter {weights_path} was trained on {trained_on}, and this base model "
+                             f"({current['name'] or 'the one given'}) is a different one: their embedding and norm "
+                             f"weights differ; apply the adapter to {trained_on} (merge / eval: --base)")
+
+
 def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | os.PathLike, *,
                  base_model_name_or_path: str) -> Path:
     """Write ``model``'s adapters to ``out_dir`` in PEFT's format; returns the dir.
@@ -98,7 +156,7 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | os.PathLik
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=adapter_metadata(model))
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
@@ -174,7 +232,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
             adapter_dir / "adapter_model.bin").exists() else ""
         raise TunesmithError(f"no adapter weights at {weights_path}{hint}")
     try:
-        tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
     except (OSError, SafetensorError) as exc:
         raise TunesmithError(f"cannot read adapter weights {weights_path}: {exc}") from exc
 
@@ -194,6 +254,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
     if wrong:
         raise TunesmithError(f"adapter weights {weights_path} do not fit this model: {'; '.join(wrong[:6])}; "
                              "was the adapter trained for a different base model?")
+
+    if FINGERPRINT_KEY in metadata:  # adapters made elsewhere (PEFT) carry none and load as before
+        _check_base(model, metadata[FINGERPRINT_KEY], weights_path, config_path)
 
     wrap_modules(model, names, config)
     adapters = lora_modules(model)

@@ -8,6 +8,7 @@ default) — ``quantize_model`` returns that list so runs can report it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,18 @@ class QuantizedModel:
         return (f"{len(self.quantized)} linear layers in 4 bits ({', '.join(kinds)}); kept unquantized: {kept}")
 
 
+def quiet_bitsandbytes_import() -> None:
+    """Call before anything imports bitsandbytes: its CPU backend then logs only errors.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes logs a warning that the optional ``kernels`` package (a
+    faster Hub kernel) is missing; it falls back to its own kernel and the user has nothing to act on. Only
+    that one logger is quietened, and only for warnings.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def _bnb():
+    quiet_bitsandbytes_import()
     try:
         import bitsandbytes
     except ImportError as exc:  # pragma: no cover - bitsandbytes is a dependency

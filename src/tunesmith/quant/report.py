@@ -87,6 +87,9 @@ def fake_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
         return (weight / scale).round().clamp(-127, 127) * scale
+    from tunesmith.quant.bnb import quiet_bitsandbytes_import
+
+    quiet_bitsandbytes_import()
     import bitsandbytes.functional as bf
 
     packed, state = bf.quantize_4bit(weight, blocksize=BLOCK, quant_type=fmt[:3],
