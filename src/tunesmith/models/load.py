@@ -114,7 +114,7 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_config(path: Path | str, *, trust_remote_code: bool = False):
+def load_model_config(path: Path | str, *, trust_remote_code: bool = False):
     """The model's ``PretrainedConfig``; a broken ``config.json`` is an error naming the file and the problem."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
@@ -167,7 +167,7 @@ def load(source: str = DEFAULT_MODEL, *, dtype: str | None = "auto", device: str
 
     path = resolve_path(source)
     dev = resolve_device(device)
-    config = load_config(path, trust_remote_code=trust_remote_code)
+    config = load_model_config(path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if isinstance(path, Path):
         check_weights(path)
