@@ -4,23 +4,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument is one ``error:`` line (exit status 2), as every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(cast, allowed, wanted: str):
+    """An argparse ``type`` that parses with ``cast`` and refuses values for which ``allowed`` is false."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
+        if not allowed(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    return parse
+
+
+# NaN fails every comparison, so each float check below refuses it; infinity is refused by isfinite.
+_TEMPERATURE = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
+_TOP_P = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_POSITIVE = _number(int, lambda v: v > 0, "a whole number > 0")
+_NON_NEGATIVE = _number(int, lambda v: v >= 0, "a whole number >= 0")
+
+
+def _trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model run Python code shipped with it; no config file can turn this on")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=_TOP_P, default=1.0)
+    p.add_argument("--max-tokens", type=_POSITIVE, default=256)
+    p.add_argument("--seed", type=_NON_NEGATIVE, default=0)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--reasoning", choices=["on", "off"], help="reasoning mode, for templates that have one")
     p.add_argument("--template", help="built-in template (chatml, zephyr, llama3) for models without one")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--trust-remote-code", action="store_true")
+    _trust_arg(p)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -28,15 +62,16 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", help="override the detected format")
     p.add_argument("--split", help="split of a saved or hub dataset")
     p.add_argument("--template")
-    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-length", type=_POSITIVE, default=1024)
     p.add_argument("--overlength", choices=["truncate", "drop", "error"], default="truncate")
     p.add_argument("--invalid-rows", choices=["error", "drop"], default="error")
     p.add_argument("--train-on", choices=["all", "last"], default="all")
     p.add_argument("--reasoning", choices=["on", "off"])
+    _trust_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune open causal language models.")
+    parser = _Parser(prog="tunesmith", description="Fine-tune open causal language models.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("template", help="render a conversation and show which tokens are trained")
@@ -46,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on", choices=["all", "last"], default="all")
     p.add_argument("--reasoning", choices=["on", "off"])
     p.add_argument("--no-color", action="store_true", help="mark trained text as [[...]] instead of colour")
+    _trust_arg(p)
 
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
     p = data.add_parser("inspect", help="validate a dataset and summarise rows, lengths and trained tokens")
@@ -62,22 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("compare", help="the same prompt through two models, side by side")
     p.add_argument("--model", action="append", required=True, help="give twice")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--width", type=int)
+    p.add_argument("--width", type=_POSITIVE)
     _sampling_args(p)
 
     p = verbs.add_parser("train", help="fine-tune; with no config, the built-in default recipe")
     p.add_argument("--config", help="a YAML config (see configs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    _trust_arg(p)
 
     p = verbs.add_parser("eval", help="held-out loss / perplexity, and task metrics on the built-in task")
     p.add_argument("target", metavar="RUN_DIR_OR_MODEL")
     p.add_argument("--adapter", help="a LoRA adapter dir to apply to the model")
     p.add_argument("--data", help="held-out dataset (default: the run's eval data, else builtin:test)")
-    p.add_argument("--task-rows", type=int, default=100, help="rows scored by generation (built-in task)")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--task-rows", type=_NON_NEGATIVE, default=100, help="rows scored by generation (built-in task)")
+    p.add_argument("--max-length", type=_POSITIVE, default=512)
     p.add_argument("--template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _trust_arg(p)
 
     p = verbs.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base; write a plain HF model dir")
     p.add_argument("source", metavar="RUN_DIR_OR_ADAPTER")
@@ -88,18 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QLoRA: merge into the original weights (default) or into dequant(NF4) ones")
     p.add_argument("--base", help="base model (default: the run's or the adapter's)")
     p.add_argument("--data", help="held-out data for the quality check (default: the run's eval data)")
-    p.add_argument("--check-rows", type=int, default=8)
+    p.add_argument("--check-rows", type=_POSITIVE, default=8)
     p.add_argument("--json", action="store_true")
+    _trust_arg(p)
 
     quant = verbs.add_parser("quantize", help="quantization tools").add_subparsers(dest="quant_verb", required=True)
     p = quant.add_parser("report", help="memory, reconstruction error and perplexity at each precision")
     p.add_argument("--model", default="default")
     p.add_argument("--data", default="builtin:test", help="held-out data for perplexity")
-    p.add_argument("--rows", type=int, default=32, help="held-out rows for perplexity")
+    p.add_argument("--rows", type=_POSITIVE, default=32, help="held-out rows for perplexity")
     p.add_argument("--json", action="store_true")
+    _trust_arg(p)
 
     p = verbs.add_parser("demo", help="the default job: tune the embedded model on the built-in task, before/after")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="changes to the default recipe")
+    _trust_arg(p)
     return parser
 
 
@@ -124,7 +165,7 @@ def cmd_template(args) -> None:
     from tunesmith.templates import mask_view, render, use_template
 
     messages = _read_messages(args.messages)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     use_template(tokenizer, args.template)
     examples = render(tokenizer, messages, train_on=args.train_on, reasoning=args.reasoning)
     for i, rendered in enumerate(examples):
@@ -139,7 +180,7 @@ def cmd_data_inspect(args) -> None:
     from tunesmith.models import load_tokenizer
     from tunesmith.templates import use_template
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     use_template(tokenizer, args.template)
     options = TokenizeOptions(max_length=args.max_length, overlength=args.overlength, train_on=args.train_on,
                               reasoning=args.reasoning)
@@ -179,14 +220,17 @@ def cmd_train(args) -> None:
     from tunesmith.config import load_config
     from tunesmith.recipes import dpo, sft
 
+    trust = args.trust_remote_code
     if args.resume:
         if args.config:
             raise TunesmithError("--resume takes the run's own config.yaml; drop --config")
-        config = load_config(Path(args.resume) / "config.yaml", args.overrides)
-        config = config.model_copy(update={"name": Path(args.resume).name,
-                                           "output_dir": str(Path(args.resume).parent)})
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
+        config = load_config(run_dir / "config.yaml", args.overrides, trust_remote_code=trust)
+        config = config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
     else:
-        config = load_config(args.config, args.overrides).with_run_name()
+        config = load_config(args.config, args.overrides, trust_remote_code=trust).with_run_name()
     recipe = dpo if config.method.objective == "dpo" else sft
     recipe.run(config, resume=bool(args.resume))
 
@@ -195,7 +239,7 @@ def cmd_eval(args) -> None:
     from tunesmith.eval.cli import run_eval
 
     report = run_eval(args.target, adapter=args.adapter, data=args.data, task_rows=args.task_rows,
-                      max_length=args.max_length, template=args.template)
+                      max_length=args.max_length, template=args.template, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(report))
     else:
@@ -207,7 +251,7 @@ def cmd_merge(args) -> None:
     from tunesmith.merge import merge
 
     check = merge(args.source, args.out, dtype=args.dtype, quantize=args.quantize, merge_base=args.merge_base,
-                  base=args.base, data=args.data, check_rows=args.check_rows)
+                  base=args.base, data=args.data, check_rows=args.check_rows, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps(check))
         return
@@ -224,14 +268,15 @@ def cmd_merge(args) -> None:
 def cmd_quantize(args) -> None:
     from tunesmith.quant.report import format_report, quantization_report
 
-    report = quantization_report(args.model, data=args.data, rows=args.rows)
+    report = quantization_report(args.model, data=args.data, rows=args.rows,
+                                 trust_remote_code=args.trust_remote_code)
     print(json.dumps(report) if args.json else format_report(report))
 
 
 def cmd_demo(args) -> None:
     from tunesmith.demo import run_demo
 
-    run_demo(args.overrides)
+    run_demo(args.overrides, trust_remote_code=args.trust_remote_code)
 
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,

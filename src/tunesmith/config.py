@@ -6,9 +6,11 @@ that name the key; the resolved config is saved with every run and checkpoint.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,7 +19,11 @@ from tunesmith.errors import TunesmithError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN or infinity in any float option is refused: NaN passes no range check, and would train garbage
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ModelConfig(_Section):
@@ -28,7 +34,18 @@ class ModelConfig(_Section):
     dtype: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA when supported), fp32, bf16 or fp16."""
     device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
     trust_remote_code: bool = False
+    """Whether the model's own Python code was allowed to run. Only the command line's --trust-remote-code sets
+    it: ``load_config`` overwrites whatever a file or override says, so a config file (or a run dir's saved
+    config.yaml, which records the value used) can never grant the permission."""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (a GPU index) or mps")
+        return value
 
 
 class DataConfig(_Section):
@@ -66,7 +83,7 @@ class MethodConfig(_Section):
 
 class LoRASection(_Section):
     r: int = Field(16, gt=0)
-    alpha: float = 32.0
+    alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     """Module names (q_proj, v_proj, ...) or `all-linear`."""
@@ -120,10 +137,11 @@ class OptimConfig(_Section):
     name: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
     """adamw (torch) or a bitsandbytes AdamW: 8-bit state, paged state (CUDA; plain on CPU), or both."""
     lr: float = Field(2e-3, gt=0)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """Decay rates of Adam's two moment estimates, each in [0, 1)."""
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; None disables clipping."""
 
 
@@ -163,7 +181,7 @@ class EvalConfig(_Section):
     """Evaluate the untuned model too, for the before/after comparison."""
     task_rows: int = Field(100, ge=0)
     """Held-out rows scored with task metrics (built-in task only); 0 disables generation."""
-    loss_rows: int | None = None
+    loss_rows: int | None = Field(None, gt=0)
     """Held-out rows for loss / perplexity (None: all)."""
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(48, gt=0)
@@ -174,7 +192,7 @@ class RunConfig(_Section):
     name: str | None = None
     """The run dir's name under output_dir; None: `<method>-<date>-<time>`, chosen when the run starts."""
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -225,6 +243,55 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise _DuplicateKey(f"key {key!r} is written twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+def _parse_yaml(text: str, what: str):
+    """Parse YAML text; any problem becomes one line naming ``what`` (a file or an override) and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise TunesmithError(f"{what}: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise TunesmithError(f"{what} is not valid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise TunesmithError(f"{what} is not valid YAML: {exc}") from None
+
+
+def _read_config_file(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TunesmithError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TunesmithError(f"config file {path} is a directory; pass a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise TunesmithError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise TunesmithError(f"cannot read config file {path}: {exc.strerror}") from None
+    tree = _parse_yaml(text, f"config file {path}") or {}
+    if not isinstance(tree, dict):
+        raise TunesmithError(f"config file {path} must hold a mapping of sections")
+    return tree
+
+
 def _set_path(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -232,7 +299,7 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise TunesmithError(f"override {dotted}={raw}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    node[keys[-1]] = _parse_yaml(raw, f"override {dotted}={raw}") if raw != "" else None
 
 
 def _explain(exc: ValidationError, origin: str) -> TunesmithError:
@@ -244,24 +311,18 @@ def _explain(exc: ValidationError, origin: str) -> TunesmithError:
         elif not key:  # a rule across sections
             problems.append(error["msg"].removeprefix("Value error, "))
         else:
-            problems.append(f"{key}: {error['msg']} (got {error.get('input')!r})")
+            problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})")
     return TunesmithError(f"{origin}: " + "; ".join(problems))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read ``path`` (or the built-in defaults), apply ``key.sub=value`` overrides, and validate."""
-    tree: dict = {}
-    origin = "built-in defaults"
-    if path is not None:
-        origin = str(path)
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise TunesmithError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise TunesmithError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise TunesmithError(f"config file {path} must hold a mapping of sections")
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *,
+                trust_remote_code: bool = False) -> RunConfig:
+    """Read ``path`` (or the built-in defaults), apply ``key.sub=value`` overrides, and validate.
+
+    ``trust_remote_code`` is the command line's --trust-remote-code and the only source of
+    ``model.trust_remote_code``: a value in the file or the overrides is replaced by it (see ModelConfig)."""
+    tree = _read_config_file(path) if path is not None else {}
+    origin = "built-in defaults" if path is None else str(path)
     for override in overrides:
         if "=" not in override:
             raise TunesmithError(f"override {override!r} must look like key.sub=value")
@@ -270,6 +331,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if overrides:
         origin += " with overrides " + " ".join(overrides)
     try:
-        return RunConfig.model_validate(tree)
+        config = RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise _explain(exc, origin) from None
+    if config.model.trust_remote_code and not trust_remote_code:
+        print(f"note: model.trust_remote_code in {origin} is ignored; only the --trust-remote-code flag lets a "
+              "model run its own code", file=sys.stderr)
+    config.model.trust_remote_code = trust_remote_code
+    return config

@@ -17,13 +17,13 @@ from tunesmith.models import load_tokenizer
 from tunesmith.templates import mask_view, render
 
 
-def run_demo(overrides: list[str] = (), examples: int = 3) -> dict:
+def run_demo(overrides: list[str] = (), examples: int = 3, *, trust_remote_code: bool = False) -> dict:
     from tunesmith.recipes.sft import run
 
     started = time.time()
-    config = load_config(None, list(overrides)).with_run_name()
+    config = load_config(None, list(overrides), trust_remote_code=trust_remote_code).with_run_name()
     print("== the built-in task: extract a booking from a sentence into fixed JSON")
-    tokenizer = load_tokenizer(config.model.source)
+    tokenizer = load_tokenizer(config.model.source, trust_remote_code=trust_remote_code)
     prepared = prepare(config.data.train, tokenizer, TokenizeOptions(max_length=config.data.max_length))
     print(format_inspection(inspection(prepared)))
     print("\n== one training example; only the highlighted tokens are trained")

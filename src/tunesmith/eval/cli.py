@@ -31,9 +31,10 @@ def _resolve_target(target: str, adapter: str | None, data: str | None, template
 
 
 def run_eval(target: str, *, adapter: str | None = None, data: str | None = None, task_rows: int = 100,
-             max_length: int = 512, template: str | None = None) -> dict:
+             max_length: int = 512, template: str | None = None, trust_remote_code: bool = False) -> dict:
     model_source, adapter, data, template = _resolve_target(target, adapter, data, template)
-    loaded = load(model_source)
+    # a run dir's config.yaml records whether remote code ran, but only the caller's flag permits it
+    loaded = load(model_source, trust_remote_code=trust_remote_code)
     use_template(loaded.tokenizer, template)
     if adapter is not None:
         from tunesmith.peft.io import load_adapter

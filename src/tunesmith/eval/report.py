@@ -130,13 +130,15 @@ def metric_charts(metrics: list[dict]) -> list[tuple[str, dict[str, list[tuple[f
 
 def render_report(*, title: str, metrics: list[dict], before: dict | None, after: dict | None,
                   examples: list[dict], config_yaml: str, timing: dict,
-                  notes: list[str] | tuple[str, ...] = ()) -> str:
+                  notes: list[str] | tuple[str, ...] = (), drops: dict | None = None) -> str:
     """The whole report page as an HTML string (see ``write_report``)."""
     esc = html.escape
     charts = metric_charts(metrics)
     sections = [f"<h1>{esc(title)}</h1>", "<h2>Run</h2>", _timing_table(timing)]
     if notes:
         sections.append("<ul>" + "".join(f"<li>{esc(str(note))}</li>" for note in notes) + "</ul>")
+    if drops and any(d and d["count"] for d in drops.values()):
+        sections += ["<h2>Dropped rows</h2>", _drops_table(drops)]
     sections.append("<h2>Evaluation: before → after</h2>")
     sections.append(_comparison_table(before, after) if before or after else "<p>No evaluation results.</p>")
     sections.append("<h2>Training curves</h2>")
@@ -153,17 +155,18 @@ def render_report(*, title: str, metrics: list[dict], before: dict | None, after
 
 def write_report(path, *, title: str, metrics: list[dict], before: dict | None, after: dict | None,
                  examples: list[dict], config_yaml: str, timing: dict,
-                 notes: list[str] | tuple[str, ...] = ()) -> None:
+                 notes: list[str] | tuple[str, ...] = (), drops: dict | None = None) -> None:
     """Write the report to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
 
     ``metrics`` are metrics.jsonl rows (``step`` plus any numeric series); ``before``/``after`` are evaluation
     dicts (a nested ``fields`` dict is shown as ``field: <name>`` rows; either may be None); ``examples`` have
     ``prompt``, ``base``, ``tuned``, ``expected`` (any may be missing); ``timing`` is shown as a table and
-    ``notes`` as a list.
+    ``notes`` as a list; ``drops`` maps a dataset (``train``, ``eval``) to its ``PreparedData.drops()`` (or None)
+    and is shown as a table of reasons with the first row or line numbers.
     """
     path = Path(path)
     page = render_report(title=title, metrics=metrics, before=before, after=after, examples=examples,
-                         config_yaml=config_yaml, timing=timing, notes=notes)
+                         config_yaml=config_yaml, timing=timing, notes=notes, drops=drops)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -327,6 +330,18 @@ def _examples_table(examples: list[dict]) -> str:
 
 def _text_cell(value) -> str:
     return '<td class="text">' + ("—" if value is None else html.escape(str(value))) + "</td>"
+
+
+def _drops_table(drops: dict) -> str:
+    rows = ["<table><tr><th>data</th><th>reason</th><th>rows</th><th>first</th></tr>"]
+    for data, found in drops.items():
+        for reason, d in (found or {"by_reason": {}})["by_reason"].items():
+            more = ", …" if d["count"] > len(d["first"]) else ""
+            unit = found["unit"] + ("s" if d["count"] > 1 else "")
+            first = f"{unit} " + ", ".join(map(str, d["first"])) + more
+            rows.append(f"<tr><td>{html.escape(data)}</td><td>{html.escape(reason)}</td>"
+                        f'<td class="num">{d["count"]}</td><td>{html.escape(first)}</td></tr>')
+    return "".join(rows) + "</table>"
 
 
 def _timing_table(timing: dict) -> str:

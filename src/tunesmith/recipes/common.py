@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -9,6 +12,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 import yaml
@@ -26,7 +30,7 @@ from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
 from tunesmith.quant.bnb import QuantizedModel, QuantSpec, quantize_model
 from tunesmith.templates import use_template
-from tunesmith.train.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
+from tunesmith.train.checkpoint import (capture_rng, latest_checkpoint, load_checkpoint, os_error_of, restore_rng,
                                         save_checkpoint)
 from tunesmith.train.metrics import read_metrics, truncate_metrics
 
@@ -39,6 +43,11 @@ IDENTITY_KEYS = ("model.source", "model.template", "method.name", "method.object
                  "train.grad_accum", "seed", "quant.type", "quant.double_quant", "quant.blocksize",
                  "quant.skip_modules", "quant.storage", "optim.name", "dpo.loss", "dpo.reference",
                  "dpo.init_adapter", "dpo.init_mode")
+LOCK_FILE = ".tunesmith.lock"
+# Files only a run that got far enough writes: a dir holding none of them (and no checkpoint) is a failed start.
+RESULT_FILES = ("adapter", "model", "summary.json")
+# Write failures that are the disk's, not the program's: the run stops with one line, its checkpoints intact.
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
 
 
 @dataclass
@@ -53,6 +62,9 @@ class RunSetup:
     eval: PreparedData | None
     eval_rows: list[dict] | None  # built-in task rows scored with task metrics
     fingerprints: dict
+    resume: bool  # False also when a --resume found no checkpoint and starts the run over
+    lock: IO  # the open lock file: the run dir is ours while it stays open (see hold_run_dir)
+    drops: dict  # "train" / "eval" → PreparedData.drops()
     quantization: QuantizedModel | None = None
 
     @property
@@ -81,18 +93,106 @@ def _tokenize_options(config: RunConfig) -> TokenizeOptions:
                            reasoning=data.reasoning)
 
 
-def _claim_run_dir(config: RunConfig, resume: bool) -> Path:
+def _lock_run_dir(run_dir: Path) -> IO:
+    """An exclusive, non-blocking lock on ``run_dir``, held while the returned file stays open; the kernel drops
+    it when the process dies, so a killed run never leaves the dir locked."""
+    handle = open(run_dir / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise TunesmithError(f"run dir {run_dir} is in use by another tunesmith process (a run or a resume of it); "
+                             "wait for that one to finish or stop it, then try again") from None
+    return handle
+
+
+def _failed_start(run_dir: Path) -> bool:
+    """A run dir whose run stopped before its first checkpoint: nothing in it can be resumed or is a result."""
+    return latest_checkpoint(run_dir) is None and not any((run_dir / name).exists() for name in RESULT_FILES)
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _claim_run_dir(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
+    """Lock the run dir and write its config.yaml; returns (dir, lock, whether to resume from a checkpoint).
+
+    A dir left by a run that stopped before its first checkpoint is cleared and the run starts over, both on
+    ``--resume`` and when a new run takes the same name: there is nothing in it to keep."""
     run_dir = config.run_dir
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise TunesmithError(f"run dir {run_dir} already exists; continue it with --resume {run_dir}, or choose "
-                             "another name with name=NEW_NAME")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config.to_yaml())
-    return run_dir
+    exists_hint = f"continue it with --resume {run_dir}, or choose another name with name=NEW_NAME"
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TunesmithError(f"run dir {run_dir} is a file; choose another name with name=NEW_NAME")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
+        raise TunesmithError(f"run dir {run_dir} already exists; {exists_hint}")  # not ours: leave no lock file
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run_dir(run_dir)
+    except OSError as exc:
+        fix = "make it writable" if resume else "set output_dir to a writable directory"
+        raise TunesmithError(f"cannot write in run dir {run_dir}: {exc.strerror}; {fix}") from None
+    try:
+        if resume and latest_checkpoint(run_dir) is not None:
+            return run_dir, lock, True
+        if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            if not _failed_start(run_dir):
+                raise TunesmithError(f"{run_dir} holds a finished run without checkpoints (train.checkpoint_every "
+                                     "was null); nothing to resume. Start a new run with name=NEW_NAME" if resume
+                                     else f"run dir {run_dir} already exists; {exists_hint}")
+            print(f"{run_dir} holds a run that stopped before its first checkpoint: starting it over from step 0"
+                  + (" with its saved config" if resume else ""))
+            _clear_run_dir(run_dir)
+        _write_text(run_dir / "config.yaml", config.to_yaml())
+    except BaseException:
+        lock.close()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir, lock, False
+
+
+@contextlib.contextmanager
+def hold_run_dir(setup: RunSetup):
+    """The life of a run in its dir: the lock is released at the end, however the run ends, and a full or
+    read-only disk stops it with one line that says its checkpoints are intact (a failed save removes its own
+    partial files)."""
+    try:
+        yield
+    except TunesmithError:
+        raise
+    except Exception as exc:
+        error = os_error_of(exc)
+        if error is None or error.errno not in DISK_ERRNOS:
+            raise
+        last = latest_checkpoint(setup.run_dir)
+        intact = (f"the last checkpoint ({last.name}) is intact: free some space, then continue with "
+                  f"tunesmith train --resume {setup.run_dir}" if last is not None else
+                  f"no checkpoint was written yet: free some space, then start it over with tunesmith train "
+                  f"--resume {setup.run_dir}")
+        where = f" {error.filename}" if error.filename else f" into {setup.run_dir}"
+        raise TunesmithError(f"cannot write{where}: {error.strerror} (the disk is full or read-only); "
+                             f"{intact}") from None
+    finally:
+        setup.lock.close()
+
+
+def report_drops(data: PreparedData) -> dict:
+    """Print the rows ``data`` dropped, by reason with the first row (or line) numbers; return ``data.drops()``."""
+    drops = data.drops()
+    if drops["count"]:
+        reasons = ", ".join(f"{d['count']} × {reason}" for reason, d in drops["by_reason"].items())
+        print(f"{data.name}: {drops['count']} of {data.rows} rows dropped ({reasons})")
+        for reason, d in drops["by_reason"].items():
+            more = ", …" if d["count"] > len(d["first"]) else ""
+            unit = drops["unit"] + ("s" if d["count"] > 1 else "")
+            print(f"  {reason}: {unit} {', '.join(map(str, d['first']))}{more}")
+    return drops
 
 
 def _check_objective(config: RunConfig, data: PreparedData) -> None:
@@ -115,7 +215,8 @@ def _example_key(example: dict) -> tuple:
 
 def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSetup:
     """Tokenizer, data (refused early when nothing is trained, or when its kind does not fit the objective),
-    then the model; ``adjust_model(model)`` may change the dense weights before a QLoRA base is quantized."""
+    then the model, then the run dir (locked: run the rest inside ``hold_run_dir(setup)``); ``adjust_model(model)``
+    may change the dense weights before a QLoRA base is quantized."""
     tokenizer = load_tokenizer(config.model.source, trust_remote_code=config.model.trust_remote_code)
     use_template(tokenizer, config.model.template)
     options = _tokenize_options(config)
@@ -133,7 +234,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
         task_source = builtin_task_source(config.data.eval)
         if task_source and config.eval.task_rows:
             rows = load_rows(task_source)[0][:config.eval.task_rows]
-    run_dir = _claim_run_dir(config, resume)
+    drops = {"train": report_drops(train), "eval": report_drops(heldout) if heldout is not None else None}
     device = resolve_device(config.model.device)
     qlora = config.method.name == "qlora"
     loaded = load(config.model.source, dtype=config.model.dtype, device="cpu" if qlora else config.model.device,
@@ -143,9 +244,11 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     quantization = quantize_base(config, loaded.model, device) if qlora else None
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
+    # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)
+    run_dir, lock, resume = _claim_run_dir(config, resume)
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=loaded.model, device=device,
                     dtype=resolve_dtype(config.model.dtype, device), train=train, eval=heldout, eval_rows=rows,
-                    fingerprints=fingerprints, quantization=quantization)
+                    fingerprints=fingerprints, resume=resume, lock=lock, drops=drops, quantization=quantization)
 
 
 def quant_spec(config: RunConfig, device: torch.device) -> QuantSpec:
@@ -248,17 +351,30 @@ def save_eval(setup: RunSetup, phase: str, metrics: dict, result) -> None:
     _write_json(setup.run_dir / f"eval_{phase}.json", payload)
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temp file beside it, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=1))
 
 
 def _publish_dir(build, target: Path) -> None:
     """Write a result dir beside ``target`` with ``build(tmp)``, then swap it into place."""
     tmp = target.with_name(f".{target.name}-new")
     shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = target.with_name(f".{target.name}-old")
     if target.exists():
         os.rename(target, old)
@@ -320,7 +436,8 @@ def finish_run(setup: RunSetup, state: dict, started: float, *, evaluate_after=e
                "quantization": setup.quantization.summary() if setup.quantization else None, "steps": state["step"],
                "skipped_steps": state["skipped"], "tokens": state["tokens"],
                "train_seconds": round(state["train_seconds"], 2), "eval_seconds": round(time.time() - eval_start, 2),
-               "before": before["metrics"] if before else None, "after": after["metrics"] if after else None}
+               "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
+               "dropped": setup.drops}
     _write_json(setup.run_dir / "summary.json", summary)
     examples = []
     if after and after["predictions"]:
@@ -332,7 +449,7 @@ def finish_run(setup: RunSetup, state: dict, started: float, *, evaluate_after=e
             examples.append(example)
     write_report(setup.run_dir / "report.html", title=f"tunesmith run {setup.config.name}",
                  metrics=read_metrics(setup.run_dir), before=summary["before"], after=summary["after"],
-                 examples=examples, config_yaml=setup.config.to_yaml(),
+                 examples=examples, config_yaml=setup.config.to_yaml(), drops=setup.drops,
                  timing={"train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
                          "total_seconds": round(time.time() - started, 2), "device": str(setup.device),
                          "steps": state["step"], "tokens": state["tokens"]})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,8 +30,8 @@ from tunesmith.eval.task import evaluate_task
 from tunesmith.peft import (adapter_parameters, adapters_disabled, freeze_base, inject_lora, load_adapter,
                             lora_modules)
 from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
-from tunesmith.recipes.common import (Progress, RunSetup, check_bad_steps, finish_run, load_resume_state,
-                                      prepare_run, save_eval, save_training_checkpoint)
+from tunesmith.recipes.common import (Progress, RunSetup, check_bad_steps, finish_run, hold_run_dir,
+                                      load_resume_state, prepare_run, save_eval, save_training_checkpoint)
 from tunesmith.train.loop import compiled_layers, enable_gradient_checkpointing
 from tunesmith.train.metrics import MetricsLog
 from tunesmith.train.optim import build_optimizer
@@ -173,16 +172,6 @@ def _trainable(setup: RunSetup) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _report_drops(setup: RunSetup) -> None:
-    for data in (setup.train, setup.eval):
-        if data is None:
-            continue
-        dropped = data.normalised.dropped + data.tokenized.dropped
-        if dropped:
-            reasons = "; ".join(f"{n} × {why}" for why, n in Counter(why for _, why in dropped).most_common())
-            print(f"{data.name}: {len(dropped)} of {data.rows} rows dropped ({reasons})")
-
-
 def _precompute_reference(setup: RunSetup) -> dict:
     """The starting policy's log-probs on the train (and held-out) pairs, written once to the run dir."""
     started = time.time()
@@ -256,7 +245,13 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     init = config.dpo.init_adapter
     stack = _init_adapter_dir(init) if init and config.dpo.init_mode == "stack" else None
     setup = prepare_run(config, resume=resume, adjust_model=_fold_sft_adapter(stack) if stack else None)
-    _report_drops(setup)
+    with hold_run_dir(setup):
+        return _train(setup, started, stack, on_micro_batch)
+
+
+def _train(setup: RunSetup, started: float, stack: Path | None, on_micro_batch) -> dict:
+    """The reference, evaluate before, train, save, evaluate after: the run from its claimed dir on."""
+    config, init = setup.config, setup.config.dpo.init_adapter
     params = _trainable(setup)
     model, device, tokenizer = setup.model, setup.device, setup.tokenizer
     if config.train.gradient_checkpointing:
@@ -282,12 +277,12 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     cache = None
     if kind == "precomputed":
         path = setup.run_dir / REFERENCE_FILE
-        cache = (load_reference(path, fingerprint=setup.fingerprints["data"]) if resume
+        cache = (load_reference(path, fingerprint=setup.fingerprints["data"]) if setup.resume
                  else _precompute_reference(setup))
     reference = _training_reference(kind, model, cache)
 
     # --- evaluate the starting policy
-    if resume:
+    if setup.resume:
         state.update(load_resume_state(setup, model, optimizer))
     elif config.eval.before and setup.eval is not None:
         evaluate_preferences(setup, "before", cache)

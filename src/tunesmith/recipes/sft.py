@@ -16,7 +16,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.batching import collate_for, gather_examples, plan_batches
 from tunesmith.peft import adapter_parameters, adapters_disabled, freeze_base, inject_lora
 from tunesmith.recipes.common import (Progress, RunSetup, check_bad_steps, evaluate_phase, finish_run,
-                                      load_resume_state, prepare_run, save_training_checkpoint)
+                                      hold_run_dir, load_resume_state, prepare_run, save_training_checkpoint)
 from tunesmith.train.loop import accumulate_and_step, compiled_layers, enable_gradient_checkpointing
 from tunesmith.train.optim import build_optimizer
 from tunesmith.train.metrics import MetricsLog
@@ -47,6 +47,13 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     started = time.time()
     # --- setup: data first, so a dataset with nothing to train is refused before the model loads
     setup = prepare_run(config, resume=resume)
+    with hold_run_dir(setup):
+        return _train(setup, started, on_micro_batch)
+
+
+def _train(setup: RunSetup, started: float, on_micro_batch) -> dict:
+    """Evaluate before, train, save, evaluate after: the run from its claimed dir on."""
+    config = setup.config
     params = _trainable(setup)
     model, device, tokenizer = setup.model, setup.device, setup.tokenizer
     if config.train.gradient_checkpointing:
@@ -68,7 +75,7 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
              "train_seconds": 0.0, "total_steps": total_steps}
 
     # --- evaluate the untuned model (LoRA: the same model with adapters off)
-    if resume:
+    if setup.resume:
         state.update(load_resume_state(setup, model, optimizer))
     elif config.eval.before and setup.eval is not None:
         with adapters_disabled(model) if config.method.uses_adapter else contextlib.nullcontext():

@@ -53,6 +53,7 @@ REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, RNG_FILE, CONFIG_FIL
 RNG_KEYS = ("torch_cpu", "python", "python_gauss", "numpy", "numpy_pos", "numpy_gauss")
 
 _STEP_DIR = re.compile(r"step-(\d+)")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 _CHUNK_BYTES = 1 << 20
@@ -100,7 +101,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, weights: Mapping[s
     tmp.mkdir()
     try:
         save_file(_for_safetensors(weights), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        torch.save(optimizer, tmp / OPTIMIZER_FILE)
+        with open(tmp / OPTIMIZER_FILE, "wb") as f:  # through Python, so a failed write keeps its OSError
+            torch.save(optimizer, f)
         (tmp / STATE_FILE).write_text(state_text + "\n", encoding="utf-8")
         save_file(_for_safetensors(rng), tmp / RNG_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
@@ -148,6 +150,25 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         rng=load_file(path / RNG_FILE),
         config_yaml=(path / CONFIG_FILE).read_text(encoding="utf-8"),
     )
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The operating system's error behind ``exc``, or None.
+
+    A failed write (disk full) reaches us as an OSError from Python's own file I/O, but safetensors (Rust)
+    reports it as an error whose message ends in ``(os error N)``, and ``torch.save`` raises a RuntimeError with
+    the OSError of the Python file it was writing to as its context.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return exc
+        code = _RUST_OS_ERROR.search(str(exc))
+        if code:
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def capture_rng() -> dict[str, torch.Tensor]:
