@@ -76,11 +76,17 @@ def test_resume_never_takes_remote_code_permission_from_the_run_dir(tmp_path, ev
     assert latest_checkpoint(run_dir).name == "step-3" and used["model"]["trust_remote_code"] is False
 
 
-def test_the_flag_does_let_remote_code_run(tmp_path, evil_model_dir):
-    # the control for the test above: the marker does appear when the flag allows the model's code
+@pytest.mark.parametrize("verb", [["template", "--messages", "M"], ["data", "inspect", "D"], ["chat", "--prompt", "Hi",
+                                  "--max-tokens", "1"], ["eval", "MODEL", "--data", "D", "--task-rows", "0"],
+                                  ["quantize", "report", "--data", "D", "--rows", "1"]], ids=lambda v: " ".join(v[:2]))
+def test_the_flag_does_let_remote_code_run(verb, tmp_path, evil_model_dir, data_files):
+    # the control for the test above, and the flag reaching the loader on each verb: the marker appears
     messages = tmp_path / "m.json"
     messages.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]))
-    main(["template", "--model", str(evil_model_dir), "--messages", str(messages), "--trust-remote-code"])
+    (evil_model_dir / "evil.py").write_text(f"# {tmp_path}\n" + EVIL_CODE)  # new code: imported afresh
+    args = [{"M": str(messages), "D": str(data_files[1]), "MODEL": str(evil_model_dir)}.get(a, a) for a in verb]
+    model = [] if "MODEL" in verb else ["--model", str(evil_model_dir)]
+    main([*args, *model, "--trust-remote-code"])
     assert (tmp_path / "remote-code-ran").exists()
 
 
@@ -207,3 +213,13 @@ def test_dropped_rows_are_reported_for_sft(tmp_path, tiny_model_dir, data_files,
         in out
     report = (tmp_path / "runs" / "run" / "report.html").read_text()
     assert "<h2>Dropped rows</h2>" in report and "<td>lines 3, 10</td>" in report
+
+
+def test_resume_after_a_metrics_line_cut_short(tmp_path, tiny_model_dir, data_files):
+    # a full disk (or a kill) mid-write leaves half a line at the end of metrics.jsonl; resume drops it
+    run_dir = tmp_path / "runs" / "run"
+    assert main(["train", *_overrides(tmp_path, tiny_model_dir, data_files)]) == 0
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert main(["train", "--resume", str(run_dir), "train.max_steps=3"]) == 0
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3]
