@@ -24,8 +24,8 @@ def _number(cast, allowed, wanted: str):
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
-        if not allowed(value):
+            value = None
+        if value is None or not allowed(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
         return value
 

@@ -128,7 +128,8 @@ def _claim_run_dir(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
         raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
     if run_dir.exists() and not run_dir.is_dir():
         raise TunesmithError(f"run dir {run_dir} is a file; choose another name with name=NEW_NAME")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.yaml").is_file():
+    others = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if not resume and others and not (run_dir / "config.yaml").is_file():
         raise TunesmithError(f"run dir {run_dir} already exists; {exists_hint}")  # not ours: leave no lock file
     created = not run_dir.exists()
     try:
