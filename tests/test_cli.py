@@ -39,7 +39,8 @@ def test_template_errors_name_the_file(tmp_path, tiny_model_dir, capsys):
     bad = _write(tmp_path / "bad.json", [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])
     assert main(["template", "--model", str(tiny_model_dir), "--messages", bad]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {bad}: row 1:")
+    assert err == (f"error: {bad}: the first non-system message is from the assistant; a conversation starts "
+                   "with the user; fix the conversation\n")
     assert main(["template", "--messages", str(tmp_path / "none.json")]) == 2
     assert "none.json: no such file" in capsys.readouterr().err
 
@@ -50,7 +51,7 @@ def test_data_inspect_json_and_row_errors(tmp_path, tiny_model_dir, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "inspect", str(path), "--model", str(tiny_model_dir)]) == 2
     err = capsys.readouterr().err
-    assert "d.jsonl: row 2:" in err and "wizard" in err
+    assert "d.jsonl: line 2:" in err and "wizard" in err
     assert main(["data", "inspect", str(path), "--model", str(tiny_model_dir), "--invalid-rows", "drop",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

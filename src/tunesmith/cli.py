@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -146,18 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_messages(path: str) -> list[dict]:
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TunesmithError(f"{path}: no such file") from None
-    except json.JSONDecodeError as exc:
+    except UnicodeDecodeError as exc:
+        raise TunesmithError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise TunesmithError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise TunesmithError(f"{path}: cannot read it ({exc.strerror})") from None
     messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise TunesmithError(f"{path}: expected a list of messages or an object with a 'messages' list")
-    from tunesmith.data.formats import normalise
+    from tunesmith.data.formats import checked_conversation
+    from tunesmith.data.validate import InvalidRow
 
-    normalise([{"messages": messages}], "messages", name=path)  # same row checks as training data
-    return messages
+    try:
+        return checked_conversation(messages)
+    except InvalidRow as problem:
+        raise TunesmithError(f"{path}: {problem}; fix the conversation") from None
 
 
 def cmd_template(args) -> None:
@@ -285,6 +293,9 @@ COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the hub library's per-file download and shard-loading bars tell a user of local models nothing; set before
+    # transformers is first imported (every verb imports it lazily), and a user's own setting wins
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     command = cmd_data_inspect if args.verb == "data" else COMMANDS[args.verb]
     try:
         command(args)

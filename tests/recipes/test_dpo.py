@@ -216,12 +216,12 @@ def test_data_errors_name_the_row_and_drops_are_counted(make_dpo, make_config, t
     rows = preference_rows(8)
     rows[2]["rejected"] = rows[2]["chosen"]
     bad = _write(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(TunesmithError, match="row 3: chosen and rejected are identical"):
+    with pytest.raises(TunesmithError, match="line 3: chosen and rejected are identical"):
         dpo.run(make_dpo("name=bad", f"data.train={bad}"))
     long_prompt = preference_rows(8)
     long_prompt[4]["prompt"] = "Repeat " + "alpha " * 200
     long = _write(tmp_path / "long.jsonl", long_prompt)
-    with pytest.raises(TunesmithError, match="row 5: .* tokens is over max_length 64"):
+    with pytest.raises(TunesmithError, match="line 5: .* tokens is over max_length 64"):
         dpo.run(make_dpo("name=long", f"data.train={long}", "data.max_length=64", "data.overlength=error"))
     config = make_dpo("name=dropped", f"data.train={bad}", "data.invalid_rows=drop", "train.max_steps=1",
                       "eval.before=false", "data.eval=")

@@ -96,6 +96,15 @@ def normalise(rows: list[dict], fmt: str | None = None, *, policy: str = "error"
     return NormalisedData(format=fmt, examples=examples, dropped=dropped, unit=unit)
 
 
+def checked_conversation(messages) -> list[dict]:
+    """One conversation through the same conversion and checks as a dataset row (raises ``InvalidRow``)."""
+    row = {"messages": messages}
+    check_row(row, "messages")
+    example = _CONVERTERS["messages"](row, 1)
+    check_example(example)
+    return example.messages
+
+
 def _message_list(value, what: str) -> list[dict]:
     """Copy the messages, dropping null-valued keys (Arrow fills keys absent from a message with null)
     but keeping a null ``content``, which an assistant message with ``tool_calls`` may carry.

@@ -225,6 +225,8 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
                     invalid_rows=config.data.invalid_rows, split=config.data.split,
                     sample=config.data.sample_rows, seed=config.seed)
     _check_objective(config, train)
+    if config.data.batching == "pack" and config.data.token_budget:
+        train.check_token_budget(config.data.token_budget)
     heldout, rows = None, None
     if config.data.eval:
         heldout = prepare(config.data.eval, tokenizer, options, fmt=config.data.format,

@@ -29,7 +29,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.task import evaluate_task
 from tunesmith.peft import (adapter_parameters, adapters_disabled, freeze_base, inject_lora, load_adapter,
                             lora_modules)
-from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME
+from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_metadata
 from tunesmith.recipes.common import (Progress, RunSetup, check_bad_steps, finish_run, hold_run_dir,
                                       load_resume_state, prepare_run, save_eval, save_training_checkpoint)
 from tunesmith.train.loop import compiled_layers, enable_gradient_checkpointing
@@ -147,7 +147,7 @@ def _stacked_adapter_writer(setup: RunSetup, sft_dir: Path):
                   "alpha_pattern": {}, "target_modules": names,
                   "base_model_name_or_path": setup.config.model.source}
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata=adapter_metadata(setup.model))
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write

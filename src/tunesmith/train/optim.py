@@ -27,6 +27,9 @@ def build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> to
         # for the few hundred small adapter matrices of a LoRA run (benchmarks/cpu_parts.py, CPU)
         fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(params, **kwargs, fused=fused)
+    from tunesmith.quant.bnb import quiet_bitsandbytes_import
+
+    quiet_bitsandbytes_import()
     import bitsandbytes as bnb
 
     cls = getattr(bnb.optim, BNB_OPTIMIZERS[config.name])
