@@ -58,7 +58,7 @@ def test_tool_call_rows_are_refused_by_line_when_the_template_cannot_render_them
         "rows with "
         "--invalid-rows drop (data.invalid_rows=drop in a training config)\n")
     code, report, _ = _inspect(capsys, tiny_model_dir, path, "--invalid-rows", "drop")
-    assert code == 0 and report["valid_rows"] == 3 and report["sequences"] == 2
+    assert code == 0 and report["valid_rows"] == 2 and report["sequences"] == 2
     assert report["dropped_unit"] == "line" and report["dropped_rows"] == [2]
 
 

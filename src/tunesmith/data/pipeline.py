@@ -106,7 +106,7 @@ def inspection(prepared: PreparedData) -> dict:
         "format": prepared.normalised.format,
         "rows": prepared.rows,
         "rows_by_kind": dict(sorted(kinds.items())),
-        "valid_rows": len(prepared.normalised.examples),
+        "valid_rows": len({ex["row"] for ex in examples}),  # rows that passed validation and tokenization
         "dropped": drops["count"],
         "dropped_unit": drops["unit"],
         "dropped_by_reason": drops["by_reason"],
