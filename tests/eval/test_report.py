@@ -113,10 +113,12 @@ def report_page(tmp_path):
               "fields": {"name": 0.2, "date": 0.0}}
     after = {"eval_loss": 0.87, "perplexity": 2.4, "valid_json_rate": 0.92, "exact_match": 0.6,
              "fields": {"name": 0.9, "date": 0.75}}
-    examples = [{"prompt": 'Book <script>alert("x")</script> & go', "base": "nope",
-                 "tuned": '  {"name": "Ann"}\n', "expected": '{"name": "Ann"}'},
-                {"prompt": "second", "tuned": "wrong", "expected": "right"},
-                {"prompt": "no expected answer", "base": "a", "tuned": "b"}]
+    examples = [{"prompt": 'Book <script>alert("x")</script> & go', "before": "nope",
+                 "after": '  {"name": "Ann"}\n', "expected": '{"name": "Ann"}', "subset": "unseen"},
+                {"prompt": "second", "after": "wrong", "expected": "right", "subset": "seen"},
+                {"prompt": "no expected answer", "before": "a", "after": "b"},
+                {"prompt": "same JSON, other spelling", "before": '```json\n{"n":1,"m":[true]}\n```',
+                 "after": '{"m": [1], "n": 1}', "expected": '{"m": [true], "n": 1}'}]
     path = tmp_path / "report.html"
     path.write_text("old report")
     write_report(path, title="Run <1> & co", metrics=metrics, before=before, after=after, examples=examples,
@@ -162,14 +164,35 @@ def test_user_text_is_escaped_and_nothing_is_external(report_page):
     assert not re.search(r"\b(src|href)=|@import|url\(", report_page)
 
 
-def test_examples_are_marked_against_expected(report_page):
+def test_samples_are_marked_against_expected_as_the_task_metrics_count(report_page):
     rows = table_rows(report_page)
-    assert ["#", "prompt", "expected", "base", "match", "tuned", "match"] in rows
-    first, second, third = (row for row in rows if row and row[0] in ("1", "2", "3"))
-    assert first[4:] == ["✗", '  {"name": "Ann"}\n', "✓"]  # equal after strip
-    assert second[3:] == ["—", "", "wrong", "✗"]  # no base output: no mark
-    assert third[4] == "" and third[6] == ""  # no expected answer: nothing to mark
-    assert report_page.count("✓") == 1 and report_page.count("✗") == 2
+    assert ["#", "subset", "prompt", "expected", "before", "match", "after", "match"] in rows
+    first, second, third, fourth = (row for row in rows if row and row[0] in ("1", "2", "3", "4"))
+    assert first[1] == "unseen" and second[1] == "seen" and third[1] == "—"
+    assert first[5:] == ["✗", '  {"name": "Ann"}\n', "✓"]  # equal after strip
+    assert second[4:] == ["—", "", "wrong", "✗"]  # no before output: no mark
+    assert third[5] == "" and third[7] == ""  # no expected answer: nothing to mark
+    # JSON answers match on values with their types: a fenced, reordered object matches; 1 is not true
+    assert fourth[5] == "✓" and fourth[7] == "✗"
+    assert report_page.count("✓") == 2 and report_page.count("✗") == 3
+
+
+def test_subset_rates_are_rates(tmp_path):
+    path = tmp_path / "report.html"
+    write_report(path, title="t", metrics=[], config_yaml="", timing={}, examples=[],
+                 before={"exact_match_unseen": 0.25, "valid_json_rate_unseen": 0.5},
+                 after={"exact_match_unseen": 0.75, "valid_json_rate_unseen": 1.0})
+    rows = table_rows(path.read_text(encoding="utf-8"))
+    assert ["exact_match_unseen", "25.0%", "75.0%", "+50.0 pp"] in rows
+    assert ["valid_json_rate_unseen", "50.0%", "100.0%", "+50.0 pp"] in rows
+    table = report.format_before_after({"eval_loss": 2.0, "exact_match": 0.0, "fields": {"city": 0.5}},
+                                       {"eval_loss": 1.5, "exact_match": 0.5, "exact_match_unseen": 0.25,
+                                        "fields": {"city": 1.0}, "eval_tokens": 40})
+    assert table.splitlines() == ["metric                   before       after",
+                                  "eval_loss                     2         1.5",
+                                  "exact_match                0.0%       50.0%",
+                                  "exact_match_unseen            —       25.0%",
+                                  "field: city               50.0%      100.0%"]
 
 
 def test_failed_write_keeps_the_old_report(tmp_path, monkeypatch):

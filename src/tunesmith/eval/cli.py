@@ -1,67 +1,145 @@
-"""``tunesmith eval``: evaluate a run dir or a model (optionally with an adapter) on held-out data."""
+"""``tunesmith eval``: evaluate a run dir or a model (optionally with an adapter) on held-out data.
+
+A run dir is read through the same typed config the run wrote (``config.yaml`` via ``load_config``), so its
+data is tokenized exactly as the run tokenized it (``train_on``, ``reasoning``, ``max_length``, over-length
+policy, template) and its eval settings apply; the command line's options override single keys of it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from tunesmith.config import RunConfig, load_config
 from tunesmith.data.pipeline import prepare
-from tunesmith.data.sources import load_rows
-from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.evaluate import builtin_task_source, evaluate
+from tunesmith.eval.evaluate import evaluate, generation_rows, task_metrics
+from tunesmith.eval.report import format_before_after, format_samples
+from tunesmith.eval.task import TaskResult
 from tunesmith.models import load
+from tunesmith.recipes.common import _tokenize_options
 from tunesmith.templates import use_template
 
 
-def _resolve_target(target: str, adapter: str | None, data: str | None, template: str | None):
-    """A run dir stands for its base model plus its adapter (or its full model) and its eval data."""
+def eval_config(target: str, *, data: str | None = None, task_rows: int | None = None,
+                max_length: int | None = None, template: str | None = None, generate: bool = False,
+                max_new_tokens: int | None = None, trust_remote_code: bool = False) -> RunConfig:
+    """The config an evaluation runs under: a run dir's own, else the defaults for the model ``target``;
+    each given option replaces its key (``data`` → ``data.eval``, with the format detected afresh)."""
+    run_dir = Path(target)
+    if (run_dir / "config.yaml").is_file():
+        config = load_config(run_dir / "config.yaml", trust_remote_code=trust_remote_code)
+    else:
+        config = load_config(None, trust_remote_code=trust_remote_code)
+        config.model.source = target
+    if data is not None:
+        config.data.eval, config.data.format = data, None
+    elif config.data.eval is None:
+        config.data.eval = "builtin:test"
+    for section, key, value in ((config.data, "max_length", max_length), (config.model, "template", template),
+                                (config.eval, "task_rows", task_rows),
+                                (config.eval, "max_new_tokens", max_new_tokens)):
+        if value is not None:
+            setattr(section, key, value)
+    config.eval.generate = config.eval.generate or generate
+    return config
+
+
+def _model_and_adapter(target: str, config: RunConfig, adapter: str | None) -> tuple[str, str | None]:
+    """A run dir stands for its base model plus its adapter, or for its full model."""
     run_dir = Path(target)
     if not (run_dir / "config.yaml").is_file():
-        return target, adapter, data or "builtin:test", template
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return target, adapter
     if (run_dir / "adapter").is_dir():
-        model, adapter = config["model"]["source"], adapter or str(run_dir / "adapter")
-    elif (run_dir / "model").is_dir():
-        model = str(run_dir / "model")
-    else:
-        raise TunesmithError(f"{run_dir} has no adapter/ or model/ yet; the run has not finished")
-    return model, adapter, data or config["data"].get("eval") or "builtin:test", template or config["model"]["template"]
+        return config.model.source, adapter or str(run_dir / "adapter")
+    if (run_dir / "model").is_dir():
+        return str(run_dir / "model"), adapter
+    raise TunesmithError(f"{run_dir} has no adapter/ or model/ yet; the run has not finished")
 
 
-def run_eval(target: str, *, adapter: str | None = None, data: str | None = None, task_rows: int = 100,
-             max_length: int = 512, template: str | None = None, trust_remote_code: bool = False) -> dict:
-    model_source, adapter, data, template = _resolve_target(target, adapter, data, template)
+def run_eval(target: str, *, adapter: str | None = None, data: str | None = None, task_rows: int | None = None,
+             max_length: int | None = None, template: str | None = None, generate: bool = False,
+             max_new_tokens: int | None = None, trust_remote_code: bool = False) -> dict:
+    """Metrics of ``target`` (a run dir or a model) on held-out data, as one dict.
+
+    With generation (the built-in task, or ``generate``) it also holds ``samples`` (every scored row: prompt,
+    expected, ``after`` = the evaluated model's answer); with an adapter, the base model (adapters off) is
+    scored too: its metrics in ``before`` and its answers in each sample's ``before``."""
+    config = eval_config(target, data=data, task_rows=task_rows, max_length=max_length, template=template,
+                         generate=generate, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+    model_source, adapter = _model_and_adapter(target, config, adapter)
+    # Data first: a dataset that cannot be scored is refused before the model loads.
+    rows = generation_rows(config)
     # a run dir's config.yaml records whether remote code ran, but only the caller's flag permits it
     loaded = load(model_source, trust_remote_code=trust_remote_code)
-    use_template(loaded.tokenizer, template)
+    use_template(loaded.tokenizer, config.model.template)
     if adapter is not None:
         from tunesmith.peft.io import load_adapter
 
         load_adapter(loaded.model, adapter)
     loaded.model.eval()
-    prepared = prepare(data, loaded.tokenizer, TokenizeOptions(max_length=max_length))
-    task_source = builtin_task_source(data)
-    rows = load_rows(task_source)[0][:task_rows] if task_source and task_rows else None
-    if prepared.normalised.format == "preference":
-        metrics = _preference_metrics(loaded.model, loaded.tokenizer, prepared.examples, rows)
-    else:
-        metrics, _ = evaluate(loaded.model, loaded.tokenizer, examples=prepared.examples, rows=rows)
-    return {"model": model_source, "adapter": adapter, "data": data, **metrics}
+    prepared = prepare(config.data.eval, loaded.tokenizer, _tokenize_options(config), fmt=config.data.format,
+                       invalid_rows=config.data.invalid_rows)
+    if config.eval.loss_rows is not None:
+        prepared.tokenized.examples = prepared.examples[:config.eval.loss_rows]
+
+    def measure() -> tuple[dict, TaskResult | None]:
+        if prepared.normalised.format == "preference":
+            return _preference_metrics(loaded.model, loaded.tokenizer, prepared.examples, rows, config)
+        return evaluate(loaded.model, loaded.tokenizer, examples=prepared.examples, rows=rows,
+                        batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+                        reasoning=config.data.reasoning)
+
+    metrics, after = measure()
+    report = {"model": model_source, "adapter": adapter, "data": config.data.eval, **metrics}
+    if after is None:
+        return report
+    before = None
+    if adapter is not None and config.eval.before:
+        from tunesmith.peft import adapters_disabled
+
+        with adapters_disabled(loaded.model):
+            report["before"], before = measure()
+    report["samples"] = samples_of(after, before)
+    return report
 
 
-def _preference_metrics(model, tokenizer, examples: list[dict], rows: list[dict] | None) -> dict:
+def samples_of(after: TaskResult, before: TaskResult | None, limit: int | None = None) -> list[dict]:
+    """One dict per scored row (the first ``limit``): row, subset, prompt, expected, before, after."""
+    samples = []
+    for i, row in enumerate(after.rows[:limit]):
+        sample = {"row": row.row, "subset": row.subset, "prompt": row.shown_prompt, "expected": row.expected}
+        if before is not None:
+            sample["before"] = before.predictions[i]
+        sample["after"] = after.predictions[i]
+        samples.append(sample)
+    return samples
+
+
+def format_eval(report: dict, samples: int = 12) -> str:
+    """The terminal view of ``run_eval``'s result: metrics, the before/after table, the first samples."""
+    shown = {key: value for key, value in report.items() if key not in ("before", "samples")}
+    lines = [f"{key:<18}{value}" for key, value in shown.items()]
+    if "before" in report:
+        lines += ["", format_before_after(report["before"], shown)]
+    if report.get("samples"):
+        lines += ["", format_samples(report["samples"][:samples])]
+    return "\n".join(lines)
+
+
+def _preference_metrics(model, tokenizer, examples: list[dict], rows, config: RunConfig):
     """Preference pairs, reference-free: how often the model's own log-probability ranks chosen above rejected,
     and the loss per chosen token; with the built-in pairs, the task metrics on the same prompts."""
     from tunesmith.eval.task import evaluate_task
     from tunesmith.train.preference import pair_logps, ranked_above
 
-    logps = pair_logps(model, examples, pad_id=tokenizer.pad_token_id)
+    logps = pair_logps(model, examples, pad_id=tokenizer.pad_token_id, batch_size=config.eval.batch_size)
     metrics = {"likelihood_accuracy": float(ranked_above(logps["chosen"], logps["rejected"]).mean()),
                "chosen_loss": float(-logps["chosen"].sum() / logps["chosen_len"].sum().clamp(min=1)),
                "pairs": len(examples)}
+    result = None
     if rows:
-        result = evaluate_task(model, tokenizer, rows)
-        metrics.update({k: result.metrics[k] for k in ("valid_json_rate", "exact_match", "fields")})
-    return metrics
+        result = evaluate_task(model, tokenizer, rows, batch_size=config.eval.batch_size,
+                               max_new_tokens=config.eval.max_new_tokens, reasoning=config.data.reasoning)
+        metrics.update(task_metrics(result))
+    return metrics, result
+

@@ -1,4 +1,5 @@
-"""Held-out loss and perplexity on any dataset, plus task metrics when the data is the built-in task."""
+"""Held-out loss and perplexity on any dataset, plus task metrics (scored greedy answers) on the built-in task
+and, with ``eval.generate``, on any data with expected answers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import torch
 
 from tunesmith.data.batching import pad_collate
+from tunesmith.config import RunConfig
 from tunesmith.data.builtin import BUILTIN_NAME
-from tunesmith.eval.task import TaskResult, evaluate_task
+from tunesmith.eval.task import AnswerRow, TaskResult, answer_rows, evaluate_task
 from tunesmith.train.loop import autocast_for, supervised_loss_sum, trained_tokens
 
 
@@ -40,9 +42,30 @@ def builtin_task_source(source: str | None) -> str | None:
     return None
 
 
-def evaluate(model, tokenizer, *, examples: list[dict], rows: list[dict] | None, batch_size: int = 16,
+def generation_rows(config: RunConfig) -> list[AnswerRow] | None:
+    """The held-out rows whose greedy answers are scored: up to ``eval.task_rows`` of the built-in task when
+    ``data.eval`` is built-in (``builtin-preference:test`` has the prompts of ``builtin:test``), or of
+    ``data.eval`` itself with ``eval.generate``; None when nothing is generated."""
+    source, cfg = config.data.eval, config.eval
+    if source is None or not cfg.task_rows:
+        return None
+    builtin = builtin_task_source(source)
+    if builtin is not None:
+        return answer_rows(builtin, limit=cfg.task_rows)
+    if cfg.generate:
+        return answer_rows(source, fmt=config.data.format, invalid_rows=config.data.invalid_rows,
+                           limit=cfg.task_rows)
+    return None
+
+
+def task_metrics(result: TaskResult) -> dict:
+    """The task rates that join the held-out metrics (the row counts stay in the task result)."""
+    return {key: value for key, value in result.metrics.items() if key != "n" and not key.startswith("n_")}
+
+
+def evaluate(model, tokenizer, *, examples: list[dict], rows: list[AnswerRow] | None, batch_size: int = 16,
              max_new_tokens: int = 48, reasoning: str | None = None) -> tuple[dict, TaskResult | None]:
-    """Loss metrics on ``examples``; with ``rows`` of the built-in task, its task metrics too."""
+    """Loss metrics on ``examples``; with ``rows``, the task metrics of greedy answers too."""
     metrics = heldout_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     task = None
     if rows:
@@ -51,5 +74,5 @@ def evaluate(model, tokenizer, *, examples: list[dict], rows: list[dict] | None,
         task = evaluate_task(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              reasoning=reasoning)
         model.train(was_training)
-        metrics.update({k: task.metrics[k] for k in ("valid_json_rate", "exact_match", "fields")})
+        metrics.update(task_metrics(task))
     return metrics, task

@@ -1,6 +1,7 @@
 """The run report: one self-contained ``report.html`` (inline CSS and SVG, no scripts, no external resources).
 
-``render_report`` builds the page as a string; ``write_report`` writes it atomically. Charts are drawn by
+``render_report`` builds the page as a string; ``write_report`` writes it atomically; ``format_before_after`` and
+``format_samples`` are the same tables for the terminal. Charts are drawn by
 ``svg_line_chart`` so the report opens offline and needs nothing beyond the standard library. Every piece of
 user text (titles, prompts, model outputs, config, notes) goes through ``html.escape``.
 """
@@ -12,6 +13,8 @@ import math
 import os
 import tempfile
 from pathlib import Path
+
+from tunesmith.eval.score import SUBSET_RATES, answers_match
 
 # Series that belong on one chart; any other numeric key in metrics.jsonl gets a chart of its own.
 CHART_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -29,6 +32,9 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 # Plot-area margins inside the SVG: room for the title and legend above, tick labels left and below.
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 28, 36
 MAX_MARKED_POINTS = 30  # sparse series (eval every N steps) get a dot per point so single points show
+# The metrics the terminal's before/after table shows first (task rates per subset and per field follow).
+HEADLINE_METRICS = ("eval_loss", "perplexity", "chosen_loss", "preference_accuracy", "likelihood_accuracy",
+                    "valid_json_rate", "exact_match")
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
@@ -144,7 +150,7 @@ def render_report(*, title: str, metrics: list[dict], before: dict | None, after
     sections.append("<h2>Training curves</h2>")
     sections.append('<div class="charts">' + "".join(svg_line_chart(s, title=t) for t, s in charts) + "</div>"
                     if charts else "<p>No metrics recorded.</p>")
-    sections.append("<h2>Held-out examples</h2>")
+    sections.append("<h2>Held-out samples</h2>")
     sections.append(_examples_table(examples) if examples else "<p>No examples.</p>")
     sections.append(f"<h2>Config</h2><pre>{esc(config_yaml)}</pre>")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -160,7 +166,7 @@ def write_report(path, *, title: str, metrics: list[dict], before: dict | None, 
 
     ``metrics`` are metrics.jsonl rows (``step`` plus any numeric series); ``before``/``after`` are evaluation
     dicts (a nested ``fields`` dict is shown as ``field: <name>`` rows; either may be None); ``examples`` have
-    ``prompt``, ``base``, ``tuned``, ``expected`` (any may be missing); ``timing`` is shown as a table and
+    ``prompt``, ``expected``, ``before``, ``after`` and ``subset`` (any may be missing); ``timing`` is shown as a table and
     ``notes`` as a list; ``drops`` maps a dataset (``train``, ``eval``) to its ``PreparedData.drops()`` (or None)
     and is shown as a table of reasons with the first row or line numbers.
     """
@@ -198,7 +204,8 @@ def _is_number(value) -> bool:
 
 
 def _is_rate(key: str) -> bool:
-    return key.startswith("field: ") or key.endswith(("_rate", "accuracy", "exact_match"))
+    per_subset = key.startswith(tuple(f"{rate}_" for rate in SUBSET_RATES))
+    return per_subset or key.startswith("field: ") or key.endswith(("_rate", "accuracy", "exact_match"))
 
 
 def _lower_is_better(key: str) -> bool:
@@ -306,22 +313,26 @@ def _comparison_table(before: dict | None, after: dict | None) -> str:
 
 
 def _mark(output, expected) -> str:
+    """✓ when the answer is an exact match as the task metrics count it (``tunesmith.eval.score``)."""
     if output is None or expected is None:
         return "<td></td>"
-    if str(output).strip() == str(expected).strip():
+    if answers_match(str(output), str(expected)):
         return '<td class="ok" title="matches expected">✓</td>'
     return '<td class="bad" title="differs from expected">✗</td>'
 
 
 def _examples_table(examples: list[dict]) -> str:
-    """Prompt, expected, and each output present in any example, with a ✓/✗ cell per output."""
-    outputs = [key for key in ("base", "tuned") if any(key in ex for ex in examples)]
-    header = "<th>#</th><th>prompt</th><th>expected</th>" + "".join(
+    """Prompt, expected, and each output present in any example (before, after), with a ✓/✗ cell per output;
+    a subset column when any example names one."""
+    outputs = [key for key in ("before", "after") if any(key in ex for ex in examples)]
+    subsets = any(ex.get("subset") for ex in examples)
+    header = "<th>#</th>" + ("<th>subset</th>" if subsets else "") + "<th>prompt</th><th>expected</th>" + "".join(
         f"<th>{key}</th><th>match</th>" for key in outputs)
     rows = [f"<table><tr>{header}</tr>"]
     for i, example in enumerate(examples, 1):
         expected = example.get("expected")
-        cells = [f'<td class="num">{i}</td>', _text_cell(example.get("prompt")), _text_cell(expected)]
+        cells = [f'<td class="num">{i}</td>'] + ([_text_cell(example.get("subset"))] if subsets else [])
+        cells += [_text_cell(example.get("prompt")), _text_cell(expected)]
         for key in outputs:
             cells += [_text_cell(example.get(key)), _mark(example.get(key), expected)]
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -361,3 +372,30 @@ def _format_duration(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min {rest} s" if hours else f"{minutes} min {rest} s"
+
+
+def format_before_after(before: dict | None, after: dict) -> str:
+    """A plain-text before/after table of the headline metrics, then the task rates per subset and per field."""
+    old, new = _flatten_eval(before), _flatten_eval(after)
+    keys = [key for key in HEADLINE_METRICS if key in new]
+    keys += [key for key in new if key not in keys and _is_rate(key) and _is_number(new[key])]
+    width = max([16] + [len(key) + 1 for key in keys])
+    lines = [f"{'metric':<{width}}{'before':>12}{'after':>12}"]
+    for key in keys:
+        lines.append(f"{key:<{width}}{_format_metric(key, old.get(key)):>12}{_format_metric(key, new[key]):>12}")
+    return "\n".join(lines)
+
+
+def format_samples(samples: list[dict]) -> str:
+    """Scored rows for the terminal: the prompt, the expected answer and each answer with ✓ / ✗."""
+    blocks = []
+    for sample in samples:
+        subset = f" [{sample['subset']}]" if sample.get("subset") else ""
+        lines = [f"row {sample['row']}{subset}", f"  prompt   : {sample['prompt']}",
+                 f"  expected : {sample['expected']}"]
+        for key in ("before", "after"):
+            if key in sample:
+                mark = "✓" if answers_match(sample[key], sample["expected"]) else "✗"
+                lines.append(f"  {key:<9}: {sample[key]}  {mark}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,26 +1,83 @@
-"""Task metrics for the built-in extraction task: generate greedily on held-out prompts and score them."""
+"""Task metrics on any held-out data with an expected answer: generate greedily and score the answers.
+
+Every row that has a natural expected answer can be scored: a conversation (``messages``, ShareGPT,
+alpaca, prompt/completion as message lists) by its last assistant turn, answered from the conversation
+before it rendered with the generation prompt through the model's template; a plain prompt/completion
+row by its completion, answered from the prompt as training sees it (no template). Preference pairs and
+plain text have no single expected answer and are refused.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunesmith.data.builtin import score_predictions
+from tunesmith.data.formats import normalise
+from tunesmith.data.sources import load_rows
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.score import score_answers
 from tunesmith.generate import SamplingConfig, generate
 from tunesmith.templates import render_prompt, stop_token_ids
 
 
 @dataclass
+class AnswerRow:
+    """One held-out row scored by generation."""
+
+    row: int  # its number in the source (a line of a JSONL/CSV file)
+    prompt: list[dict] | str  # the messages before the expected answer, or a plain prompt string
+    expected: str
+    subset: str | None = None  # the row's "subset" key: its rates are also reported on their own
+
+    @property
+    def shown_prompt(self) -> str:
+        """What a person reads as the question: the last message before the answer, or the plain prompt."""
+        return self.prompt if isinstance(self.prompt, str) else str(self.prompt[-1].get("content") or "")
+
+
+@dataclass
 class TaskResult:
-    metrics: dict  # valid_json_rate, exact_match, fields, n
-    prompts: list[str]  # the user message of each row
+    metrics: dict  # see tunesmith.eval.score.score_answers
+    rows: list[AnswerRow]
     predictions: list[str]
-    expected: list[str]
 
 
-def evaluate_task(model, tokenizer, rows: list[dict], *, batch_size: int = 16, max_new_tokens: int = 48,
+def answer_rows(source: str, *, fmt: str | None = None, invalid_rows: str = "error",
+                limit: int | None = None) -> list[AnswerRow]:
+    """The first ``limit`` rows of ``source`` with their expected answers (refused when it has none)."""
+    rows, name = load_rows(source)
+    normalised = normalise(rows, fmt, policy=invalid_rows, name=name)
+    if normalised.format in ("preference", "text"):
+        what = "preference pairs (prompt/chosen/rejected)" if normalised.format == "preference" else "plain text"
+        raise TunesmithError(f"{name} holds {what}: no row has one expected answer to score generated answers "
+                             "against; --generate (eval.generate) needs rows with an answer: messages, "
+                             "prompt/completion or alpaca")
+    by_number = dict(zip(getattr(rows, "numbers", range(1, len(rows) + 1)), rows))
+    unit = normalised.unit
+    out = []
+    for example in normalised.examples[:limit]:
+        subset = by_number[example.row].get("subset")
+        if subset is not None and (not isinstance(subset, str) or not subset):
+            raise TunesmithError(f"{name}: {unit} {example.row}: \"subset\" must be a non-empty string naming the "
+                                 f"row's group, not {subset!r}")
+        if example.kind == "completion":
+            out.append(AnswerRow(example.row, example.prompt, example.completion, subset))
+            continue
+        last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
+        answer = example.messages[last].get("content") if last is not None else None
+        if not isinstance(answer, str) or last == 0:
+            raise TunesmithError(f"{name}: {unit} {example.row}: the last assistant turn has no text answer after "
+                                 "a prompt to score generation against; end each row with a text answer, or "
+                                 "drop the row")
+        out.append(AnswerRow(example.row, example.messages[:last], answer, subset))
+    return out
+
+
+def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 16, max_new_tokens: int = 48,
                   reasoning: str | None = None) -> TaskResult:
-    """Greedy answers for ``rows`` (``messages`` format; the last message is the expected answer)."""
-    prompts = [render_prompt(tokenizer, row["messages"][:-1], reasoning=reasoning) for row in rows]
+    """Greedy answers for ``rows``, scored with ``score_answers``. The model is used as given (put it in
+    ``eval()`` mode first)."""
+    prompts = [render_prompt(tokenizer, row.prompt, reasoning=reasoning) if isinstance(row.prompt, list)
+               else tokenizer(row.prompt, add_special_tokens=True)["input_ids"] for row in rows]
     # Similar lengths batch together so left padding stays small.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     predictions: list[str] = [""] * len(rows)
@@ -32,7 +89,5 @@ def evaluate_task(model, tokenizer, rows: list[dict], *, batch_size: int = 16, m
                            pad_id=tokenizer.pad_token_id)
         for i, ids in zip(chunk, outputs):
             predictions[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    expected = [row["messages"][-1]["content"] for row in rows]
-    return TaskResult(metrics=score_predictions(predictions, expected),
-                      prompts=[row["messages"][-2]["content"] for row in rows],
-                      predictions=predictions, expected=expected)
+    metrics = score_answers(predictions, [row.expected for row in rows], [row.subset for row in rows])
+    return TaskResult(metrics=metrics, rows=rows, predictions=predictions)

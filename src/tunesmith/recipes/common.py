@@ -20,11 +20,11 @@ import yaml
 from tunesmith.config import RunConfig
 from tunesmith.data.builtin import BUILTIN_NAME
 from tunesmith.data.pipeline import PreparedData, prepare
-from tunesmith.data.sources import load_rows
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.evaluate import builtin_task_source, evaluate
-from tunesmith.eval.report import write_report
+from tunesmith.eval.evaluate import evaluate, generation_rows
+from tunesmith.eval.report import format_before_after, write_report
+from tunesmith.eval.task import AnswerRow
 from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
 from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
@@ -60,7 +60,7 @@ class RunSetup:
     dtype: torch.dtype
     train: PreparedData
     eval: PreparedData | None
-    eval_rows: list[dict] | None  # built-in task rows scored with task metrics
+    eval_rows: list[AnswerRow] | None  # held-out rows whose greedy answers are scored (see generation_rows)
     fingerprints: dict
     resume: bool  # False also when a --resume found no checkpoint and starts the run over
     lock: IO  # the open lock file: the run dir is ours while it stays open (see hold_run_dir)
@@ -234,9 +234,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
         _check_objective(config, heldout)
         if config.eval.loss_rows is not None:
             heldout.tokenized.examples = heldout.tokenized.examples[:config.eval.loss_rows]
-        task_source = builtin_task_source(config.data.eval)
-        if task_source and config.eval.task_rows:
-            rows = load_rows(task_source)[0][:config.eval.task_rows]
+        rows = generation_rows(config)
     drops = {"train": report_drops(train), "eval": report_drops(heldout) if heldout is not None else None}
     device = resolve_device(config.model.device)
     qlora = config.method.name == "qlora"
@@ -347,10 +345,12 @@ def evaluate_phase(setup: RunSetup, phase: str | None, *, task: bool = True) -> 
 
 
 def save_eval(setup: RunSetup, phase: str, metrics: dict, result) -> None:
-    """``eval_<phase>.json``: the metrics and, when the task was scored (``result``), its predictions."""
-    payload = {"metrics": metrics,
-               "predictions": result.predictions if result else [],
-               "prompts": result.prompts if result else [], "expected": result.expected if result else []}
+    """``eval_<phase>.json``: the metrics and, when answers were scored (``result``), each row's prompt (its
+    last message), expected answer, prediction, subset and row number, as parallel lists."""
+    rows = result.rows if result else []
+    payload = {"metrics": metrics, "predictions": result.predictions if result else [],
+               "prompts": [row.shown_prompt for row in rows], "expected": [row.expected for row in rows],
+               "subsets": [row.subset for row in rows], "rows": [row.row for row in rows]}
     _write_json(setup.run_dir / f"eval_{phase}.json", payload)
 
 
@@ -409,18 +409,6 @@ def save_result(setup: RunSetup, *, write_adapter=None) -> Path:
     return target
 
 
-def _before_after_table(before: dict | None, after: dict) -> str:
-    rates = ("preference_accuracy", "likelihood_accuracy", "valid_json_rate", "exact_match")
-    keys = [k for k in ("eval_loss", "perplexity", "chosen_loss", *rates) if k in after]
-    width = max([16] + [len(k) + 1 for k in keys])
-    lines = [f"{'metric':<{width}}{'before':>12}{'after':>12}"]
-    for key in keys:
-        fmt = (lambda v: f"{v:.1%}") if key in rates else (lambda v: f"{v:.4f}")
-        old = fmt(before[key]) if before and key in before else "-"
-        lines.append(f"{key:<{width}}{old:>12}{fmt(after[key]):>12}")
-    return "\n".join(lines)
-
-
 def finish_run(setup: RunSetup, state: dict, started: float, *, evaluate_after=evaluate_phase,
                write_adapter=None) -> dict:
     """Save the result, evaluate it, write ``summary.json`` and ``report.html``, print before/after.
@@ -445,10 +433,10 @@ def finish_run(setup: RunSetup, state: dict, started: float, *, evaluate_after=e
     examples = []
     if after and after["predictions"]:
         for i in range(min(setup.config.eval.report_examples, len(after["predictions"]))):
-            example = {"prompt": after["prompts"][i], "tuned": after["predictions"][i],
-                       "expected": after["expected"][i]}
+            example = {"subset": after["subsets"][i], "prompt": after["prompts"][i],
+                       "expected": after["expected"][i], "after": after["predictions"][i]}
             if before and before["predictions"]:
-                example["base"] = before["predictions"][i]
+                example["before"] = before["predictions"][i]
             examples.append(example)
     write_report(setup.run_dir / "report.html", title=f"tunesmith run {setup.config.name}",
                  metrics=read_metrics(setup.run_dir), before=summary["before"], after=summary["after"],
@@ -457,7 +445,7 @@ def finish_run(setup: RunSetup, state: dict, started: float, *, evaluate_after=e
                          "total_seconds": round(time.time() - started, 2), "device": str(setup.device),
                          "steps": state["step"], "tokens": state["tokens"]})
     if summary["after"]:
-        print(_before_after_table(summary["before"], summary["after"]))
+        print(format_before_after(summary["before"], summary["after"]))
     print(f"run dir: {setup.run_dir}  ({output.name}/, report.html, metrics.jsonl)")
     return summary
 

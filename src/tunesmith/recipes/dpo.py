@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import gather_examples, plan_batches
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.evaluate import task_metrics
 from tunesmith.eval.task import evaluate_task
 from tunesmith.peft import (adapter_parameters, adapters_disabled, freeze_base, inject_lora, load_adapter,
                             lora_modules)
@@ -228,7 +229,7 @@ def evaluate_preferences(setup: RunSetup, phase: str | None, cache: dict | None,
         result = evaluate_task(model, setup.tokenizer, setup.eval_rows, batch_size=batch_size,
                                max_new_tokens=config.eval.max_new_tokens, reasoning=config.data.reasoning)
         model.train(was_training)
-        metrics.update({k: result.metrics[k] for k in ("valid_json_rate", "exact_match", "fields")})
+        metrics.update(task_metrics(result))
     if phase is not None:
         save_eval(setup, phase, metrics, result)
     return metrics
