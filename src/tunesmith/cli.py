@@ -108,12 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     _trust_arg(p)
 
-    p = verbs.add_parser("eval", help="held-out loss / perplexity, and task metrics on the built-in task")
+    p = verbs.add_parser("eval", help="held-out loss / perplexity, and scored greedy answers (built-in task, "
+                                      "or any data with --generate); a run dir is evaluated with its own settings")
     p.add_argument("target", metavar="RUN_DIR_OR_MODEL")
     p.add_argument("--adapter", help="a LoRA adapter dir to apply to the model")
     p.add_argument("--data", help="held-out dataset (default: the run's eval data, else builtin:test)")
-    p.add_argument("--task-rows", type=_NON_NEGATIVE, default=100, help="rows scored by generation (built-in task)")
-    p.add_argument("--max-length", type=_POSITIVE, default=512)
+    p.add_argument("--generate", action="store_true",
+                   help="score greedy answers to each row's last assistant turn (or completion): exact match, and "
+                        "valid-JSON rate and per-field accuracy for JSON answers")
+    p.add_argument("--task-rows", type=_NON_NEGATIVE,
+                   help="rows scored by generation (default: the run's eval.task_rows, else 100)")
+    p.add_argument("--max-new-tokens", type=_POSITIVE, help="longest generated answer (default: the run's, else 48)")
+    p.add_argument("--max-length", type=_POSITIVE, help="default: the run's data.max_length, else 512")
     p.add_argument("--template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _trust_arg(p)
@@ -244,15 +250,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from tunesmith.eval.cli import run_eval
+    from tunesmith.eval.cli import format_eval, run_eval
 
     report = run_eval(args.target, adapter=args.adapter, data=args.data, task_rows=args.task_rows,
-                      max_length=args.max_length, template=args.template, trust_remote_code=args.trust_remote_code)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:<18}{value}")
+                      max_length=args.max_length, template=args.template, generate=args.generate,
+                      max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(report) if args.json else format_eval(report))
 
 
 def cmd_merge(args) -> None:

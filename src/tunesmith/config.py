@@ -179,8 +179,11 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     before: bool = True
     """Evaluate the untuned model too, for the before/after comparison."""
+    generate: bool = False
+    """Also score greedy answers on `data.eval`'s own rows (each row's last assistant turn, or its completion):
+    exact match, and for JSON answers valid-JSON rate and per-field accuracy. The built-in task is always scored."""
     task_rows: int = Field(100, ge=0)
-    """Held-out rows scored with task metrics (built-in task only); 0 disables generation."""
+    """Held-out rows whose greedy answers are scored (built-in task, or any data with `generate`); 0: none."""
     loss_rows: int | None = Field(None, gt=0)
     """Held-out rows for loss / perplexity (None: all)."""
     batch_size: int = Field(16, gt=0)
