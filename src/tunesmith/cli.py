@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -68,7 +69,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invalid-rows", choices=["error", "drop"], default="error")
     p.add_argument("--train-on", choices=["all", "last"], default="all")
     p.add_argument("--reasoning", choices=["on", "off"])
+    _mask_args(p)
     _trust_arg(p)
+
+
+def _mask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--append-eos", action="store_true",
+                   help="train the tokenizer's EOS after each answer (for templates with no end-of-turn marker)")
+    p.add_argument("--control-tokens", choices=["refuse", "allow"], default="refuse",
+                   help="a message holding a control token such as <|im_end|>: refuse the row (default) or allow it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template")
     p.add_argument("--train-on", choices=["all", "last"], default="all")
     p.add_argument("--reasoning", choices=["on", "off"])
+    _mask_args(p)
     p.add_argument("--no-color", action="store_true", help="mark trained text as [[...]] instead of colour")
     _trust_arg(p)
 
@@ -175,33 +185,52 @@ def _read_messages(path: str) -> list[dict]:
 
 
 def cmd_template(args) -> None:
+    from tunesmith.data.tokenize import mask_note_line
+    from tunesmith.data.validate import InvalidRow, check_control_tokens
     from tunesmith.models import load_tokenizer
-    from tunesmith.templates import mask_view, render, use_template
+    from tunesmith.templates import control_tokens, mask_view, render, use_template
 
     messages = _read_messages(args.messages)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     use_template(tokenizer, args.template)
-    examples = render(tokenizer, messages, train_on=args.train_on, reasoning=args.reasoning)
+    if args.control_tokens == "refuse":
+        try:
+            check_control_tokens(messages, control_tokens(tokenizer), "conversation")
+        except InvalidRow as problem:
+            raise TunesmithError(f"{args.messages}: {problem}") from None
+    examples = render(tokenizer, messages, train_on=args.train_on, reasoning=args.reasoning,
+                      append_eos=args.append_eos)
     for i, rendered in enumerate(examples):
         if len(examples) > 1:
             print(f"== example {i + 1} of {len(examples)} (the template rewrites history) ==")
         print(mask_view(rendered, color=not args.no_color))
+        for note, count in rendered.notes.items():
+            print(f"note: {mask_note_line(note, count)}")
 
 
 def cmd_data_inspect(args) -> None:
     from tunesmith.data.pipeline import format_inspection, inspection, prepare
-    from tunesmith.data.tokenize import TokenizeOptions
+    from tunesmith.data.tokenize import TokenizeOptions, mask_note_line
     from tunesmith.models import load_tokenizer
     from tunesmith.templates import use_template
 
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     use_template(tokenizer, args.template)
     options = TokenizeOptions(max_length=args.max_length, overlength=args.overlength, train_on=args.train_on,
-                              reasoning=args.reasoning)
-    prepared = prepare(args.dataset, tokenizer, options, fmt=args.format, invalid_rows=args.invalid_rows,
-                       split=args.split, require_trained=False)
+                              reasoning=args.reasoning, append_eos=args.append_eos,
+                              control_tokens=args.control_tokens)
+    with warnings.catch_warnings():  # the mask notes are part of the report here
+        warnings.simplefilter("ignore")
+        prepared = prepare(args.dataset, tokenizer, options, fmt=args.format, invalid_rows=args.invalid_rows,
+                           split=args.split, require_trained=False)
     report = inspection(prepared)
-    print(json.dumps(report) if args.json else format_inspection(report))
+    report["mask_notes"] = prepared.tokenized.mask_notes
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(format_inspection(report))
+    for note, count in report["mask_notes"].items():
+        print(f"masks         {mask_note_line(note, count)}")
 
 
 def _chat_options(args):

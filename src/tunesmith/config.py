@@ -63,6 +63,12 @@ class DataConfig(_Section):
     invalid_rows: Literal["error", "drop"] = "error"
     train_on: Literal["all", "last"] = "all"
     reasoning: Literal["on", "off"] | None = None
+    append_eos: bool = False
+    """Append the tokenizer's EOS after each trained assistant turn, trained: for templates whose turns end
+    with no end-of-turn marker (nothing else teaches the model to stop)."""
+    control_tokens: Literal["refuse", "allow"] = "refuse"
+    """A message holding a control token (a special token or a marker of the template, e.g. `<|im_end|>`):
+    refuse: an invalid row (see invalid_rows); allow: keep it, read as the control token it is."""
     batching: Literal["pad", "bucket", "pack"] = "pad"
     token_budget: int | None = Field(None, gt=0)
     """Tokens per packed row (batching=pack); defaults to max_length."""

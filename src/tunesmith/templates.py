@@ -1,25 +1,39 @@
 """Chat templates, reasoning-mode flags, and assistant-only loss masks that are right for any template.
 
-How the mask is found, for any Jinja template and without ``{% generation %}`` markers: for each
-assistant turn ``i`` the template is rendered twice,
+How the mask is found, for any Jinja template and without ``{% generation %}`` markers or a list of
+known markers: for each assistant turn ``i`` the template is rendered a few times,
 
     before  = render(messages[:i],   add_generation_prompt=True)    # what the model sees at inference
     through = render(messages[:i+1], add_generation_prompt=False)   # the same plus turn i, closed
+    probe   = through, with turn i's content replaced by a sentinel  # what the template adds around content
+    next    = probe followed by message i+1 (or a user probe)         # how the turn closes mid-conversation
 
-The trained span of turn ``i`` starts where ``before`` and ``through`` first differ (so the
-generation prompt, e.g. ``<|im_start|>assistant\\n``, stays untrained) and ends after the last
-end-of-turn marker inside the turn (``<|im_end|>``, ``<|eot_id|>``, ``</s>``...), so the token the
-model must emit to stop is trained while trailing boilerplate such as a newline is not. Text spans
-become token masks through the tokenizer's character offsets: a token is trained when it starts
-inside a span.
+*Start.* The trained span starts where the generation prompt ends (``<|im_start|>assistant\n`` stays
+untrained). A generation prompt that ends with text the turn does not render (DeepSeek-R1's
+``<think>\n``, a no-think prompt's empty ``<think></think>`` before reasoning data) starts the span
+where prompt, turn and probe still agree, so no character of the answer is cut; if that point lies
+inside a reasoning block the turn opens, the whole block is trained from its opening tag (counted
+in ``Rendered.notes``, shown by ``data inspect``).
+
+*End.* The content ends where the probe's text after the sentinel begins, measured from the end,
+so a marker string inside the content (``</s>``, ``<|end|>``) can never end the span. What follows
+the content is the template's closing: the trained part ends after its last marker (a special token
+or a marker-shaped string such as ``<|im_end|>``, ``</s>``, ``[/INST]``), so a newline after
+``<|im_end|>`` stays untrained. Mid-conversation the closing is what the template emits whatever
+follows (the common part of ``probe`` and ``next``), so a conversation-final token (Phi-3's EOS)
+belongs to the last turn only. A closing with no marker teaches nothing about stopping: counted,
+and ``append_eos`` appends the tokenizer's EOS, trained. Text spans become token masks through the
+tokenizer's character offsets: a token is trained when it starts inside a span.
 
 Some templates rewrite history (a reasoning template may drop earlier turns' ``<think>`` blocks),
-so ``through`` is not a prefix of the whole conversation. That is detected, and each assistant turn
-is then its own example whose context is exactly what the template renders at inference time.
+so a turn is not rendered in the whole conversation as it is alone. That is detected, and each
+assistant turn is then its own example whose context is exactly what the template renders at
+inference time.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -50,7 +64,8 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     ),
 }
 
-# Strings that close an assistant turn in the templates in common use; the last one inside a turn is trained.
+# Strings that close an assistant turn in the templates in common use: stop tokens for generation (the trained
+# mask reads each template's own closing instead, see the module docstring).
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "</s>", "<|end|>", "<end_of_turn>",
                        "<|endoftext|>", "<|end_of_text|>")
 REASONING_MODES = ("on", "off")
@@ -73,6 +88,7 @@ class Rendered:
     trained: list[bool]
     text: str
     offsets: list[tuple[int, int]] = field(repr=False)
+    notes: dict[str, int] = field(default_factory=dict)  # NOTE_* -> how many trained turns it applies to
 
     @property
     def labels(self) -> list[int]:
@@ -184,26 +200,171 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
-def _turn_end(text: str, start: int) -> int:
-    """End of the trained span: just after the last end-of-turn marker in ``text[start:]``."""
-    ends = [text.rfind(m, start) + len(m) for m in END_OF_TURN_MARKERS if text.rfind(m, start) >= 0]
-    return max(ends) if ends else len(text.rstrip())
+# Private-use characters: no template, tokenizer vocabulary or sane dataset holds them.
+_SENTINEL = "\ue000tunesmith-turn\ue001"
+_NEXT_PROBE = "\ue000tunesmith-next\ue001"
+# Marker-shaped strings a template wraps turns in: <|im_end|>, <｜end▁of▁sentence｜>, </s>, <end_of_turn>,
+# [/INST], <</SYS>>. Only text the template itself emits is searched, never a message's content.
+_MARKER = re.compile(r"<\|[^<>|\s]{1,48}\|>|<｜[^<>｜\s]{1,48}｜>|</?[A-Za-z][\w.:-]{0,48}>|\[/?[A-Z][A-Z_]{1,24}\]"
+                     r"|<</?[A-Z]{1,12}>>")
+# Reasoning tags are content, not control: datasets carry <think>…</think> and templates parse it.
+_REASONING_TAG = re.compile(r"</?(?:\w+:)?think>")
+_REASONING_OPEN = re.compile(r"<(?:\w+:)?think>")
+_REASONING_CLOSE = re.compile(r"</(?:\w+:)?think>")
+
+NOTE_NO_END_MARKER = "no end-of-turn marker after the answer (nothing teaches the model to stop)"
+NOTE_PROMPT_DIFFERS = "the generation prompt ends with text the turn does not render"
+NOTE_REASONING_WHOLE = "reasoning block trained whole (the generation prompt opens or skips it)"
 
 
-def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]]) -> Rendered:
+def _special_tokens(tokenizer) -> set[str]:
+    specials = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(added.content)
+    return {token for token in specials if token}
+
+
+def _marker_spans(text: str, specials: set[str]) -> list[tuple[int, int]]:
+    spans = [m.span() for m in _MARKER.finditer(text)]
+    for token in specials:
+        at = text.find(token)
+        while at >= 0:
+            spans.append((at, at + len(token)))
+            at = text.find(token, at + 1)
+    return sorted(spans)
+
+
+def _through_last_marker(tail: str, specials: set[str]) -> str:
+    """``tail`` cut after its last marker ('' when it has none): what of a closing is trained."""
+    spans = _marker_spans(tail, specials)
+    return tail[: max(end for _, end in spans)] if spans else ""
+
+
+def _mid_closing(alone: str, followed: str, specials: set[str]) -> str:
+    """The trained closing of a turn that something follows: what the template emits after the content
+    whatever comes next, through its last marker. When the two renderings part inside a marker both open
+    at the same place (gpt-oss closes a final turn with <|return|>, a mid one with <|end|>), the marker
+    of the mid-conversation rendering is that closing."""
+    shared = _common_prefix_len(alone, followed)
+    closing = _through_last_marker(alone[:shared], specials)
+    if closing:
+        return closing
+    first_alone, first_followed = _marker_spans(alone, specials)[:1], _marker_spans(followed, specials)[:1]
+    if first_alone and first_followed and first_alone[0][0] == first_followed[0][0] <= shared \
+            and not alone[: first_alone[0][0]].strip():
+        return followed[: first_followed[0][1]]
+    return ""
+
+
+def _prompt_end(before: str, through: str) -> tuple[int, bool]:
+    """Where the generation prompt ends inside ``through``, and whether it holds text the turn does not render.
+
+    Whitespace is skipped on both sides: a template's own layout (an indented Jinja line) often puts a
+    newline after the generation prompt that the rendered turn lacks, and that is no difference."""
+    i = j = 0
+    while True:
+        while i < len(before) and before[i].isspace():
+            i += 1
+        while j < len(through) and through[j].isspace():
+            j += 1
+        if i == len(before) or j == len(through) or before[i] != through[j]:
+            break
+        i, j = i + 1, j + 1
+    return j, i < len(before)
+
+
+@dataclass
+class _Turn:
+    """Where turn ``index`` sits in ``through``: the span start, the content's end and the two closings."""
+
+    index: int
+    through: str
+    start: int
+    content_end: int
+    closing_mid: str
+    closing_last: str
+    notes: list[str]
+
+
+def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set[str]) -> _Turn:
+    before = chat_text(tokenizer, messages[:i], add_generation_prompt=True, **kwargs)
+    through = chat_text(tokenizer, messages[: i + 1], add_generation_prompt=False, **kwargs)
+    probe = messages[:i] + [{**messages[i], "content": _SENTINEL}]
+    alone = chat_text(tokenizer, probe, add_generation_prompt=False, **kwargs)
+    following = messages[i + 1] if i + 1 < len(messages) else {"role": "user", "content": _NEXT_PROBE}
+    followed = chat_text(tokenizer, probe + [following], add_generation_prompt=False, **kwargs)
+    notes = []
+    start, differs = _prompt_end(before, through)
+    # the probe shows where turn i's own content starts to matter: the span never starts after it
+    start = min(start, _common_prefix_len(alone, through))
+    at = alone.rfind(_SENTINEL)
+    if at >= 0:
+        head = alone[: at + len(_SENTINEL)]
+        tail = alone[len(head):]
+        tail_next = followed[len(head):] if followed.startswith(head) else None
+    else:
+        # the template dropped the content (a tool-call turn rendered from its calls alone): its closing is the
+        # last marker before the real conversation and the same one followed by the next message part
+        after = chat_text(tokenizer, messages[: i + 2] if i + 1 < len(messages) else messages + [following],
+                          add_generation_prompt=False, **kwargs)
+        shared = _common_prefix_len(through, after)
+        found = _marker_spans(through[start:shared], specials)
+        cut = start + found[-1][0] if found else len(through)
+        tail, tail_next = through[cut:], after[cut:]
+    content_end = len(through) - len(tail) if through.endswith(tail) else len(through.rstrip())
+    closing_last = _through_last_marker(tail, specials)
+    closing_mid = _mid_closing(tail, tail_next, specials) if tail_next is not None else closing_last
+    start = min(start, content_end)
+    if differs:
+        notes.append(NOTE_PROMPT_DIFFERS)
+        opened = list(_REASONING_OPEN.finditer(through, 0, start))
+        if opened and not _REASONING_CLOSE.search(through, opened[-1].start(), start):
+            start = opened[-1].start()
+            notes.append(NOTE_REASONING_WHOLE)
+    if not closing_last:
+        notes.append(NOTE_NO_END_MARKER)
+    return _Turn(i, through, start, max(start, content_end), closing_mid, closing_last, notes)
+
+
+def _append_eos(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    """Insert the EOS string after every trained span that does not already end with it; spans shift."""
+    eos = tokenizer.eos_token
+    if not eos:
+        raise TunesmithError("append_eos is on but this tokenizer has no EOS token")
+    out, shifted, cursor, added = [], [], 0, 0
+    for start, end in spans:
+        out.append(text[cursor:end])
+        cursor = end
+        extra = 0 if text[start:end].endswith(eos) else len(eos)
+        if extra:
+            out.append(eos)
+        shifted.append((start + added, end + added + extra))
+        added += extra
+    out.append(text[cursor:])
+    return "".join(out), shifted
+
+
+def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], notes: list[str]) -> Rendered:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    trained = [any(s <= o[0] < e for s, e in spans) for o in offsets]
-    return Rendered(input_ids=list(enc["input_ids"]), trained=trained, text=text, offsets=offsets)
+    # a token is trained when any of its characters is: BPE may glue the answer's first character to the
+    # prompt's last (": A"), and that token is the one the model must produce
+    trained = [any(o[0] < e and (s < o[1] or s == o[0]) for s, e in spans) for o in offsets]
+    counted: dict[str, int] = {}
+    for note in notes:
+        counted[note] = counted.get(note, 0) + 1
+    return Rendered(input_ids=list(enc["input_ids"]), trained=trained, text=text, offsets=offsets, notes=counted)
 
 
 def render(tokenizer, messages: list[dict], *, train_on: str = "all", first_trained: int = 0,
-           reasoning: str | None = None) -> list[Rendered]:
+           reasoning: str | None = None, append_eos: bool = False) -> list[Rendered]:
     """Render a conversation into one or more examples with assistant-only trained masks.
 
     ``train_on``: ``"all"`` trains every assistant turn at index >= ``first_trained`` except those
-    with ``weight`` 0; ``"last"`` only the final one of those. Returns one example, or one per
-    trained turn when the template rewrites history (see the module docstring).
+    with ``weight`` 0; ``"last"`` only the final one of those. ``append_eos`` appends the tokenizer's
+    EOS after each trained turn (trained). Returns one example, or one per trained turn when the
+    template rewrites history (see the module docstring).
     """
     if train_on not in ("all", "last"):
         raise TunesmithError(f"train_on must be 'all' or 'last', not {train_on!r}")
@@ -213,16 +374,56 @@ def render(tokenizer, messages: list[dict], *, train_on: str = "all", first_trai
                if m.get("role") == "assistant" and m.get("weight") != 0 and i >= first_trained + shift]
     if train_on == "last":
         targets = targets[-1:]
+    specials = _special_tokens(tokenizer)
     full = chat_text(tokenizer, flagged, add_generation_prompt=False, **kwargs)
-    turns = []
-    for i in targets:
-        before = chat_text(tokenizer, flagged[:i], add_generation_prompt=True, **kwargs)
-        through = chat_text(tokenizer, flagged[: i + 1], add_generation_prompt=False, **kwargs)
-        start = _common_prefix_len(before, through)
-        turns.append((through, (start, _turn_end(through, start))))
-    if all(full.startswith(through) for through, _ in turns):
-        return [_tokenize(tokenizer, full, [span for _, span in turns])]
-    return [_tokenize(tokenizer, through, [span]) for through, span in turns]
+    turns = [_locate(tokenizer, flagged, i, kwargs, specials) for i in targets]
+    final = len(flagged) - 1
+
+    def in_full(turn: _Turn) -> str:
+        return turn.through[: turn.content_end] + (turn.closing_last if turn.index == final else turn.closing_mid)
+
+    examples = []
+    if all(full.startswith(in_full(t)) for t in turns):
+        examples.append((full, [(t.start, len(in_full(t))) for t in turns], [n for t in turns for n in t.notes]))
+    else:
+        examples += [(t.through, [(t.start, t.content_end + len(t.closing_last))], t.notes) for t in turns]
+    out = []
+    for text, spans, notes in examples:
+        if append_eos:
+            text, spans = _append_eos(tokenizer, text, spans)
+            notes = [n for n in notes if n != NOTE_NO_END_MARKER]
+        out.append(_tokenize(tokenizer, text, spans, notes))
+    return out
+
+
+def control_tokens(tokenizer, messages: list[dict] | None = None) -> set[str]:
+    """Strings that a tokenizer reads as control tokens or the template uses to frame turns: the
+    tokenizer's special tokens and the marker-shaped strings the template emits around a probe
+    conversation. Reasoning tags are left out: reasoning data carries them in its content."""
+    specials = _special_tokens(tokenizer)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {t for t in specials | set(_template_markers(tokenizer, template)) if not _REASONING_TAG.fullmatch(t)}
+
+
+def _template_markers(tokenizer, template: str) -> tuple[str, ...]:
+    key = (id(tokenizer), template)
+    if key not in _MARKER_CACHE:
+        probes = [[{"role": "system", "content": _SENTINEL}], []]
+        turns = [{"role": "user", "content": _SENTINEL}, {"role": "assistant", "content": _SENTINEL},
+                 {"role": "user", "content": _SENTINEL}]
+        found: set[str] = set()
+        for head in probes if template else []:
+            try:
+                text = chat_text(tokenizer, head + turns, add_generation_prompt=True)
+            except TemplateFailed:  # a template that refuses system messages: try without
+                continue
+            found = {m.group() for part in text.split(_SENTINEL) for m in _MARKER.finditer(part)}
+            break
+        _MARKER_CACHE[key] = tuple(sorted(found))
+    return _MARKER_CACHE[key]
+
+
+_MARKER_CACHE: dict[tuple[int, str], tuple[str, ...]] = {}
 
 
 def mask_view(rendered: Rendered, *, color: bool = True) -> str:

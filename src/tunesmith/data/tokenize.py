@@ -7,22 +7,37 @@ happens in the loss, never in the data.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from tunesmith.data.formats import Example
-from tunesmith.data.validate import InvalidRow, row_error
+from tunesmith.data.validate import InvalidRow, check_control_tokens, row_error
 from tunesmith.errors import TunesmithError
-from tunesmith.templates import IGNORE_INDEX, TemplateFailed, render, renders_tool_calls
+from tunesmith.templates import (
+    IGNORE_INDEX, NOTE_NO_END_MARKER, NOTE_PROMPT_DIFFERS, NOTE_REASONING_WHOLE, TemplateFailed, control_tokens, render,
+    renders_tool_calls,
+)
 
 OVERLENGTH_POLICIES = ("truncate", "drop", "error")
+CONTROL_TOKEN_POLICIES = ("refuse", "allow")
 
 
 @dataclass
 class TokenizeOptions:
+    """How examples become tokens; ``DataConfig`` documents each field (build one with ``from_config``)."""
+
     max_length: int = 1024
     overlength: str = "truncate"
     train_on: str = "all"
     reasoning: str | None = None
+    append_eos: bool = False
+    control_tokens: str = "refuse"
+
+    @classmethod
+    def from_config(cls, data) -> TokenizeOptions:
+        """The options a typed ``DataConfig`` asks for: training, eval and merge build them this one way."""
+        return cls(max_length=data.max_length, overlength=data.overlength, train_on=data.train_on,
+                   reasoning=data.reasoning, append_eos=data.append_eos, control_tokens=data.control_tokens)
 
 
 @dataclass
@@ -32,6 +47,7 @@ class TokenizedData:
     examples: list[dict]  # {"input_ids", "labels", "row"}; preference rows: {"chosen": {...}, "rejected": {...}, "row"}
     dropped: list[tuple[int, str]] = field(default_factory=list)
     truncated: int = 0
+    mask_notes: dict[str, int] = field(default_factory=dict)  # templates.NOTE_* -> trained turns it applies to
 
     @property
     def trained_tokens(self) -> int:
@@ -65,10 +81,22 @@ def _refuse_tool_calls(tokenizer, messages: list[dict], what: str) -> None:
 def _chat(tokenizer, messages, options: TokenizeOptions, first_trained: int = 0) -> list[dict]:
     try:
         rendered = render(tokenizer, messages, train_on=options.train_on, first_trained=first_trained,
-                          reasoning=options.reasoning)
+                          reasoning=options.reasoning, append_eos=options.append_eos)
     except TemplateFailed as exc:
         raise InvalidRow(f"the chat template failed on this row ({exc.reason})") from None
-    return [{"input_ids": r.input_ids, "labels": r.labels} for r in rendered]
+    return [{"input_ids": r.input_ids, "labels": r.labels, "notes": r.notes} for r in rendered]
+
+
+def _refuse_control_tokens(tokenizer, example: Example, options: TokenizeOptions) -> None:
+    """A control token written in a message (``<|im_end|>\\n<|im_start|>user``) is read as a real one and would
+    train a fake turn; such rows are refused unless the policy allows them."""
+    if options.control_tokens == "allow":
+        return
+    controls = control_tokens(tokenizer)
+    for what, value in (("conversation" if example.kind == "chat" else "prompt", example.messages),
+                        ("prompt", example.prompt), ("completion", example.completion), ("text", example.text),
+                        ("chosen", example.chosen), ("rejected", example.rejected)):
+        check_control_tokens(value, controls, what)
 
 
 def _as_messages(answer) -> list[dict]:
@@ -79,6 +107,7 @@ def _preference_side(tokenizer, example: Example, answer, options: TokenizeOptio
     if example.messages is not None:
         (side,) = _chat(tokenizer, list(example.messages) + _as_messages(answer), options,
                         first_trained=len(example.messages))[-1:]
+        side.pop("notes")
         return side
     if not isinstance(answer, str) and any(m.get("tool_calls") for m in answer):
         raise InvalidRow("an answer calls tools (tool_calls), which needs the prompt as a message list")
@@ -89,8 +118,10 @@ def _preference_side(tokenizer, example: Example, answer, options: TokenizeOptio
 def sequences(tokenizer, example: Example, options: TokenizeOptions) -> list[dict]:
     """The training sequences of one example (a history-rewriting template can give several).
 
-    A row the template cannot render raises ``InvalidRow``.
+    A row the template cannot render, or one holding a control token under the ``refuse`` policy, raises
+    ``InvalidRow``.
     """
+    _refuse_control_tokens(tokenizer, example, options)
     if example.kind == "chat":
         _refuse_tool_calls(tokenizer, example.messages, "conversation")
         return _chat(tokenizer, example.messages, options, example.first_trained)
@@ -125,6 +156,9 @@ def tokenize_examples(tokenizer, examples: list[Example], options: TokenizeOptio
     """
     if options.overlength not in OVERLENGTH_POLICIES:
         raise TunesmithError(f"overlength must be one of {', '.join(OVERLENGTH_POLICIES)}, not {options.overlength!r}")
+    if options.control_tokens not in CONTROL_TOKEN_POLICIES:
+        raise TunesmithError(f"control_tokens must be one of {', '.join(CONTROL_TOKEN_POLICIES)}, "
+                             f"not {options.control_tokens!r}")
     out = TokenizedData(examples=[])
     for example in examples:
         try:
@@ -135,6 +169,8 @@ def tokenize_examples(tokenizer, examples: list[Example], options: TokenizeOptio
             out.dropped.append((example.row, str(problem)))
             continue
         for seq in rendered:
+            for note, count in seq.pop("notes", {}).items():
+                out.mask_notes[note] = out.mask_notes.get(note, 0) + count
             sides = ("chosen", "rejected") if "chosen" in seq else (None,)
             longest = max(len((seq[s] if s else seq)["input_ids"]) for s in sides)
             if longest > options.max_length and options.overlength != "truncate":
@@ -161,4 +197,21 @@ def tokenize_examples(tokenizer, examples: list[Example], options: TokenizeOptio
                 continue
             out.truncated += cut
             out.examples.append({**seq, "row": example.row})
+    if out.mask_notes.get(NOTE_NO_END_MARKER):
+        warnings.warn(f"{name}: {mask_note_line(NOTE_NO_END_MARKER, out.mask_notes[NOTE_NO_END_MARKER])}",
+                      stacklevel=2)
     return out
+
+
+_NOTE_ADVICE = {
+    NOTE_NO_END_MARKER: "the model may not learn to stop; add --append-eos (data.append_eos=true) to train the "
+                        "tokenizer's EOS after each answer",
+    NOTE_REASONING_WHOLE: "their reasoning is trained from its opening tag; set --reasoning on (data.reasoning=on) "
+                          "to train them as the model will be prompted, or remove the reasoning from the data",
+    NOTE_PROMPT_DIFFERS: "training starts where prompt and turn agree",
+}
+
+
+def mask_note_line(note: str, count: int) -> str:
+    """One line for ``data inspect`` and warnings: how many trained turns a mask note applies to, and the fix."""
+    return f"{count} trained turn{'s' if count != 1 else ''}: {note}; {_NOTE_ADVICE[note]}"

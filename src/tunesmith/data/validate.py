@@ -68,6 +68,21 @@ def check_example(example: Example) -> None:
         _check_preference(example)
 
 
+def check_control_tokens(value, controls: set[str], what: str) -> None:
+    """Refuse text holding a control token (a special token or a marker of the chat template), which the
+    tokenizer would read as structure: in an answer it trains a fake end of turn or a fake next turn."""
+    if isinstance(value, str):
+        for token in sorted(controls, key=lambda c: (-len(c), c)):  # longest first: the message names a whole token
+            if token in value:
+                raise InvalidRow(f"{what} holds the control token {token!r}, which would be read as chat structure, "
+                                 "not text; remove it, or keep such rows with --control-tokens allow "
+                                 "(data.control_tokens=allow)")
+    elif isinstance(value, list):
+        for index, item in enumerate(value, start=1):
+            if isinstance(item, dict):
+                check_control_tokens(item.get("content"), controls, f"{what} message {index} ({item.get('role')})")
+
+
 def type_name(value) -> str:
     """JSON's word for a missing value, Python's for the rest, as users see them in their data."""
     return "null" if value is None else type(value).__name__

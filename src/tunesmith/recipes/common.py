@@ -88,9 +88,7 @@ def _model_fingerprint(source: str) -> str:
 
 
 def _tokenize_options(config: RunConfig) -> TokenizeOptions:
-    data = config.data
-    return TokenizeOptions(max_length=data.max_length, overlength=data.overlength, train_on=data.train_on,
-                           reasoning=data.reasoning)
+    return TokenizeOptions.from_config(config.data)
 
 
 def _lock_run_dir(run_dir: Path) -> IO:
