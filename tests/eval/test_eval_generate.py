@@ -1,0 +1,200 @@
+"""Evaluation on the user's own data (``eval --generate``, ``eval.generate``), checked against answers from
+transformers' own greedy ``model.generate`` (and PEFT's adapter loading), which we did not write."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from tinymodels import build_tiny_llama
+from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.data.pipeline import prepare
+from tunesmith.data.tokenize import TokenizeOptions
+from tunesmith.eval.cli import run_eval
+from tunesmith.eval.evaluate import heldout_loss
+from tunesmith.models import load
+from tunesmith.peft.io import load_adapter
+
+NEW_TOKENS = 6
+
+
+def reference_answer(model, tokenizer, prompt) -> str:
+    """transformers' greedy answer: a message list through the tokenizer's chat template with the generation
+    prompt, a plain string as training tokenizes it; stopping at the template's end of turn / EOS."""
+    if isinstance(prompt, list):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True,
+                                            return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    stops = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The tiny Llama with untied, wider-initialised weights: its greedy answers are varied words, where the
+    shared fixture's echo the template's last newline (an empty answer once stripped)."""
+    path = tmp_path_factory.mktemp("tiny-varied")
+    build_tiny_llama(tie_word_embeddings=False, initializer_range=0.3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def conversations() -> list[list[dict]]:
+    """Three conversations; the second has two turns, so its prompt holds the first answer."""
+    return [[{"role": "user", "content": "Repeat alpha bravo"}],
+            [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour"},
+             {"role": "assistant", "content": "red"}, {"role": "user", "content": "Another one"}],
+            [{"role": "user", "content": "Count to three"}]]
+
+
+def test_cli_generate_scores_the_last_assistant_turn_per_subset(tmp_path, tiny_model_dir, hf_tiny, tokenizer,
+                                                                  capsys):
+    prompts = conversations() + [[{"role": "user", "content": "Say hello"}]]
+    answers = [reference_answer(hf_tiny, tokenizer, p) for p in prompts]
+    expected = answers[:3] + ["not what greedy decoding says"]
+    subsets = ["seen", "unseen", "unseen", "seen"]
+    data = write_jsonl(tmp_path / "mine.jsonl", [
+        {"messages": p + [{"role": "assistant", "content": e}], "subset": s}
+        for p, e, s in zip(prompts, expected, subsets)])
+    args = ["eval", str(tiny_model_dir), "--data", data, "--generate", "--max-new-tokens", str(NEW_TOKENS)]
+    assert main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact_match"] == 0.75
+    assert (report["exact_match_seen"], report["exact_match_unseen"]) == (0.5, 1.0)
+    assert "valid_json_rate" not in report and "before" not in report  # text answers; no adapter, no before
+    assert [s["after"] for s in report["samples"]] == answers
+    assert [(s["row"], s["subset"], s["prompt"]) for s in report["samples"]] == [
+        (1, "seen", "Repeat alpha bravo"), (2, "unseen", "Another one"), (3, "unseen", "Count to three"),
+        (4, "seen", "Say hello")]
+    # the terminal view: metrics, then each row with its mark
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "exact_match_unseen" in out and "row 4 [seen]" in out
+    assert f"  after    : {answers[3]}  ✗" in out and f"  after    : {answers[0]}  ✓" in out
+
+
+def test_api_generate_on_alpaca_and_prompt_completion_rows_with_json_answers(tmp_path, tiny_model_dir, hf_tiny,
+                                                                             tokenizer):
+    alpaca_answer = reference_answer(hf_tiny, tokenizer, [{"role": "user", "content": "Translate\n\nbonjour"}])
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Translate", "input": "bonjour", "output": alpaca_answer},
+        {"instruction": "Give the booking as JSON", "input": "", "output": '{"name": "Ada", "guests": 4}'},
+        {"instruction": "Give the list as JSON", "input": "", "output": '{"name": "Ben"}'}])
+    report = run_eval(str(tiny_model_dir), data=alpaca, generate=True, max_new_tokens=NEW_TOKENS)
+    # a random tiny model writes no JSON: both JSON rows fail every field; the text row matches
+    assert report["exact_match"] == pytest.approx(1 / 3)
+    assert report["valid_json_rate"] == 0.0 and report["fields"] == {"name": 0.0, "guests": 0.0}
+    plain = ["The capital of France is", "One, two,"]
+    completion = write_jsonl(tmp_path / "completion.jsonl", [
+        {"prompt": p, "completion": reference_answer(hf_tiny, tokenizer, p)} for p in plain])
+    report = run_eval(str(tiny_model_dir), data=completion, generate=True, max_new_tokens=NEW_TOKENS)
+    assert report["exact_match"] == 1.0 and [s["prompt"] for s in report["samples"]] == plain
+
+
+def test_generate_refuses_data_without_expected_answers(tmp_path, tiny_model_dir, capsys):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}])
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "Just some prose."}])
+    bad_subset = write_jsonl(tmp_path / "subset.jsonl", [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "subset": 3}])
+    for data, message in ((pairs, "holds preference pairs (prompt/chosen/rejected): no row has one expected"),
+                          (text, "holds plain text"), (bad_subset, 'line 1: "subset" must be a non-empty string')):
+        assert main(["eval", str(tiny_model_dir), "--data", data, "--generate"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def last_turn_run(tmp_path_factory, tiny_model_dir, tokenizer):
+    """A 4-step LoRA run on two-turn conversations with data.train_on=last, a max_length that cuts every
+    held-out row, and eval.generate: true, through the CLI."""
+    tmp = tmp_path_factory.mktemp("last-turn")
+    rows = []
+    for i, (a, b) in enumerate([("alpha", "bravo"), ("charlie", "delta"), ("echo", "foxtrot"), ("golf", "hotel")]):
+        rows.append({"messages": [{"role": "user", "content": f"Repeat {a}"}, {"role": "assistant", "content": a},
+                                  {"role": "user", "content": f"Now {b}"},
+                                  {"role": "assistant", "content": f"{b} {a} {b} {a} {b} {i}"}],
+                     "subset": "seen" if i % 2 else "unseen"})
+    train, heldout = write_jsonl(tmp / "train.jsonl", rows), write_jsonl(tmp / "eval.jsonl", rows[:3])
+    # three tokens short of the shortest row: the end of every last answer is cut
+    max_length = len(tokenizer(tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False))["input_ids"]) - 3
+    config = tmp / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "last", "output_dir": str(tmp / "runs"), "model": {"source": str(tiny_model_dir)},
+        "data": {"train": train, "eval": heldout, "train_on": "last", "max_length": max_length},
+        "lora": {"r": 4, "alpha": 8}, "optim": {"lr": 0.05},
+        "train": {"micro_batch_size": 4, "max_steps": 4, "progress": False, "checkpoint_every": None},
+        "eval": {"generate": True, "max_new_tokens": NEW_TOKENS}}))
+    assert main(["train", "--config", str(config)]) == 0
+    return tmp / "runs" / "last", rows[:3]
+
+
+def test_training_with_eval_generate_scores_before_and_after_like_transformers(last_turn_run, tiny_model_dir,
+                                                                              hf_tiny, tokenizer):
+    from peft import PeftModel
+
+    run_dir, rows = last_turn_run
+    prompts = [r["messages"][:-1] for r in rows]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      run_dir / "adapter").eval()
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    after = json.loads((run_dir / "eval_after.json").read_text())
+    assert before["predictions"] == [reference_answer(hf_tiny, tokenizer, p) for p in prompts]
+    assert after["predictions"] == [reference_answer(tuned, tokenizer, p) for p in prompts]
+    assert after["subsets"] == ["unseen", "seen", "unseen"] and after["rows"] == [1, 2, 3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"exact_match", "exact_match_seen", "exact_match_unseen"} <= summary["after"].keys()
+    assert summary["after"]["exact_match"] == 0.0  # the answers are not learnt in 4 steps: scored, and wrong
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert "<th>subset</th><th>prompt</th><th>expected</th><th>before</th><th>match</th><th>after</th>" in page
+    for row, prediction in zip(rows, after["predictions"]):
+        assert f'<td class="text">{row["messages"][-1]["content"]}</td>' in page
+        assert f'<td class="text">{prediction}</td>' in page
+
+
+def test_eval_run_dir_uses_the_runs_tokenization_and_scores_before_after(last_turn_run, tiny_model_dir, hf_tiny,
+                                                                         tokenizer, tmp_path, capsys):
+    run_dir, rows = last_turn_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # the run's own tokenization (train_on=last, its max_length): the loss the run itself measured
+    for key in ("eval_loss", "eval_tokens", "exact_match", "exact_match_seen"):
+        assert report[key] == pytest.approx(summary["after"][key], abs=1e-6), key
+        assert report["before"][key] == pytest.approx(summary["before"][key], abs=1e-6), key
+    # ... which is not what the default tokenization (all turns, 512 tokens) gives: the test can tell them apart
+    config = load_config(run_dir / "config.yaml")
+    loaded = load(str(tiny_model_dir))
+    load_adapter(loaded.model, run_dir / "adapter")
+    for options, equal in ((TokenizeOptions(max_length=config.data.max_length, train_on="last"), True),
+                           (TokenizeOptions(max_length=512), False)):
+        examples = prepare(config.data.eval, loaded.tokenizer, options).examples
+        loss = heldout_loss(loaded.model, examples, pad_id=tokenizer.pad_token_id)["eval_loss"]
+        assert (abs(loss - report["eval_loss"]) < 1e-6) == equal
+    # the user's own expected answers: two rows answered as the tuned model answers, one not
+    after = json.loads((run_dir / "eval_after.json").read_text())["predictions"]
+    mine = write_jsonl(tmp_path / "mine.jsonl", [
+        {"messages": r["messages"][:-1] + [{"role": "assistant", "content": e}]}
+        for r, e in zip(rows, after[:2] + ["something else"])])
+    assert main(["eval", str(run_dir), "--data", mine, "--generate", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact_match"] == pytest.approx(2 / 3)
+    assert [s["after"] for s in report["samples"]] == after
+    assert [s["before"] for s in report["samples"]] == [reference_answer(hf_tiny, tokenizer, r["messages"][:-1])
+                                                       for r in rows]
