@@ -72,11 +72,12 @@ def check_control_tokens(value, controls: set[str], what: str) -> None:
     """Refuse text holding a control token (a special token or a marker of the chat template), which the
     tokenizer would read as structure: in an answer it trains a fake end of turn or a fake next turn."""
     if isinstance(value, str):
-        for token in sorted(controls, key=lambda c: (-len(c), c)):  # longest first: the message names a whole token
-            if token in value:
-                raise InvalidRow(f"{what} holds the control token {token!r}, which would be read as chat structure, "
-                                 "not text; remove it, or keep such rows with --control-tokens allow "
-                                 "(data.control_tokens=allow)")
+        found = [(value.find(token), -len(token), token) for token in controls if token in value]
+        if found:  # name the first one in the text, whole (the longer of two starting there)
+            token = min(found)[2]
+            raise InvalidRow(f"{what} holds the control token {token!r}, which would be read as chat structure, "
+                             "not text; remove it, or keep such rows with --control-tokens allow "
+                             "(data.control_tokens=allow)")
     elif isinstance(value, list):
         for index, item in enumerate(value, start=1):
             if isinstance(item, dict):
