@@ -11,12 +11,12 @@ from pathlib import Path
 
 from tunesmith.config import RunConfig, load_config
 from tunesmith.data.pipeline import prepare
+from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.evaluate import evaluate, generation_rows, task_metrics
 from tunesmith.eval.report import format_before_after, format_samples
 from tunesmith.eval.task import TaskResult
 from tunesmith.models import load
-from tunesmith.recipes.common import _tokenize_options
 from tunesmith.templates import use_template
 
 
@@ -77,8 +77,8 @@ def run_eval(target: str, *, adapter: str | None = None, data: str | None = None
 
         load_adapter(loaded.model, adapter)
     loaded.model.eval()
-    prepared = prepare(config.data.eval, loaded.tokenizer, _tokenize_options(config), fmt=config.data.format,
-                       invalid_rows=config.data.invalid_rows)
+    prepared = prepare(config.data.eval, loaded.tokenizer, TokenizeOptions.from_config(config.data),
+                       fmt=config.data.format, invalid_rows=config.data.invalid_rows)
     if config.eval.loss_rows is not None:
         prepared.tokenized.examples = prepared.examples[:config.eval.loss_rows]
 
