@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import RunConfig, load_config
+from tunesmith.config import DataConfig, RunConfig, load_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
@@ -167,7 +167,9 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
         from transformers import AutoModelForCausalLM
 
         heldout = data or (run_config.data.eval if run_config else None) or "builtin:test"
-        examples = prepare(heldout, tokenizer, TokenizeOptions(max_length=512), require_trained=False).examples
+        # the run's own tokenization (template policies, max_length) when merging a run, else the defaults
+        options = TokenizeOptions.from_config(run_config.data if run_config else DataConfig())
+        examples = prepare(heldout, tokenizer, options, require_trained=False).examples
         batches = [torch.tensor([ex["input_ids"]]) for ex in examples[:check_rows]]
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target_dtype,
                                                         trust_remote_code=trust_remote_code).eval()
