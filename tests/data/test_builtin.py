@@ -1,14 +1,18 @@
-"""The built-in extraction task: determinism, split hygiene, answers that match their sentences, scoring."""
+"""The built-in extraction task: determinism, split hygiene, held-out entities, answers that match their
+sentences, scoring."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from tunesmith.data.builtin import (
-    GUEST_WORDS, KEYS, SYSTEM_PROMPT, builtin_preference, builtin_task, score_prediction, score_predictions,
+    DAYS, GUEST_WORDS, KEYS, POOLS, SYSTEM_PROMPT, builtin_preference, builtin_task, score_prediction,
+    score_predictions,
 )
+from tunesmith.data.builtin_pools import CITIES, FIRST_NAMES, LAST_NAMES, TEMPLATES
 from tunesmith.data.formats import normalise
 from tunesmith.errors import TunesmithError
 
@@ -19,12 +23,70 @@ def sentences(rows):
     return [row["messages"][1]["content"] for row in rows]
 
 
-def test_golden_first_row():
+def whole_words(entity: str) -> re.Pattern:
+    """``entity`` as whole words: "Lee" is not found in "Leeds", "Lucía" is found in "Ana Lucía"."""
+    return re.compile(rf"(?<!\w){re.escape(entity)}(?!\w)")
+
+
+def test_golden_first_rows():
     assert builtin_task("train", 1) == [{"messages": [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": "Hello! Tom Khan booking a table, Sunday in Oslo, 11 seats."},
-        {"role": "assistant", "content": '{"name": "Tom Khan", "city": "Oslo", "day": "Sunday", "guests": 11}'},
+        {"role": "user", "content": "Sunday dinner in Strasbourg for 11 - reservation name Alessandro Lê."},
+        {"role": "assistant",
+         "content": '{"name": "Alessandro Lê", "city": "Strasbourg", "day": "Sunday", "guests": 11}'},
     ]}]
+    first, second = builtin_task("test", 2)
+    assert (first["subset"], first["messages"][1]["content"]) == (
+        "unseen", "On Monday, Céline Desai is bringing a group of 8 to the Oslo restaurant.")
+    assert (second["subset"], second["messages"][2]["content"]) == (
+        "seen", '{"name": "Carmen Nyström", "city": "Pune", "day": "Wednesday", "guests": 4}')
+
+
+def test_pools_are_large_varied_and_never_overlap():
+    for pool in (FIRST_NAMES, LAST_NAMES, CITIES):
+        assert len(pool) >= 200 and len(set(pool)) == len(pool)
+        assert sum(not entity.isascii() for entity in pool) >= 30
+    assert sum(" " in city for city in CITIES) >= 30 and sum(" " in name for name in LAST_NAMES) >= 5
+    assert {"María José", "Jean-Luc"} <= set(FIRST_NAMES) and {"Nguyễn", "O'Brien", "dos Santos"} <= set(LAST_NAMES)
+    assert {"São Paulo", "Kraków", "Los Angeles", "Ōsaka", "Xi'an"} <= set(CITIES)
+    # An entity found as whole words inside another entry or a sentence shape would appear in rows that do
+    # not use it, and a held-out entity could then leak into training.
+    entities = [*FIRST_NAMES, *LAST_NAMES, *CITIES]
+    texts = [*entities, *TEMPLATES, *DAYS, *GUEST_WORDS.values()]
+    for entity in entities:
+        pattern = whole_words(entity)
+        assert [text for text in texts if text != entity and pattern.search(text)] == [], entity
+
+
+def test_held_out_pools_split_every_pool():
+    for slot, pool in (("first", FIRST_NAMES), ("last", LAST_NAMES), ("city", CITIES)):
+        seen, unseen = POOLS["seen"][slot], POOLS["unseen"][slot]
+        assert set(seen) | set(unseen) == set(pool) and not set(seen) & set(unseen)
+        assert 0.15 < len(unseen) / len(pool) < 0.35
+
+
+def test_unseen_rows_name_nothing_any_training_row_holds():
+    test = builtin_task("test", 300)
+    assert [row["subset"] for row in test[:6]] == ["unseen", "seen"] * 3
+    unseen = set()
+    for row in test:
+        booking = json.loads(row["messages"][2]["content"])
+        first = next(name for name in FIRST_NAMES if booking["name"].startswith(name + " "))
+        entities = {"first": first, "last": booking["name"][len(first) + 1:], "city": booking["city"]}
+        # all three held out, or none
+        held_out = {entity in POOLS["unseen"][slot] for slot, entity in entities.items()}
+        assert held_out == {row["subset"] == "unseen"}
+        if row["subset"] == "unseen":
+            unseen |= set(entities.values())
+    assert len(unseen) > 120
+    training_text = "\n".join(json.dumps(row, ensure_ascii=False) for seed in range(3)
+                               for row in builtin_task("train", 1000, seed=seed) + builtin_preference(
+                                   "train", 1000, seed=seed))
+    training_words = set(re.findall(r"\w+", training_text))
+    for entity in unseen:
+        # an entity with a word no training row holds is absent; the rest are searched for as whole words
+        if set(re.findall(r"\w+", entity)) <= training_words:
+            assert not whole_words(entity).search(training_text), entity
 
 
 def test_same_seed_same_rows_and_other_seed_other_rows():
@@ -46,23 +108,36 @@ def test_train_and_test_never_share_a_sentence():
 
 
 def test_answer_matches_sentence_and_keys_are_fixed():
-    for row in builtin_task("train", 200) + builtin_task("test", 50):
+    rows = builtin_task("train", 200) + builtin_task("test", 50)
+    for row in rows:
         sentence, answer = row["messages"][1]["content"], row["messages"][2]["content"]
         booking = json.loads(answer)
         assert tuple(booking) == KEYS
         assert booking["name"] in sentence and booking["city"] in sentence and booking["day"] in sentence
         assert str(booking["guests"]) in sentence or GUEST_WORDS[booking["guests"]] in sentence
+        # names are copied letter for letter, not as \u escapes
+        assert f'"name": "{booking["name"]}"' in answer and f'"city": "{booking["city"]}"' in answer
+    shapes = {template: re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), re.DOTALL)
+              for template in TEMPLATES}
+    used = {template for row in rows for template, shape in shapes.items()
+            if shape.fullmatch(row["messages"][1]["content"])}
+    assert len(TEMPLATES) >= 40 and len(used) >= 35  # 250 rows use most of the sentence shapes
 
 
 def test_rows_pass_validation():
     assert normalise(builtin_task("train", 100)).dropped == []
     assert normalise(builtin_preference("train", 100)).dropped == []
+    assert normalise(builtin_task("test", 100)).dropped == []  # the extra "subset" key is allowed
+    assert normalise(builtin_preference("test", 100)).dropped == []
 
 
 def test_preference_rows_cycle_through_mistakes():
     rows = builtin_preference("train", 10)
     prompts = [row["prompt"] for row in rows]
     assert prompts == [row["messages"][:2] for row in builtin_task("train", 10)]
+    test = builtin_preference("test", 10)
+    assert [(row["prompt"], row["subset"]) for row in test] == [
+        (row["messages"][:2], row["subset"]) for row in builtin_task("test", 10)]
     chosen = [json.loads(row["chosen"][0]["content"]) for row in rows]
     rejected = [json.loads(row["rejected"][0]["content"]) for row in rows]
     wrong_keys = [sorted(k for k in KEYS if c.get(k) != r.get(k)) for c, r in zip(chosen, rejected)]

@@ -10,6 +10,12 @@ no judge model::
 Rows are drawn from string-seeded ``random.Random`` streams, so the same (split, n, seed) gives the same
 rows on every machine. A sentence belongs to the train or the test split by a hash of its text, so no
 test sentence appears in any train set, whatever n and seed were used for either.
+
+Names and cities come from pools of hundreds (``builtin_pools``), and about a quarter of each pool is held
+out: no training row ever contains a held-out entity. Every other test row (``subset: "unseen"``) is built
+from held-out first name, last name and city only, so a score on those rows measures copying, not recall;
+the rest (``subset: "seen"``) use the training pools. A model that memorised its training names does well
+on the seen rows and badly on the unseen ones.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import random
 import re
 
+from tunesmith.data.builtin_pools import CITIES, FIRST_NAMES, LAST_NAMES, TEMPLATES
 from tunesmith.errors import TunesmithError
 
 BUILTIN_NAME = "builtin"
@@ -26,55 +33,52 @@ DEFAULT_SIZES = {"train": 400, "test": 100}
 KEYS = ("name", "city", "day", "guests")
 SYSTEM_PROMPT = 'Extract the booking. Reply with JSON only: {"name": str, "city": str, "day": str, "guests": int}'
 
-FIRST_NAMES = ("Ada", "Ben", "Chloe", "Omar", "Maria", "Kenji", "Lena", "Raj", "Sofia", "Tom", "Amara", "Luis",
-               "Hana", "Ivan", "Nora", "Felix", "Priya", "Sam", "Yara", "Theo")
-LAST_NAMES = ("Park", "Smith", "Garcia", "Novak", "Okafor", "Tanaka", "Rossi", "Khan", "Dubois", "Berg",
-              "Silva", "Moreau", "Kowalski", "Lee", "Brown")
-CITIES = ("Lyon", "Paris", "Berlin", "Madrid", "Oslo", "Lisbon", "Vienna", "Prague", "Dublin", "Milan", "Tokyo",
-          "Boston", "Denver", "Austin", "Toronto", "Sydney", "Cairo", "Seoul", "New York", "Cape Town")
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 GUEST_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine",
                10: "ten", 11: "eleven", 12: "twelve"}
-TEMPLATES = (
-    "Book a table for {guests} in {city} on {day}, name {name}.",
-    "{name} would like a table for {guests} in {city} on {day}.",
-    "Hi, this is {name}. Can I reserve a table for {guests_word} in {city} on {day}?",
-    "Reservation: {city}, {day}, {guests} guests, under {name}.",
-    "Please hold a table in {city} on {day} for {name}, party of {guests}.",
-    "{name} here, we are {guests_word} people and want to eat in {city} on {day}.",
-    "Could you book a table in {city} for {day}? Name is {name}, {guests} people.",
-    "On {day}, {name} is bringing a group of {guests} to the {city} restaurant.",
-    "I'd like to book for {guests} on {day}. Location: {city}. Name: {name}.",
-    "{guests} people, {day}, {city}. The booking is for {name}.",
-    "My name is {name} and I need a table in {city} for {guests_word} on {day}.",
-    "Table for {guests_word} at the {city} branch this {day}, please. {name}.",
-    "We'd love to dine in {city} on {day}: {guests} of us, booked as {name}.",
-    "{city} on {day} for {guests} guests, please put it under {name}.",
-    "Hello! {name} booking a table, {day} in {city}, {guests} seats.",
-    "Is there room for {guests} on {day} in {city}? Reserve it for {name}.",
-)
+SUBSETS = ("seen", "unseen")
+
+
+def _is_held_out(entity: str) -> bool:
+    """About one entity in four (first name, last name or city) never appears in a training row; fixed by
+    the entity's text alone, like the sentence split, so the same entities are held out on every machine."""
+    return hashlib.sha256(f"held-out:{entity}".encode()).digest()[0] < 64
+
+
+def _pools(subset: str) -> dict[str, tuple[str, ...]]:
+    unseen = subset == "unseen"
+    return {slot: tuple(entity for entity in pool if _is_held_out(entity) == unseen)
+            for slot, pool in (("first", FIRST_NAMES), ("last", LAST_NAMES), ("city", CITIES))}
+
+
+POOLS = {subset: _pools(subset) for subset in SUBSETS}
 # One mistake kind per preference row, in turn, so the rejected answers cover every way to be wrong.
 MISTAKES = ("next_day", "guests_off_by_one", "missing_key", "other_city", "first_name_only")
 _CODE_FENCE = re.compile(r"^```[\w-]*\s*|\s*```$")
 
 
 def format_answer(booking: dict) -> str:
-    """The one accepted spelling of an answer: keys in ``KEYS`` order, fixed separators."""
-    return json.dumps({key: booking[key] for key in KEYS if key in booking}, separators=(", ", ": "))
+    """The one accepted spelling of an answer: keys in ``KEYS`` order, fixed separators, and non-ASCII
+    letters as themselves (not ``\\u`` escapes), so the answer copies names and cities from the sentence."""
+    return json.dumps({key: booking[key] for key in KEYS if key in booking}, separators=(", ", ": "),
+                      ensure_ascii=False)
 
 
 def builtin_task(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
-    """``n`` rows in ``messages`` format: system (the schema), user (the sentence), assistant (the JSON)."""
-    return [{"messages": [*_prompt(sentence), {"role": "assistant", "content": format_answer(booking)}]}
-            for sentence, booking in _bookings(split, n, seed)]
+    """``n`` rows in ``messages`` format: system (the schema), user (the sentence), assistant (the JSON);
+    test rows also carry ``subset`` ("seen" or "unseen") for the scorer to report each part apart."""
+    return [{"messages": [*_prompt(sentence), {"role": "assistant", "content": format_answer(booking)}],
+             **_subset_key(split, subset)}
+            for sentence, booking, subset in _bookings(split, n, seed)]
 
 
 def builtin_preference(split: str, n: int | None = None, seed: int = 0) -> list[dict]:
     """The same prompts as ``builtin_task``, with the correct JSON chosen and a near miss rejected."""
     return [{"prompt": _prompt(sentence),
              "chosen": [{"role": "assistant", "content": format_answer(booking)}],
-             "rejected": [{"role": "assistant", "content": format_answer(_mistaken(booking, index))}]}
-            for index, (sentence, booking) in enumerate(_bookings(split, n, seed))]
+             "rejected": [{"role": "assistant", "content": format_answer(_mistaken(booking, index, subset))}],
+             **_subset_key(split, subset)}
+            for index, (sentence, booking, subset) in enumerate(_bookings(split, n, seed))]
 
 
 def score_prediction(prediction: str, expected: str) -> dict:
@@ -116,7 +120,13 @@ def _split_of(sentence: str) -> str:
     return "test" if hashlib.sha256(sentence.encode()).digest()[0] < 52 else "train"
 
 
-def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict]]:
+def _subset_key(split: str, subset: str) -> dict:
+    return {"subset": subset} if split == "test" else {}
+
+
+def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict, str]]:
+    """``(sentence, booking, subset)`` triples; train rows draw from the seen pools only, test rows
+    alternate unseen, seen, unseen, ... so any first k test rows are split evenly."""
     if split not in DEFAULT_SIZES:
         raise TunesmithError(f"the built-in task has no split {split!r}; choose one of {', '.join(DEFAULT_SIZES)}")
     n = DEFAULT_SIZES[split] if n is None else n
@@ -124,17 +134,20 @@ def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict]]:
     seen: set[str] = set()
     bookings = []
     while len(bookings) < n:
-        booking = {"name": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}", "city": rng.choice(CITIES),
-                   "day": rng.choice(DAYS), "guests": rng.randint(2, 12)}
+        subset = "unseen" if split == "test" and len(bookings) % 2 == 0 else "seen"
+        pools = POOLS[subset]
+        booking = {"name": f"{rng.choice(pools['first'])} {rng.choice(pools['last'])}",
+                   "city": rng.choice(pools["city"]), "day": rng.choice(DAYS), "guests": rng.randint(2, 12)}
         sentence = rng.choice(TEMPLATES).format(**booking, guests_word=GUEST_WORDS[booking["guests"]])
         if sentence not in seen and _split_of(sentence) == split:
             seen.add(sentence)
-            bookings.append((sentence, booking))
+            bookings.append((sentence, booking, subset))
     return bookings
 
 
-def _mistaken(booking: dict, index: int) -> dict:
-    """A plausible wrong answer; ``index`` picks the mistake kind and, within it, its variant."""
+def _mistaken(booking: dict, index: int, subset: str) -> dict:
+    """A plausible wrong answer; ``index`` picks the mistake kind and, within it, its variant. Another city
+    comes from the row's own pool, so a training row never names a held-out city even in a rejected answer."""
     wrong = dict(booking)
     kind, variant = MISTAKES[index % len(MISTAKES)], index // len(MISTAKES)
     if kind == "next_day":
@@ -144,7 +157,8 @@ def _mistaken(booking: dict, index: int) -> dict:
     elif kind == "missing_key":
         del wrong[KEYS[variant % len(KEYS)]]
     elif kind == "other_city":
-        wrong["city"] = CITIES[(CITIES.index(booking["city"]) + 1) % len(CITIES)]
+        cities = POOLS[subset]["city"]
+        wrong["city"] = cities[(cities.index(booking["city"]) + 1) % len(cities)]
     else:
         wrong["name"] = booking["name"].split()[0]
     return wrong
