@@ -32,7 +32,9 @@ from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.models import load
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
-from tunesmith.train.loop import accumulate_and_step, compiled_layers
+from tunesmith.train.engine import train_step
+from tunesmith.train.loop import compiled_layers
+from tunesmith.train.objectives import MicroBatch, SupervisedLoss
 from tunesmith.train.optim import build_optimizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,8 +83,8 @@ def ours_stepper(compile_layers: bool = False):
     compiling.__enter__()  # stays compiled while ``step`` (which holds ``compiling``) is alive
 
     def step(batch: dict, _keep=compiling) -> float:
-        return accumulate_and_step(model, optimizer, params, [batch], lr=2e-3, max_grad_norm=1.0,
-                                   device=torch.device("cpu"), dtype=torch.float32).loss
+        return train_step(model, optimizer, params, SupervisedLoss(), [MicroBatch(batch)], lr=2e-3, max_grad_norm=1.0,
+                          device=torch.device("cpu"), dtype=torch.float32).loss
 
     return step
 

@@ -107,7 +107,8 @@ def dispatch_floor() -> dict:
     from tunesmith.config import OptimConfig
     from tunesmith.models import load
     from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
-    from tunesmith.train.loop import accumulate_and_step
+    from tunesmith.train.engine import train_step
+    from tunesmith.train.objectives import MicroBatch, SupervisedLoss
     from tunesmith.train.optim import build_optimizer
 
     data = batches(load("default").tokenizer, 8, 10)
@@ -120,8 +121,8 @@ def dispatch_floor() -> dict:
     params = list(adapter_parameters(model).values())
     model.train()
     optimizer = build_optimizer(OptimConfig(lr=2e-3), params)
-    step = lambda b: accumulate_and_step(model, optimizer, params, [b], lr=2e-3, max_grad_norm=1.0,
-                                         device=torch.device("cpu"), dtype=torch.float32)
+    step = lambda b: train_step(model, optimizer, params, SupervisedLoss(), [MicroBatch(b)], lr=2e-3,
+                                max_grad_norm=1.0, device=torch.device("cpu"), dtype=torch.float32)
     for batch in data[:2]:
         step(batch)
     start = time.perf_counter()

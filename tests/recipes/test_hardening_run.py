@@ -15,7 +15,7 @@ import yaml
 
 from tunesmith.cli import main
 from tunesmith.recipes import sft
-from tunesmith.recipes.common import LOCK_FILE
+from tunesmith.recipes.run_dir import LOCK_FILE
 from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunesmith.train.metrics import read_metrics
 

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes import sft
-from tunesmith.train import loop
+from tunesmith.train import objectives
 from tunesmith.train.checkpoint import latest_checkpoint
 from tunesmith.train.metrics import read_metrics
+from tunesmith.train.state import TrainState
 
 
 def _losses(run_dir):
@@ -77,14 +78,14 @@ def test_sigkill_while_writing_checkpoint_then_resume(make_config, tmp_path, met
     script = textwrap.dedent(f"""
         import sys, time
         from tunesmith.config import load_config
-        from tunesmith.recipes import common, sft
-        real = common.save_adapter
+        from tunesmith.recipes import resume, sft
+        real = resume.save_adapter
         def slow(model, config, out_dir, **kw):
             real(model, config, out_dir, **kw)
             if "step-4" in str(out_dir) or ".tmp-step-4" in str(out_dir):
                 print("saving", flush=True)
                 time.sleep(60)
-        common.save_adapter = slow
+        resume.save_adapter = slow
         config = load_config(None, {killed.model_dump(mode="json") and []!r})
     """)
     # The config travels as YAML, the way the CLI passes it.
@@ -158,7 +159,7 @@ def test_existing_run_dir_is_never_overwritten(make_config):
 
 
 def _nan_at(monkeypatch, bad_steps):
-    real = loop.supervised_loss_sum
+    real = objectives.supervised_loss_sum
     calls = {"n": 0}
 
     def maybe_nan(model, batch):
@@ -167,7 +168,7 @@ def _nan_at(monkeypatch, bad_steps):
         step = (calls["n"] - 1) // 2  # two micro-batches per step
         return loss * float("nan") if step in bad_steps else loss
 
-    monkeypatch.setattr(loop, "supervised_loss_sum", maybe_nan)
+    monkeypatch.setattr(objectives, "supervised_loss_sum", maybe_nan)
 
 
 def test_nonfinite_skip_leaves_weights_and_optimizer_untouched(make_config, monkeypatch):
@@ -185,7 +186,14 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_untouched(make_config, monk
     opt3 = torch.load(config.run_dir / "checkpoints" / "step-3" / "optimizer.pt", weights_only=True)
     for key, state in opt2["state"].items():
         assert torch.equal(state["exp_avg"], opt3["state"][key]["exp_avg"])
-    assert json.loads((config.run_dir / "summary.json").read_text())["skipped_steps"] == 1
+    summary = json.loads((config.run_dir / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    # the checkpoint's state.json is the engine's TrainState (plus the fingerprints resume compares)
+    saved = json.loads((config.run_dir / "checkpoints" / "step-3" / "state.json").read_text())
+    assert set(saved.pop("fingerprints")) == {"data", "model"}
+    state = TrainState.from_json(saved, source="state.json")
+    assert (state.step, state.total_steps, state.skipped, state.bad_streak, state.micro) == (3, 3, 1, 1, 6)
+    assert state.tokens == summary["tokens"] == rows[-1]["tokens"]
 
 
 def test_nonfinite_abort_and_consecutive_limit(make_config, monkeypatch):

@@ -15,7 +15,9 @@ from tunesmith.errors import TunesmithError
 from tunesmith.peft import LoRAConfig, adapter_parameters, adapters_disabled, inject_lora
 from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.preference import (collate_pairs, completion_logps, load_reference, pair_logps,
-                                        preference_losses, preference_metrics, preference_step, save_reference)
+                                        preference_losses, preference_metrics, save_reference)
+from tunesmith.train.engine import train_step
+from tunesmith.train.objectives import MicroBatch, PreferenceLoss
 
 # One pair: log π(c) = −3, log π(r) = −5, log π_ref(c) = −4, log π_ref(r) = −4.5, |c| = 2, |r| = 4; β = 0.5, γ = 0.3.
 #   sigmoid: h = 1 − (−0.5) = 1.5;  L = log(1 + e^−0.75);  ∂L/∂log π(c) = −0.5·σ(−0.75) = −∂L/∂log π(r)
@@ -159,15 +161,15 @@ def test_step_loss_and_gradient_match_plain_computation(tokenizer, objective, sp
     params = list(adapter_parameters(model).values())
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1.0)
-    micro = [(collate_pairs([pairs[i] for i in indices], pad_id), indices) for indices in split]
+    micro = [MicroBatch(collate_pairs([pairs[i] for i in indices], pad_id), indices) for indices in split]
     reference = None if objective.loss == "simpo" else _reference(model)
-    result = preference_step(model, optimizer, params, micro, objective=objective, reference=reference, lr=1.0,
-                             max_grad_norm=None, device=torch.device("cpu"), dtype=torch.float32)
+    result = train_step(model, optimizer, params, PreferenceLoss(objective, reference), micro, lr=1.0,
+                        max_grad_norm=None, device=torch.device("cpu"), dtype=torch.float32)
     assert result.loss == pytest.approx(float(loss), abs=1e-5)
-    assert result.pairs == 4 and not result.skipped
+    assert result.counts["pairs"] == 4 and not result.skipped
     expected_stats = {"reward_accuracy", "chosen_reward", "rejected_reward", "margin"}
     expected_stats |= {"sft_loss"} if objective.sft_weight else {"kl"}
-    assert set(result.stats) == expected_stats
+    assert set(result.metrics) == expected_stats
     for old, new, grad in zip(before, params, expected_grads):  # SGD at lr 1: the step is −grad
         torch.testing.assert_close(old - new.detach(), grad, atol=1e-5, rtol=1e-4)
 

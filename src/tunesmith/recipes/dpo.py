@@ -1,9 +1,9 @@
 """Preference tuning (DPO, IPO, SimPO), top to bottom: setup → reference → evaluate before → train → save →
 evaluate after.
 
-Same data pipeline, checkpoints, exact resume, metrics and report as ``recipes/sft.py``; the losses and the
-log-prob helpers are in ``tunesmith.train.preference``. The reference model π_ref is never a second copy of
-the weights: it is the same model with its LoRA adapters off (``dpo.reference=adapters_disabled``), or the
+Same data pipeline, loop, checkpoints, exact resume, metrics and report as ``recipes/sft.py`` (the engine,
+``tunesmith.train.engine``); the losses and the log-prob helpers are in ``tunesmith.train.preference``. The
+reference model π_ref is never a second copy of the weights: it is the same model with its LoRA adapters off (``dpo.reference=adapters_disabled``), or the
 starting policy's log-probs, computed once before training and cached in the run dir as
 ``reference_logps.safetensors`` (``precomputed``: full fine-tuning, and runs that continue an SFT
 adapter). A resumed run reads the cache; it never recomputes it from weights that have already moved.
@@ -24,21 +24,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.config import RunConfig
-from tunesmith.data.batching import gather_examples, plan_batches
+from tunesmith.data.batching import gather_examples
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.evaluate import task_metrics
 from tunesmith.eval.task import evaluate_task
-from tunesmith.peft import (adapter_parameters, adapters_disabled, freeze_base, inject_lora, load_adapter,
-                            lora_modules)
+from tunesmith.peft import adapters_disabled, load_adapter, lora_modules
 from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_metadata
-from tunesmith.recipes.common import (Progress, RunSetup, check_bad_steps, finish_run, hold_run_dir,
-                                      load_resume_state, prepare_run, save_eval, save_training_checkpoint)
-from tunesmith.train.loop import compiled_layers, enable_gradient_checkpointing
-from tunesmith.train.metrics import MetricsLog
-from tunesmith.train.optim import build_optimizer
+from tunesmith.recipes.finish import finish_run, save_eval
+from tunesmith.recipes.run_dir import hold_run_dir
+from tunesmith.recipes.setup import RunSetup, prepare_run, trainable_parameters
+from tunesmith.train.engine import Objective, train
+from tunesmith.train.objectives import MicroBatch, PreferenceLoss
 from tunesmith.train.preference import (collate_pairs, completion_logps, load_reference, pair_logps,
-                                        preference_metrics, preference_step, save_reference)
-from tunesmith.train.schedule import lr_at, warmup_steps
+                                        preference_metrics, save_reference)
 
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -154,25 +152,6 @@ def _stacked_adapter_writer(setup: RunSetup, sft_dir: Path):
     return write
 
 
-def _trainable(setup: RunSetup) -> list[torch.nn.Parameter]:
-    """LoRA: a fresh adapter (from the base, or stacked over the folded SFT adapter), or the SFT run's adapter
-    to continue. Full: every parameter, as in SFT."""
-    config, model = setup.config, setup.model
-    if config.method.uses_adapter:
-        torch.manual_seed(config.seed)  # adapter init is part of the run's identity
-        if config.dpo.init_adapter and config.dpo.init_mode == "continue":
-            load_adapter(model, _init_adapter_dir(config.dpo.init_adapter))
-        else:
-            inject_lora(model, setup.lora_config)
-        freeze_base(model)
-        return list(adapter_parameters(model).values())
-    for param in model.parameters():
-        param.requires_grad_(True)
-    if config.method.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def _precompute_reference(setup: RunSetup) -> dict:
     """The starting policy's log-probs on the train (and held-out) pairs, written once to the run dir."""
     started = time.time()
@@ -247,31 +226,18 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     stack = _init_adapter_dir(init) if init and config.dpo.init_mode == "stack" else None
     setup = prepare_run(config, resume=resume, adjust_model=_fold_sft_adapter(stack) if stack else None)
     with hold_run_dir(setup):
-        return _train(setup, started, stack, on_micro_batch)
+        continued = _init_adapter_dir(init) if init and config.dpo.init_mode == "continue" else None
+        params = trainable_parameters(setup, adapter=continued)
+        objective = preference_objective(setup)
+        state = train(setup, objective, params, on_micro_batch=on_micro_batch)
+        return finish_run(setup, state, started, evaluate=objective.evaluate,
+                          write_adapter=_stacked_adapter_writer(setup, stack) if stack else None)
 
 
-def _train(setup: RunSetup, started: float, stack: Path | None, on_micro_batch) -> dict:
-    """The reference, evaluate before, train, save, evaluate after: the run from its claimed dir on."""
-    config, init = setup.config, setup.config.dpo.init_adapter
-    params = _trainable(setup)
-    model, device, tokenizer = setup.model, setup.device, setup.tokenizer
-    if config.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    optimizer = build_optimizer(config.optim, params)
-    examples = setup.train.examples
-    lengths = [len(ex["chosen"]["input_ids"]) + len(ex["rejected"]["input_ids"]) for ex in examples]
-
-    def plan_for(epoch: int) -> list:
-        return plan_batches(lengths, strategy=config.data.batching, batch_size=config.train.micro_batch_size,
-                            token_budget=None, seed=config.seed, epoch=epoch)
-
-    steps_per_epoch = -(-len(plan_for(0)) // config.train.grad_accum)
-    total_steps = config.train.max_steps or max(1, round(config.train.epochs * steps_per_epoch))
-    warmup = warmup_steps(total_steps, config.schedule.warmup_steps, config.schedule.warmup_ratio)
-    state = {"step": 0, "epoch": 0, "micro": 0, "bad_streak": 0, "skipped": 0, "tokens": 0,
-             "train_seconds": 0.0, "total_steps": total_steps}
-
-    # --- the reference: the starting policy, as cached log-probs or as the model with its adapters off
+def preference_objective(setup: RunSetup) -> Objective:
+    """The reference first — the starting policy, as cached log-probs (computed now, or read back on resume)
+    or as the model with its adapters off — then the loss, batches and evaluation that use it."""
+    config, examples, init = setup.config, setup.train.examples, setup.config.dpo.init_adapter
     kind = reference_kind(config)
     start = f", {config.dpo.init_mode} {init}" if init else ""
     print(f"dpo: loss {config.dpo.loss}, beta {config.dpo.beta}, reference {kind}{start}")
@@ -280,73 +246,9 @@ def _train(setup: RunSetup, started: float, stack: Path | None, on_micro_batch) 
         path = setup.run_dir / REFERENCE_FILE
         cache = (load_reference(path, fingerprint=setup.fingerprints["data"]) if setup.resume
                  else _precompute_reference(setup))
-    reference = _training_reference(kind, model, cache)
-
-    # --- evaluate the starting policy
-    if setup.resume:
-        state.update(load_resume_state(setup, model, optimizer))
-    elif config.eval.before and setup.eval is not None:
-        evaluate_preferences(setup, "before", cache)
-
-    # --- train
-    log = MetricsLog(setup.run_dir)
-    model.train()
-    plan = plan_for(state["epoch"])
-    progress = Progress(config, total_steps, state["step"])
-    window_start, window_tokens = time.time(), 0
-    with compiled_layers(model, config.train.compile):
-        try:
-            while state["step"] < total_steps:
-                if state["micro"] >= len(plan):
-                    state["epoch"], state["micro"] = state["epoch"] + 1, 0
-                    plan = plan_for(state["epoch"])
-                step, chunk = state["step"], plan[state["micro"]: state["micro"] + config.train.grad_accum]
-                first = state["micro"]
-                hook = None if on_micro_batch is None else (lambda i: on_micro_batch(step, first + i))
-                micro_batches = [(collate_pairs(gather_examples(examples, batch), tokenizer.pad_token_id), batch)
-                                 for batch in chunk]
-                lr = lr_at(step, base_lr=config.optim.lr, total_steps=total_steps, warmup=warmup,
-                           kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
-                step_start = time.time()
-                result = preference_step(model, optimizer, params, micro_batches, objective=config.dpo,
-                                         reference=reference, lr=lr, max_grad_norm=config.optim.max_grad_norm,
-                                         device=device, dtype=setup.dtype, on_micro_batch=hook)
-                tokens = sum(lengths[i] for batch in chunk for i in batch)
-                state["train_seconds"] += time.time() - step_start
-                state.update(step=step + 1, micro=state["micro"] + len(chunk), tokens=state["tokens"] + tokens)
-                window_tokens += tokens
-                if result.skipped:
-                    state["skipped"] += 1
-                    state["bad_streak"] += 1
-                    check_bad_steps(config, state, result)
-                else:
-                    state["bad_streak"] = 0
-                row = None
-                if state["step"] % config.train.log_every == 0 or state["step"] == total_steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    row = {"step": state["step"], "epoch": state["epoch"], "loss": result.loss, **result.stats,
-                           "lr": lr, "grad_norm": result.grad_norm, "tokens": state["tokens"],
-                           "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
-                    if setup.device.type == "cuda":
-                        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(setup.device) / 2**30
-                    window_start, window_tokens = time.time(), 0
-                if config.train.eval_every and state["step"] % config.train.eval_every == 0 and setup.eval is not None:
-                    heldout = evaluate_preferences(setup, None, cache, task=False)
-                    row = {**(row or {"step": state["step"]}), "eval_loss": heldout["eval_loss"],
-                           "eval_preference_accuracy": heldout["preference_accuracy"]}
-                    model.train()
-                if row is not None:
-                    log.log(row)
-                    progress.update(row)
-                if config.train.checkpoint_every and (state["step"] % config.train.checkpoint_every == 0
-                                                      or state["step"] == total_steps):
-                    save_training_checkpoint(setup, model, optimizer, state)
-        finally:
-            log.close()
-            progress.close()
-
-    # --- save the result, evaluate it, write the report
-    model.eval()
-    return finish_run(setup, state, started,
-                      evaluate_after=lambda run_setup, phase: evaluate_preferences(run_setup, phase, cache),
-                      write_adapter=_stacked_adapter_writer(setup, stack) if stack else None)
+    pad_id = setup.tokenizer.pad_token_id
+    return Objective(loss=PreferenceLoss(config.dpo, _training_reference(kind, setup.model, cache)),
+                     lengths=[len(ex["chosen"]["input_ids"]) + len(ex["rejected"]["input_ids"]) for ex in examples],
+                     collate=lambda batch: MicroBatch(collate_pairs(gather_examples(examples, batch), pad_id), batch),
+                     evaluate=lambda phase, task=True: evaluate_preferences(setup, phase, cache, task=task),
+                     eval_log={"eval_loss": "eval_loss", "eval_preference_accuracy": "preference_accuracy"})

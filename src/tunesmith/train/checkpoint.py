@@ -6,7 +6,7 @@ Layout (ARCHITECTURE.md section 4)::
       step-40/                 one dir per optimizer step N, ordered by N as a number (not zero-padded)
         weights.safetensors    trainable weights: the LoRA adapter or the full model
         optimizer.pt           optimizer.state_dict(), read back with torch.load(weights_only=True)
-        state.json             trainer state: step, epoch, position in the epoch, scheduler, counters
+        state.json             the run's TrainState (train/state.py) and whatever the caller adds
         rng.safetensors        RNG states: torch CPU, every CUDA device, Python ``random``, NumPy
         config.yaml            the resolved config of the run
         ...                    whatever ``write_extra`` adds (e.g. a PEFT adapter dir)
@@ -72,7 +72,8 @@ class Checkpoint:
     optimizer: dict
     """``optimizer.state_dict()``, tensors on the CPU; ``Optimizer.load_state_dict`` moves them to the params."""
     state: dict
-    """Trainer state as saved: step, epoch, position in the epoch, scheduler state, counters."""
+    """Trainer state as saved: a run's ``TrainState.to_json()`` plus its fingerprints (``TrainState.from_json``
+    checks it)."""
     rng: dict[str, torch.Tensor]
     """RNG states as returned by ``capture_rng``; hand them to ``restore_rng``."""
     config_yaml: str

@@ -1,11 +1,11 @@
-"""Training-step helpers: supervised loss at trained positions only, token-normalised accumulation,
-clipping and the non-finite policy. The recipe files call these; the loop itself stays in the recipe.
+"""The supervised loss at trained positions only, and how the model is run for it (layouts, checkpointing,
+compiled blocks). The loop that calls it, with accumulation, clipping and the non-finite policy, is
+``train/engine.py``; ``train/objectives.py`` turns a micro-batch into this loss.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -265,49 +265,3 @@ def compiled_layers(model, enabled: bool = True):
     finally:
         for part in parts:
             part._compiled_call_impl = None
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean loss per trained token over the whole accumulated batch
-    grad_norm: float
-    trained: int
-    skipped: bool
-
-
-def accumulate_and_step(model, optimizer, params: list[torch.nn.Parameter], micro_batches: list[dict], *,
-                        lr: float, max_grad_norm: float | None, device: torch.device,
-                        dtype: torch.dtype, on_micro_batch=None) -> StepResult:
-    """One optimizer step over ``micro_batches``.
-
-    Each micro-batch's summed loss is divided by the trained tokens of the WHOLE accumulated batch,
-    so micro-batch 4 × accumulation 1 and micro-batch 1 × accumulation 4 give the same gradient.
-    A non-finite loss or gradient leaves parameters and optimizer state untouched (``skipped``).
-    """
-    total = sum(trained_tokens(b) for b in micro_batches)
-    loss_value = 0.0
-    for index, batch in enumerate(micro_batches):
-        if on_micro_batch is not None:
-            on_micro_batch(index)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        with autocast_for(device, dtype):
-            loss = supervised_loss_sum(model, batch) / max(total, 1)
-        loss.backward()
-        loss_value += float(loss.detach())
-    grad_norm, skipped = clip_and_step(optimizer, params, loss_value, lr=lr, max_grad_norm=max_grad_norm)
-    return StepResult(loss=loss_value, grad_norm=grad_norm, trained=total, skipped=skipped)
-
-
-def clip_and_step(optimizer, params: list[torch.nn.Parameter], loss_value: float, *, lr: float,
-                  max_grad_norm: float | None) -> tuple[float, bool]:
-    """Clip the accumulated gradients and step at ``lr``, unless the loss or the gradient norm is not
-    finite; then parameters and optimizer state stay untouched. Gradients are cleared either way.
-    Returns ``(grad_norm, skipped)``."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-    skipped = not (torch.isfinite(norm) and torch.isfinite(torch.tensor(loss_value)))
-    if not skipped:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm), bool(skipped)

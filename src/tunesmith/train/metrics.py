@@ -51,3 +51,28 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tmp.replace(path)
+
+
+class Progress:
+    """A tqdm bar with loss, learning rate, tokens/s (tqdm shows the ETA); nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self.last = initial
+
+    def update(self, row: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(row["step"] - self.last)
+        self.last = row["step"]
+        if "loss" in row:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                 tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

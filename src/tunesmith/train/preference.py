@@ -1,4 +1,5 @@
-"""Preference tuning maths: completion log-probabilities, the DPO / IPO / SimPO losses, one optimizer step.
+"""Preference tuning maths: completion log-probabilities and the DPO / IPO / SimPO losses (the training step
+is ``train/objectives.py``'s ``PreferenceLoss`` in the shared engine).
 
 For a prompt x with a chosen answer c and a rejected answer r, the policy π scores an answer by the summed
 log-probability of its completion tokens only (labels are ``IGNORE_INDEX`` on the prompt and padding):
@@ -37,16 +38,13 @@ depend on how the pairs are split into micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tunesmith.data.batching import pad_collate
 from tunesmith.errors import TunesmithError
-from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import autocast_for, clip_and_step, trained_hidden
+from tunesmith.train.loop import autocast_for, trained_hidden
 
 LOGIT_CHUNK = 256
 LOSSES = ("sigmoid", "ipo", "simpo")
@@ -117,61 +115,6 @@ def preference_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: 
 def ranked_above(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """1 where chosen scores higher, 0.5 on a tie, 0 where rejected scores higher."""
     return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-
-
-@dataclass
-class PreferenceStepResult:
-    loss: float  # mean per-pair loss (plus the SFT term) over the whole accumulated batch
-    grad_norm: float
-    pairs: int
-    skipped: bool
-    stats: dict  # reward_accuracy, chosen_reward, rejected_reward, margin, kl (with a reference), sft_loss
-
-
-def preference_step(model, optimizer, params: list[torch.nn.Parameter], micro_batches: list[tuple[dict, list[int]]],
-                    *, objective, reference, lr: float, max_grad_norm: float | None, device: torch.device,
-                    dtype: torch.dtype, on_micro_batch=None) -> PreferenceStepResult:
-    """One optimizer step over ``micro_batches`` of ``(collate_pairs batch, example indices)``.
-
-    ``objective`` has ``loss``, ``beta``, ``gamma`` and ``sft_weight`` (the config's ``dpo`` section);
-    ``reference(batch, indices)`` gives the reference's ``(chosen, rejected)`` summed log-probs without
-    gradients (None: SimPO, no reference). A non-finite loss or gradient skips the step (``clip_and_step``).
-    """
-    pairs = sum(len(indices) for _, indices in micro_batches)
-    chosen_tokens = sum(int((batch["labels"][:len(indices), 1:] != IGNORE_INDEX).sum())
-                        for batch, indices in micro_batches)
-    totals = {"loss": 0.0, "reward_accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "kl": 0.0,
-              "sft_loss": 0.0}
-    for index, (batch, indices) in enumerate(micro_batches):
-        if on_micro_batch is not None:
-            on_micro_batch(index)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        n = len(indices)
-        with autocast_for(device, dtype):
-            ref = reference(batch, indices) if reference is not None else (None, None)
-            logps, counts = completion_logps(model, batch)
-        losses, chosen_reward, rejected_reward = preference_losses(
-            logps[:n], logps[n:], ref[0], ref[1], counts[:n], counts[n:], loss=objective.loss, beta=objective.beta,
-            gamma=objective.gamma)
-        nll = -logps[:n].sum() / max(chosen_tokens, 1)
-        loss = losses.sum() / pairs + (objective.sft_weight * nll if objective.sft_weight else 0.0)
-        loss.backward()
-        with torch.no_grad():
-            totals["loss"] += float(loss)
-            totals["reward_accuracy"] += float(ranked_above(chosen_reward, rejected_reward).sum()) / pairs
-            totals["chosen_reward"] += float(chosen_reward.sum()) / pairs
-            totals["rejected_reward"] += float(rejected_reward.sum()) / pairs
-            totals["sft_loss"] += float(nll)
-            if ref[0] is not None:
-                totals["kl"] += float((logps[:n] - ref[0]).sum()) / pairs
-    grad_norm, skipped = clip_and_step(optimizer, params, totals["loss"], lr=lr, max_grad_norm=max_grad_norm)
-    stats = {key: totals[key] for key in ("reward_accuracy", "chosen_reward", "rejected_reward")}
-    stats["margin"] = stats["chosen_reward"] - stats["rejected_reward"]
-    if reference is not None:
-        stats["kl"] = totals["kl"]
-    if objective.sft_weight:
-        stats["sft_loss"] = totals["sft_loss"]
-    return PreferenceStepResult(loss=totals["loss"], grad_norm=grad_norm, pairs=pairs, skipped=skipped, stats=stats)
 
 
 @torch.no_grad()

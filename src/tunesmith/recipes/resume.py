@@ -1,0 +1,94 @@
+"""Run checkpoints: what a checkpoint of a run holds (trainable weights, optimizer, RNG, ``TrainState``, the
+data and model fingerprints, the PEFT adapter), and the checks before a run continues from one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.errors import TunesmithError
+from tunesmith.peft import adapter_parameters, save_adapter
+from tunesmith.recipes.setup import RunSetup
+from tunesmith.train.checkpoint import (STATE_FILE, capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
+                                        save_checkpoint)
+from tunesmith.train.metrics import truncate_metrics
+from tunesmith.train.state import TrainState
+
+# Config keys that define what a checkpoint's weights and data positions mean: changing any of them
+# between a checkpoint and its resume would silently train something else.
+IDENTITY_KEYS = ("model.source", "model.template", "method.name", "method.objective", "method.freeze_embeddings",
+                 "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.dropout", "data.train",
+                 "data.format", "data.split", "data.max_length", "data.overlength", "data.invalid_rows",
+                 "data.train_on", "data.reasoning", "data.batching", "data.token_budget", "train.micro_batch_size",
+                 "train.grad_accum", "seed", "quant.type", "quant.double_quant", "quant.blocksize",
+                 "quant.skip_modules", "quant.storage", "optim.name", "dpo.loss", "dpo.reference",
+                 "dpo.init_adapter", "dpo.init_mode")
+
+
+def _lookup(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup) -> None:
+    """Refuse to resume when the model, adapter shape or data differ from the checkpoint's."""
+    saved, current = yaml.safe_load(saved_yaml), setup.config.model_dump(mode="json")
+    changes = [f"{key} changed from {_lookup(saved, key)!r} to {_lookup(current, key)!r}"
+               for key in IDENTITY_KEYS if _lookup(saved, key) != _lookup(current, key)]
+    for what, fingerprint in setup.fingerprints.items():
+        if saved_fingerprints.get(what) != fingerprint:
+            name = setup.config.data.train if what == "data" else setup.config.model.source
+            changes.append(f"the {what} ({name}) changed on disk since the checkpoint")
+    if changes:
+        raise TunesmithError(f"cannot resume {setup.run_dir}: " + "; ".join(changes)
+                             + ". Start a new run for different settings")
+
+
+def load_resume_state(setup: RunSetup, model, optimizer) -> TrainState:
+    """Check the newest checkpoint against the run (``check_resumable``, its state, its weights' names), then
+    put its weights, optimizer state and RNG states back and cut ``metrics.jsonl`` to its step."""
+    path = latest_checkpoint(setup.run_dir)
+    if path is None:
+        raise TunesmithError(f"{setup.run_dir} has no complete checkpoint to resume from")
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt.config_yaml, ckpt.state.get("fingerprints", {}), setup)
+    state = TrainState.from_json({k: v for k, v in ckpt.state.items() if k != "fingerprints"},
+                                 source=str(path / STATE_FILE))
+    expected = set(_trainable_weights(setup, model))
+    if set(ckpt.weights) != expected:
+        missing, unexpected = sorted(expected - set(ckpt.weights)), sorted(set(ckpt.weights) - expected)
+        raise TunesmithError(f"checkpoint {path} does not match the model: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in ckpt.weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt.optimizer)
+    restore_rng(ckpt.rng)
+    truncate_metrics(setup.run_dir, ckpt.step)
+    print(f"resuming {setup.run_dir} from {path.name}")
+    return state
+
+
+def _trainable_weights(setup: RunSetup, model) -> dict[str, torch.Tensor]:
+    if setup.config.method.uses_adapter:
+        return {name: p.detach() for name, p in adapter_parameters(model).items()}
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def save_training_checkpoint(setup: RunSetup, model, optimizer, state: TrainState) -> Path:
+    """Checkpoint ``state.step``: its ``state.json`` is the ``TrainState`` plus the data and model fingerprints
+    (what ``check_resumable`` compares); LoRA runs also get a PEFT ``adapter/`` dir beside the weights."""
+    def write_adapter(tmp: Path) -> None:
+        if setup.config.method.uses_adapter:
+            save_adapter(model, setup.lora_config, tmp / "adapter",
+                         base_model_name_or_path=setup.config.model.source)
+
+    saved = {**state.to_json(), "fingerprints": setup.fingerprints}
+    return save_checkpoint(setup.run_dir, state.step, weights=_trainable_weights(setup, model),
+                           optimizer=optimizer.state_dict(), state=saved, rng=capture_rng(),
+                           config_yaml=setup.config.to_yaml(),
+                           keep=setup.config.train.keep_checkpoints, write_extra=write_adapter)

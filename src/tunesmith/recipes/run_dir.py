@@ -1,0 +1,128 @@
+"""A run's dir: claimed (locked, its config written) only once setup succeeded, held while the run lives,
+cleared when a failed start left it, and written to whole-or-not-at-all."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO
+
+from tunesmith.config import RunConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.train.checkpoint import latest_checkpoint, os_error_of
+
+LOCK_FILE = ".tunesmith.lock"
+# Files only a run that got far enough writes: a dir holding none of them (and no checkpoint) is a failed start.
+RESULT_FILES = ("adapter", "model", "summary.json")
+# Write failures that are the disk's, not the program's: the run stops with one line, its checkpoints intact.
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def _lock_run_dir(run_dir: Path) -> IO:
+    """An exclusive, non-blocking lock on ``run_dir``, held while the returned file stays open; the kernel drops
+    it when the process dies, so a killed run never leaves the dir locked."""
+    handle = open(run_dir / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise TunesmithError(f"run dir {run_dir} is in use by another tunesmith process (a run or a resume of it); "
+                             "wait for that one to finish or stop it, then try again") from None
+    return handle
+
+
+def _failed_start(run_dir: Path) -> bool:
+    """A run dir whose run stopped before its first checkpoint: nothing in it can be resumed or is a result."""
+    return latest_checkpoint(run_dir) is None and not any((run_dir / name).exists() for name in RESULT_FILES)
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def claim_run_dir(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
+    """Lock the run dir and write its config.yaml; returns (dir, lock, whether to resume from a checkpoint).
+
+    A dir left by a run that stopped before its first checkpoint is cleared and the run starts over, both on
+    ``--resume`` and when a new run takes the same name: there is nothing in it to keep."""
+    run_dir = config.run_dir
+    exists_hint = f"continue it with --resume {run_dir}, or choose another name with name=NEW_NAME"
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TunesmithError(f"run dir {run_dir} is a file; choose another name with name=NEW_NAME")
+    others = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    if not resume and others and not (run_dir / "config.yaml").is_file():
+        raise TunesmithError(f"run dir {run_dir} already exists; {exists_hint}")  # not ours: leave no lock file
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_run_dir(run_dir)
+    except OSError as exc:
+        fix = "make it writable" if resume else "set output_dir to a writable directory"
+        raise TunesmithError(f"cannot write in run dir {run_dir}: {exc.strerror}; {fix}") from None
+    try:
+        if resume and latest_checkpoint(run_dir) is not None:
+            return run_dir, lock, True
+        if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            if not _failed_start(run_dir):
+                raise TunesmithError(f"{run_dir} holds a finished run without checkpoints (train.checkpoint_every "
+                                     "was null); nothing to resume. Start a new run with name=NEW_NAME" if resume
+                                     else f"run dir {run_dir} already exists; {exists_hint}")
+            print(f"{run_dir} holds a run that stopped before its first checkpoint: starting it over from step 0"
+                  + (" with its saved config" if resume else ""))
+            _clear_run_dir(run_dir)
+        write_text(run_dir / "config.yaml", config.to_yaml())
+    except BaseException:
+        lock.close()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir, lock, False
+
+
+@contextlib.contextmanager
+def hold_run_dir(setup):
+    """The life of a run in its dir: the lock is released at the end, however the run ends, and a full or
+    read-only disk stops it with one line that says its checkpoints are intact (a failed save removes its own
+    partial files)."""
+    try:
+        yield
+    except TunesmithError:
+        raise
+    except Exception as exc:
+        error = os_error_of(exc)
+        if error is None or error.errno not in DISK_ERRNOS:
+            raise
+        last = latest_checkpoint(setup.run_dir)
+        intact = (f"the last checkpoint ({last.name}) is intact: free some space, then continue with "
+                  f"tunesmith train --resume {setup.run_dir}" if last is not None else
+                  f"no checkpoint was written yet: free some space, then start it over with tunesmith train "
+                  f"--resume {setup.run_dir}")
+        where = f" {error.filename}" if error.filename else f" into {setup.run_dir}"
+        raise TunesmithError(f"cannot write{where}: {error.strerror} (the disk is full or read-only); "
+                             f"{intact}") from None
+    finally:
+        setup.lock.close()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temp file beside it, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))

@@ -1,0 +1,172 @@
+"""A run's setup: tokenizer and data (refused early when they cannot train), the model (QLoRA: its base in 4
+bits), what trains, then the run dir; ``RunSetup`` carries them to the engine and the finish."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from tunesmith.config import RunConfig
+from tunesmith.data.builtin import BUILTIN_NAME
+from tunesmith.data.pipeline import PreparedData, prepare
+from tunesmith.data.tokenize import TokenizeOptions
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.evaluate import generation_rows
+from tunesmith.eval.task import AnswerRow
+from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
+from tunesmith.models.load import resolve_path
+from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora, load_adapter
+from tunesmith.quant.bnb import QuantizedModel, QuantSpec, quantize_model
+from tunesmith.recipes.run_dir import claim_run_dir
+from tunesmith.templates import use_template
+
+
+@dataclass
+class RunSetup:
+    config: RunConfig
+    run_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    train: PreparedData
+    eval: PreparedData | None
+    eval_rows: list[AnswerRow] | None  # held-out rows whose greedy answers are scored (see generation_rows)
+    fingerprints: dict
+    resume: bool  # False also when a --resume found no checkpoint and starts the run over
+    lock: IO  # the open lock file: the run dir is ours while it stays open (see hold_run_dir)
+    drops: dict  # "train" / "eval" → PreparedData.drops()
+    quantization: QuantizedModel | None = None
+
+    @property
+    def lora_config(self) -> LoRAConfig:
+        lora = self.config.lora
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+        return LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
+                          use_rslora=lora.use_rslora)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_fingerprint(source: str) -> str:
+    path = Path(resolve_path(source))
+    if not path.is_dir():
+        return _digest(source)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+    return _digest([(p.name, p.stat().st_size, p.read_text() if p.name == "config.json" else "") for p in files])
+
+
+def report_drops(data: PreparedData) -> dict:
+    """Print the rows ``data`` dropped, by reason with the first row (or line) numbers; return ``data.drops()``."""
+    drops = data.drops()
+    if drops["count"]:
+        reasons = ", ".join(f"{d['count']} × {reason}" for reason, d in drops["by_reason"].items())
+        print(f"{data.name}: {drops['count']} of {data.rows} rows dropped ({reasons})")
+        for reason, d in drops["by_reason"].items():
+            more = ", …" if d["count"] > len(d["first"]) else ""
+            unit = drops["unit"] + ("s" if d["count"] > 1 else "")
+            print(f"  {reason}: {unit} {', '.join(map(str, d['first']))}{more}")
+    return drops
+
+
+def _check_objective(config: RunConfig, data: PreparedData) -> None:
+    """Preference pairs train with DPO and only with DPO; say which setting fixes a mismatch."""
+    pairs = data.normalised.format == "preference"
+    if config.method.objective == "dpo" and not pairs:
+        raise TunesmithError(f"method.objective=dpo needs preference data (prompt/chosen/rejected columns), but "
+                             f"{data.name} is in {data.normalised.format} format; the built-in pairs are "
+                             f"data.train={BUILTIN_NAME}-preference data.eval={BUILTIN_NAME}-preference:test")
+    if config.method.objective == "sft" and pairs:
+        raise TunesmithError(f"{data.name} holds preference pairs (prompt/chosen/rejected); train on them with "
+                             "method.objective=dpo")
+
+
+def _example_key(example: dict) -> tuple:
+    if "chosen" in example:
+        return (_example_key(example["chosen"]), _example_key(example["rejected"]))
+    return (example["input_ids"], example["labels"])
+
+
+def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSetup:
+    """Tokenizer, data (refused early when nothing is trained, or when its kind does not fit the objective),
+    then the model, then the run dir (locked: run the rest inside ``hold_run_dir(setup)``); ``adjust_model(model)``
+    may change the dense weights before a QLoRA base is quantized."""
+    tokenizer = load_tokenizer(config.model.source, trust_remote_code=config.model.trust_remote_code)
+    use_template(tokenizer, config.model.template)
+    options = TokenizeOptions.from_config(config.data)
+    train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
+                    invalid_rows=config.data.invalid_rows, split=config.data.split,
+                    sample=config.data.sample_rows, seed=config.seed)
+    _check_objective(config, train)
+    if config.data.batching == "pack" and config.data.token_budget:
+        train.check_token_budget(config.data.token_budget)
+    heldout, rows = None, None
+    if config.data.eval:
+        heldout = prepare(config.data.eval, tokenizer, options, fmt=config.data.format,
+                          invalid_rows=config.data.invalid_rows)
+        _check_objective(config, heldout)
+        if config.eval.loss_rows is not None:
+            heldout.tokenized.examples = heldout.tokenized.examples[:config.eval.loss_rows]
+        rows = generation_rows(config)
+    drops = {"train": report_drops(train), "eval": report_drops(heldout) if heldout is not None else None}
+    device = resolve_device(config.model.device)
+    qlora = config.method.name == "qlora"
+    loaded = load(config.model.source, dtype=config.model.dtype, device="cpu" if qlora else config.model.device,
+                  trust_remote_code=config.model.trust_remote_code)
+    if adjust_model is not None:
+        adjust_model(loaded.model)
+    quantization = quantize_base(config, loaded.model, device) if qlora else None
+    fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
+                    "model": _model_fingerprint(config.model.source)}
+    # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)
+    run_dir, lock, resume = claim_run_dir(config, resume)
+    return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=loaded.model, device=device,
+                    dtype=resolve_dtype(config.model.dtype, device), train=train, eval=heldout, eval_rows=rows,
+                    fingerprints=fingerprints, resume=resume, lock=lock, drops=drops, quantization=quantization)
+
+
+def quant_spec(config: RunConfig, device: torch.device) -> QuantSpec:
+    quant = config.quant
+    compute = quant.compute_dtype
+    if compute == "auto":
+        compute_dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
+        if device.type == "cuda" and compute_dtype == torch.float32:
+            compute_dtype = torch.float16
+    else:
+        compute_dtype = resolve_dtype(compute, device)
+    return QuantSpec(quant_type=quant.type, double_quant=quant.double_quant, compute_dtype=compute_dtype,
+                     storage=quant.storage, blocksize=quant.blocksize, skip_modules=list(quant.skip_modules))
+
+
+def quantize_base(config: RunConfig, model: torch.nn.Module, device: torch.device) -> QuantizedModel:
+    """QLoRA: the frozen base in 4 bits on ``device``; prints what was quantized and what was kept."""
+    quantized = quantize_model(model, quant_spec(config, device), device)
+    print(f"{config.quant.type}{' + double quantization' if config.quant.double_quant else ''}: "
+          f"{quantized.summary()}")
+    return quantized
+
+
+def trainable_parameters(setup: RunSetup, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:
+    """LoRA/QLoRA: a fresh adapter, or the one in ``adapter`` to continue training, over a frozen base. Full:
+    every parameter, optionally without the input embeddings."""
+    config, model = setup.config, setup.model
+    if config.method.uses_adapter:
+        torch.manual_seed(config.seed)  # adapter init is part of the run's identity
+        if adapter is not None:
+            load_adapter(model, adapter)
+        else:
+            inject_lora(model, setup.lora_config)
+        freeze_base(model)
+        return list(adapter_parameters(model).values())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    if config.method.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,204 @@
+"""The one training loop, for every objective (SFT, DPO / IPO / SimPO), top to bottom: optimizer → resume or
+evaluate before → steps (plan, accumulate, clip, step, count, log, evaluate, checkpoint) → the final state.
+
+What an objective changes is an ``Objective``: how a micro-batch becomes a loss (``train/objectives.py``), how
+its examples are batched and counted, and how it evaluates. Everything else — accumulation, the schedule, the
+non-finite policy, logging and progress, eval-every, checkpoints, the token count — is written once, here,
+and the run's position is one ``TrainState``, which is also what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from tunesmith.data.batching import plan_batches
+from tunesmith.errors import TunesmithError
+from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
+from tunesmith.train.loop import autocast_for, compiled_layers, enable_gradient_checkpointing
+from tunesmith.train.metrics import MetricsLog, Progress
+from tunesmith.train.objectives import MicroBatch
+from tunesmith.train.optim import build_optimizer
+from tunesmith.train.schedule import lr_at, warmup_steps
+from tunesmith.train.state import TrainState
+
+if TYPE_CHECKING:
+    from tunesmith.recipes.setup import RunSetup
+
+
+@dataclass
+class Objective:
+    """What one training objective brings to the engine."""
+
+    loss: object
+    """``SupervisedLoss`` or ``PreferenceLoss``: micro-batch → loss and logged metrics."""
+    lengths: list[int]
+    """Tokens of each training example (pairs: chosen + rejected); the batch plan and the token count use them."""
+    collate: Callable[[list], MicroBatch]
+    """A batch of the plan (example indices; bins of indices when packing) → its micro-batch."""
+    evaluate: Callable[..., dict]
+    """``evaluate(phase, task=True)``: held-out metrics; phase "before"/"after" also saves them, None only
+    computes (eval-every, without the task metrics)."""
+    eval_log: dict[str, str]
+    """Log-row key → ``evaluate`` metric logged at ``train.eval_every``."""
+    token_budget: int | None = None
+    """Tokens per packed row (``data.batching=pack``)."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """The step's loss: the mean over its trained tokens (SFT) or pairs (preference), accumulated."""
+    grad_norm: float
+    skipped: bool
+    counts: dict[str, int]
+    """The step's denominators (``counts`` of the loss, summed over micro-batches)."""
+    metrics: dict = field(default_factory=dict)
+    """The loss's own logged metrics for the step (``step_metrics``)."""
+
+
+def train_step(model, optimizer, params: list[torch.nn.Parameter], loss_fn, micro_batches: list[MicroBatch], *,
+               lr: float, max_grad_norm: float | None, device: torch.device, dtype: torch.dtype,
+               on_micro_batch=None) -> StepResult:
+    """One optimizer step over ``micro_batches``: forward and backward of each, then clip and step.
+
+    The denominators are counted over the WHOLE accumulated batch before the first forward, so micro-batch
+    4 × accumulation 1 and 1 × 4 give the same gradient. A non-finite loss or gradient leaves parameters and
+    optimizer state untouched (``skipped``).
+    """
+    totals = Counter()
+    for micro in micro_batches:
+        totals.update(loss_fn.counts(micro))
+    loss_value, sums = 0.0, Counter()
+    for index, micro in enumerate(micro_batches):
+        if on_micro_batch is not None:
+            on_micro_batch(index)
+        batch = {key: value.to(device) for key, value in micro.batch.items()}
+        with autocast_for(device, dtype):
+            loss, stats = loss_fn.loss(model, batch, micro, totals)
+        loss.backward()
+        loss_value += float(loss.detach())
+        sums.update(stats)
+    grad_norm, skipped = clip_and_step(optimizer, params, loss_value, lr=lr, max_grad_norm=max_grad_norm)
+    return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped, counts=dict(totals),
+                      metrics=loss_fn.step_metrics(sums))
+
+
+def clip_and_step(optimizer, params: list[torch.nn.Parameter], loss_value: float, *, lr: float,
+                  max_grad_norm: float | None) -> tuple[float, bool]:
+    """Clip the accumulated gradients and step at ``lr``, unless the loss or the gradient norm is not
+    finite; then parameters and optimizer state stay untouched. Gradients are cleared either way.
+    Returns ``(grad_norm, skipped)``."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    skipped = not (torch.isfinite(norm) and torch.isfinite(torch.tensor(loss_value)))
+    if not skipped:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm), bool(skipped)
+
+
+def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter], *,
+          on_micro_batch=None) -> TrainState:
+    """Train ``setup.model`` on ``objective`` from the start (evaluating it first) or from the run's newest
+    checkpoint; returns the final state. ``on_micro_batch(step, micro_index)`` runs before every micro-batch."""
+    config, model, device = setup.config, setup.model, setup.device
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = build_optimizer(config.optim, params)
+
+    def plan_for(epoch: int) -> list:
+        return plan_batches(objective.lengths, strategy=config.data.batching, batch_size=config.train.micro_batch_size,
+                            token_budget=objective.token_budget, seed=config.seed, epoch=epoch)
+
+    steps_per_epoch = -(-len(plan_for(0)) // config.train.grad_accum)
+    total_steps = config.train.max_steps or max(1, round(config.train.epochs * steps_per_epoch))
+    state = TrainState(total_steps=total_steps)
+
+    # --- resume, or evaluate the starting model
+    if setup.resume:
+        state = load_resume_state(setup, model, optimizer)
+        state.total_steps = total_steps  # the length is the config's: a resume may extend the run (train.max_steps)
+    elif config.eval.before and setup.eval is not None:
+        objective.evaluate("before")
+
+    # --- train
+    warmup = warmup_steps(state.total_steps, config.schedule.warmup_steps, config.schedule.warmup_ratio)
+    log = MetricsLog(setup.run_dir)
+    model.train()
+    plan = plan_for(state.epoch)
+    progress = Progress(config.train.progress, state.total_steps, state.step)
+    window_start, window_tokens = time.time(), 0
+    with compiled_layers(model, config.train.compile):
+        try:
+            while state.step < state.total_steps:
+                if state.micro >= len(plan):
+                    state.epoch, state.micro = state.epoch + 1, 0
+                    plan = plan_for(state.epoch)
+                step, first = state.step, state.micro
+                chunk = plan[first:first + config.train.grad_accum]
+                hook = None if on_micro_batch is None else (lambda i: on_micro_batch(step, first + i))
+                micro_batches = [objective.collate(batch) for batch in chunk]
+                lr = lr_at(step, base_lr=config.optim.lr, total_steps=state.total_steps, warmup=warmup,
+                           kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
+                step_start = time.time()
+                result = train_step(model, optimizer, params, objective.loss, micro_batches, lr=lr,
+                                    max_grad_norm=config.optim.max_grad_norm, device=device, dtype=setup.dtype,
+                                    on_micro_batch=hook)
+                # One token count for every objective: the examples' own tokens, without padding
+                tokens = sum(objective.lengths[i] for batch in chunk for i in _indices(batch))
+                state.train_seconds += time.time() - step_start
+                state.step, state.micro, state.tokens = step + 1, first + len(chunk), state.tokens + tokens
+                window_tokens += tokens
+                if result.skipped:
+                    state.skipped += 1
+                    state.bad_streak += 1
+                    _check_bad_steps(config, state, result)
+                else:
+                    state.bad_streak = 0
+                row = None
+                if state.step % config.train.log_every == 0 or state.step == state.total_steps:
+                    elapsed = max(time.time() - window_start, 1e-9)
+                    row = {"step": state.step, "epoch": state.epoch, "loss": result.loss, **result.metrics, "lr": lr,
+                           "grad_norm": result.grad_norm, "tokens": state.tokens,
+                           "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
+                    if device.type == "cuda":
+                        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    window_start, window_tokens = time.time(), 0
+                if config.train.eval_every and state.step % config.train.eval_every == 0 and setup.eval is not None:
+                    heldout = objective.evaluate(None, task=False)
+                    row = {**(row or {"step": state.step}),
+                           **{key: heldout[metric] for key, metric in objective.eval_log.items()}}
+                    model.train()
+                if row is not None:
+                    log.log(row)
+                    progress.update(row)
+                if config.train.checkpoint_every and (state.step % config.train.checkpoint_every == 0
+                                                      or state.step == state.total_steps):
+                    save_training_checkpoint(setup, model, optimizer, state)
+        finally:
+            log.close()
+            progress.close()
+    model.eval()
+    return state
+
+
+def _indices(batch: list) -> list[int]:
+    """The example indices of a planned batch, flat (a packed batch is a list of bins)."""
+    return [i for item in batch for i in (item if isinstance(item, list) else [item])]
+
+
+def _check_bad_steps(config, state: TrainState, result: StepResult) -> None:
+    """After a skipped (non-finite) step: stop under ``train.nonfinite=abort`` or after too many in a row."""
+    if config.train.nonfinite == "abort" or state.bad_streak >= config.train.max_bad_steps:
+        why = ("train.nonfinite=abort" if config.train.nonfinite == "abort"
+               else f"{state.bad_streak} non-finite steps in a row (train.max_bad_steps)")
+        raise TunesmithError(f"step {state.step}: non-finite loss or gradient (loss {result.loss}, grad norm "
+                             f"{result.grad_norm}); stopping because of {why}. The last checkpoint is intact: "
+                             "lower optim.lr or check the data, then resume with --resume")
