@@ -46,8 +46,8 @@ def run_demo(overrides: list[str] = (), examples: int = 3, *, trust_remote_code:
         print(f"  tuned    : {after['predictions'][i]}\n")
     metrics = summary["after"]
     if "exact_match_unseen" in metrics:
-        print(f"exact match {metrics['exact_match']:.0%} on {metrics['n']} held-out rows, "
-              f"{metrics['exact_match_unseen']:.0%} on the {metrics['n_unseen']} whose name and city "
+        print(f"exact match {metrics['exact_match']:.0%} on {len(after['subsets'])} held-out rows, "
+              f"{metrics['exact_match_unseen']:.0%} on the {after['subsets'].count('unseen')} whose name and city "
               "no training row holds")
     print(f"training {summary['train_seconds']:.0f} s, whole demo {time.time() - started:.0f} s; "
           f"open {config.run_dir / 'report.html'} for curves and examples")

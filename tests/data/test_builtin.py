@@ -31,15 +31,15 @@ def whole_words(entity: str) -> re.Pattern:
 def test_golden_first_rows():
     assert builtin_task("train", 1) == [{"messages": [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": "Sunday dinner in Strasbourg for 11 - reservation name Alessandro Lê."},
+        {"role": "user", "content": "Tuesday dinner in Montevideo for 11 - reservation name Ēriks Demir."},
         {"role": "assistant",
-         "content": '{"name": "Alessandro Lê", "city": "Strasbourg", "day": "Sunday", "guests": 11}'},
+         "content": '{"name": "Ēriks Demir", "city": "Montevideo", "day": "Tuesday", "guests": 11}'},
     ]}]
     first, second = builtin_task("test", 2)
     assert (first["subset"], first["messages"][1]["content"]) == (
-        "unseen", "On Monday, Céline Desai is bringing a group of 8 to the Oslo restaurant.")
+        "unseen", "Book a table for 11 in Hangzhou on Wednesday, name Nattapong Xu.")
     assert (second["subset"], second["messages"][2]["content"]) == (
-        "seen", '{"name": "Carmen Nyström", "city": "Pune", "day": "Wednesday", "guests": 4}')
+        "seen", '{"name": "Matthias Whitaker", "city": "New Delhi", "day": "Tuesday", "guests": 11}')
 
 
 def test_pools_are_large_varied_and_never_overlap():
@@ -87,6 +87,12 @@ def test_unseen_rows_name_nothing_any_training_row_holds():
         # an entity with a word no training row holds is absent; the rest are searched for as whole words
         if set(re.findall(r"\w+", entity)) <= training_words:
             assert not whole_words(entity).search(training_text), entity
+
+
+def test_unseen_rows_go_through_the_held_out_pools_before_repeating():
+    unseen = [json.loads(row["messages"][2]["content"]) for row in builtin_task("test") if row["subset"] == "unseen"]
+    assert len(unseen) == 50
+    assert len({booking["city"] for booking in unseen}) == 50 and len({booking["name"] for booking in unseen}) == 50
 
 
 def test_same_seed_same_rows_and_other_seed_other_rows():

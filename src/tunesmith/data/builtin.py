@@ -8,8 +8,8 @@ no judge model::
     {"name": "Ada Park", "city": "Lyon", "day": "Friday", "guests": 4}
 
 Rows are drawn from string-seeded ``random.Random`` streams, so the same (split, n, seed) gives the same
-rows on every machine. A sentence belongs to the train or the test split by a hash of its text, so no
-test sentence appears in any train set, whatever n and seed were used for either.
+rows on every machine. A sentence from the training pools belongs to the train or the test split by a hash
+of its text, so no test sentence appears in any train set, whatever n and seed were used for either.
 
 Names and cities come from pools of hundreds (``builtin_pools``), and about a quarter of each pool is held
 out: no training row ever contains a held-out entity. Every other test row (``subset: "unseen"``) is built
@@ -131,18 +131,29 @@ def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict, str
         raise TunesmithError(f"the built-in task has no split {split!r}; choose one of {', '.join(DEFAULT_SIZES)}")
     n = DEFAULT_SIZES[split] if n is None else n
     rng = random.Random(f"tunesmith-builtin:{split}:{seed}")
+    # Unseen rows go through each held-out pool in a shuffled order before any entity comes back, so 50
+    # unseen rows name 50 different cities: one hard name cannot sink (or carry) several rows at once.
+    decks = {slot: _deck(pool, rng) for slot, pool in POOLS["unseen"].items()}
     seen: set[str] = set()
     bookings = []
     while len(bookings) < n:
         subset = "unseen" if split == "test" and len(bookings) % 2 == 0 else "seen"
-        pools = POOLS[subset]
-        booking = {"name": f"{rng.choice(pools['first'])} {rng.choice(pools['last'])}",
-                   "city": rng.choice(pools["city"]), "day": rng.choice(DAYS), "guests": rng.randint(2, 12)}
+        pick = (lambda slot: next(decks[slot])) if subset == "unseen" else (
+            lambda slot: rng.choice(POOLS["seen"][slot]))
+        booking = {"name": f"{pick('first')} {pick('last')}", "city": pick("city"), "day": rng.choice(DAYS),
+                   "guests": rng.randint(2, 12)}
         sentence = rng.choice(TEMPLATES).format(**booking, guests_word=GUEST_WORDS[booking["guests"]])
-        if sentence not in seen and _split_of(sentence) == split:
+        # an unseen row cannot be a training sentence (its names are in none), so only seen rows need the hash
+        if sentence not in seen and (subset == "unseen" or _split_of(sentence) == split):
             seen.add(sentence)
             bookings.append((sentence, booking, subset))
     return bookings
+
+
+def _deck(pool: tuple[str, ...], rng: random.Random):
+    """``pool``'s entries in a fresh shuffled order on every pass, forever."""
+    while True:
+        yield from rng.sample(pool, len(pool))
 
 
 def _mistaken(booking: dict, index: int, subset: str) -> dict:

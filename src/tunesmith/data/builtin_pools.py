@@ -51,6 +51,9 @@ FIRST_NAMES = (
     "Sipho", "Folake", "Jabari", "Wanjiru", "Emeka", "Nia",
     # Māori, Pacific
     "Aroha", "Tāne", "Mere", "Sione",
+    # initials outside ASCII, which the byte-level tokenizer splits unlike any English word
+    "Émile", "Óscar", "Ángel", "Úrsula", "Ísak", "Ömer", "Ümit", "Çağla", "Şebnem", "Žofie", "Štěpán",
+    "Čeněk", "Øystein", "Åsa", "Ólafur", "Ēriks",
 )
 LAST_NAMES = (
     "Park", "Smith", "Garcia", "Novak", "Okafor", "Tanaka", "Rossi", "Khan", "Dubois", "Berg", "Silva", "Moreau",
@@ -81,6 +84,8 @@ LAST_NAMES = (
     "Mensah", "Adeyemi", "Okonkwo", "Nwosu", "Mwangi", "Otieno", "Dlamini", "Nkosi", "Boateng", "Asante",
     "Abebe", "Tesfaye", "Diallo", "Traoré", "Ndiaye", "Banda", "Moyo", "Kamara",
     "Ngata", "Parata", "Tuilagi",
+    "Østergaard", "Åberg", "Ćosić", "Čapek", "Šimić", "Żak", "Ünlü", "Çelik", "Ó Briain", "Ødegård",
+    "Ávila", "Éluard", "Ōtani", "Đỗ", "Ülker",
 )
 CITIES = (
     # Europe
@@ -122,6 +127,9 @@ CITIES = (
     # Oceania
     "Sydney", "Melbourne", "Brisbane", "Perth", "Adelaide", "Hobart", "Darwin", "Canberra", "Auckland",
     "Wellington", "Christchurch", "Queenstown", "Suva", "Nouméa", "Apia",
+    # initials outside ASCII, which the byte-level tokenizer splits unlike any English word
+    "Évora", "Ålesund", "Åre", "Óbidos", "Ústí nad Labem", "Škofja Loka", "České Budějovice", "Ōita",
+    "Üsküdar", "Çeşme", "Şanlıurfa", "Épernay", "Örebro", "Île-de-Bréhat", "Żywiec",
 )
 # Sentence shapes: each slot's position, casing and punctuation vary, and some shapes carry a line break,
 # a form layout or a word that is not part of any field, so no fixed position or neighbour gives a slot away.
