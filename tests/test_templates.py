@@ -154,3 +154,12 @@ def test_stop_tokens(tok):
     assert stop_token_ids(tok) == [2]
     use_template(tok, "zephyr")
     assert stop_token_ids(tok) == [2]  # </s> is several tokens here; EOS still stops
+
+
+def test_mask_view_shows_a_character_split_across_tokens_once(tokenizer):
+    messages = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Ēriks Ōsaka"}]
+    (rendered,) = render(tokenizer, messages)
+    assert any(a == b for a, b in zip(rendered.offsets, rendered.offsets[1:]))  # the split the view must handle
+    view = mask_view(rendered, color=False)
+    body = view.rsplit("\n-- ", 1)[0]
+    assert body == rendered.text.replace("Ēriks Ōsaka<|im_end|>", "[[Ēriks Ōsaka<|im_end|>]]")

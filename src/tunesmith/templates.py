@@ -434,7 +434,8 @@ def mask_view(rendered: Rendered, *, color: bool = True) -> str:
     runs: list[tuple[bool, str]] = []
     cursor = 0
     for (start, end), keep in zip(rendered.offsets, rendered.trained):
-        piece = rendered.text[cursor:end] if start >= cursor else rendered.text[start:end]
+        # byte-level tokens can split one character: they share its offsets, and it is shown once
+        piece = rendered.text[cursor:end]
         cursor = max(cursor, end)
         if runs and runs[-1][0] == keep:
             runs[-1] = (keep, runs[-1][1] + piece)
