@@ -9,14 +9,11 @@ import re
 import pytest
 
 from tunesmith.data.builtin import (
-    DAYS, GUEST_WORDS, KEYS, POOLS, SYSTEM_PROMPT, builtin_preference, builtin_task, score_prediction,
-    score_predictions,
+    DAYS, GUEST_WORDS, KEYS, POOLS, SYSTEM_PROMPT, builtin_preference, builtin_task,
 )
 from tunesmith.data.builtin_pools import CITIES, FIRST_NAMES, LAST_NAMES, TEMPLATES
 from tunesmith.data.formats import normalise
 from tunesmith.errors import TunesmithError
-
-EXPECTED = '{"name": "Ada Park", "city": "Lyon", "day": "Friday", "guests": 4}'
 
 
 def sentences(rows):
@@ -158,33 +155,3 @@ def test_unknown_split():
     with pytest.raises(TunesmithError, match="no split 'validation'"):
         builtin_task("validation")
 
-
-@pytest.mark.parametrize("prediction, valid, exact, fields", [
-    (EXPECTED, True, True, [True] * 4),
-    ("  \n" + EXPECTED + "\n", True, True, [True] * 4),
-    ("```json\n" + EXPECTED + "\n```", True, True, [True] * 4),
-    (EXPECTED + "\n```", True, True, [True] * 4),
-    ('{"guests": 4, "day": "Friday", "city": "Lyon", "name": "Ada Park"}', True, True, [True] * 4),
-    ('{"name": "Ada Park", "city": "Lyon", "day": "Friday", "guests": "4"}', True, False, [True, True, True, False]),
-    ('{"name": "Ada", "city": "Lyon", "day": "Friday", "guests": 4}', True, False, [False, True, True, True]),
-    ('{"name": "Ada Park", "city": "Lyon", "day": "Friday"}', True, False, [True, True, True, False]),
-    ('{"name": "Ada Park", "city": "Lyon", "day": "Friday", "guests": 4, "time": "8pm"}', True, False, [True] * 4),
-    ('["Ada Park", "Lyon"]', False, False, [False] * 4),
-    ('Sure! {"name": "Ada Park"}', False, False, [False] * 4),
-    ('{"name": "Ada Park", "city": "Lyon",', False, False, [False] * 4),
-])
-def test_score_prediction(prediction, valid, exact, fields):
-    assert score_prediction(prediction, EXPECTED) == {
-        "valid_json": valid, "exact_match": exact, "fields": dict(zip(KEYS, fields))}
-
-
-def test_score_predictions():
-    predictions = [EXPECTED, EXPECTED.replace("Friday", "Monday"), "no idea", EXPECTED.replace("4}", "5}")]
-    assert score_predictions(predictions, [EXPECTED] * 4) == {
-        "n": 4, "valid_json_rate": 0.75, "exact_match": 0.25,
-        "fields": {"name": 0.75, "city": 0.75, "day": 0.5, "guests": 0.5}}
-
-
-def test_score_predictions_needs_matching_lengths():
-    with pytest.raises(TunesmithError, match="2 predictions but 1 expected answers"):
-        score_predictions([EXPECTED, EXPECTED], [EXPECTED])

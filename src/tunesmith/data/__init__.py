@@ -4,11 +4,11 @@
 preference) that the templating and label code downstream consumes, whatever the input format was.
 """
 
-from tunesmith.data.builtin import BUILTIN_NAME, builtin_preference, builtin_task, score_prediction, score_predictions
+from tunesmith.data.builtin import BUILTIN_NAME, builtin_preference, builtin_task
 from tunesmith.data.formats import FORMATS, Example, NormalisedData, detect_format, normalise
 from tunesmith.data.sources import load_rows
 
 __all__ = [
     "BUILTIN_NAME", "FORMATS", "Example", "NormalisedData", "builtin_preference", "builtin_task", "detect_format",
-    "load_rows", "normalise", "score_prediction", "score_predictions",
+    "load_rows", "normalise",
 ]

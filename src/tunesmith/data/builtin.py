@@ -2,7 +2,7 @@
 
 A small instruct model asked to turn "Book a table for 4 in Lyon on Friday, name Ada Park." into JSON
 answers in prose, picks its own keys, or wraps the object in a code fence. After a few hundred LoRA
-steps it should answer with exactly the fixed object below, and ``score_prediction`` checks that with
+steps it should answer with exactly the fixed object below, and ``tunesmith.eval.score`` checks that with
 no judge model::
 
     {"name": "Ada Park", "city": "Lyon", "day": "Friday", "guests": 4}
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 
 from tunesmith.data.builtin_pools import CITIES, FIRST_NAMES, LAST_NAMES, TEMPLATES
 from tunesmith.errors import TunesmithError
@@ -54,7 +53,6 @@ def _pools(subset: str) -> dict[str, tuple[str, ...]]:
 POOLS = {subset: _pools(subset) for subset in SUBSETS}
 # One mistake kind per preference row, in turn, so the rejected answers cover every way to be wrong.
 MISTAKES = ("next_day", "guests_off_by_one", "missing_key", "other_city", "first_name_only")
-_CODE_FENCE = re.compile(r"^```[\w-]*\s*|\s*```$")
 
 
 def format_answer(booking: dict) -> str:
@@ -79,36 +77,6 @@ def builtin_preference(split: str, n: int | None = None, seed: int = 0) -> list[
              "rejected": [{"role": "assistant", "content": format_answer(_mistaken(booking, index, subset))}],
              **_subset_key(split, subset)}
             for index, (sentence, booking, subset) in enumerate(_bookings(split, n, seed))]
-
-
-def score_prediction(prediction: str, expected: str) -> dict:
-    """Compare one model answer with the expected JSON, field by field, with strict types (4 != "4")."""
-    wanted = json.loads(expected)
-    answer = _parse_object(prediction)
-    if answer is None:
-        return {"valid_json": False, "exact_match": False, "fields": {key: False for key in wanted}}
-    fields = {key: key in answer and _same_value(answer[key], value) for key, value in wanted.items()}
-    return {"valid_json": True, "exact_match": answer.keys() == wanted.keys() and all(fields.values()),
-            "fields": fields}
-
-
-def score_predictions(predictions: list[str], expecteds: list[str]) -> dict:
-    """Rates over a set: ``valid_json_rate``, ``exact_match``, per-field accuracy in ``fields``, and ``n``."""
-    if len(predictions) != len(expecteds):
-        raise TunesmithError(f"{len(predictions)} predictions but {len(expecteds)} expected answers; "
-                             "score one prediction per expected answer")
-    if not predictions:
-        raise TunesmithError("no predictions to score")
-    scores = [score_prediction(p, e) for p, e in zip(predictions, expecteds)]
-    n = len(scores)
-    field_hits: dict[str, list[bool]] = {}
-    for score in scores:
-        for key, hit in score["fields"].items():
-            field_hits.setdefault(key, []).append(hit)
-    return {"n": n,
-            "valid_json_rate": sum(s["valid_json"] for s in scores) / n,
-            "exact_match": sum(s["exact_match"] for s in scores) / n,
-            "fields": {key: sum(hits) / len(hits) for key, hits in field_hits.items()}}
 
 
 def _prompt(sentence: str) -> list[dict]:
@@ -173,16 +141,3 @@ def _mistaken(booking: dict, index: int, subset: str) -> dict:
     else:
         wrong["name"] = booking["name"].split()[0]
     return wrong
-
-
-def _parse_object(prediction: str) -> dict | None:
-    text = _CODE_FENCE.sub("", prediction.strip())
-    try:
-        answer = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return answer if isinstance(answer, dict) else None
-
-
-def _same_value(got, want) -> bool:
-    return type(got) is type(want) and got == want
