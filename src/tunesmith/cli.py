@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="fine-tune; with no config, the built-in default recipe")
     p.add_argument("--config", help="a YAML config (see configs/)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint")
+    p.add_argument("--gpus", type=_POSITIVE, metavar="N",
+                   help="train data-parallel on N CUDA GPUs of this machine (starts N processes with torchrun)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     _trust_arg(p)
 
@@ -259,9 +261,67 @@ def cmd_compare(args) -> None:
                   device=args.device, width=args.width, trust_remote_code=args.trust_remote_code))
 
 
+def _launch_torchrun(args) -> None:
+    """``--gpus N``: the same train command, as N processes started by torchrun on this machine."""
+    import subprocess
+
+    import torch
+
+    from tunesmith.train.dist import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise TunesmithError("--gpus starts torchrun itself; under torchrun, drop --gpus "
+                             "(torchrun's --nproc-per-node sets the number of processes)")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available < args.gpus:
+        raise TunesmithError(f"--gpus {args.gpus} asks for {args.gpus} CUDA GPUs but this machine has {available}; "
+                             f"use --gpus {available} or fewer" if available else
+                             f"--gpus {args.gpus} needs CUDA GPUs and this machine has none; to run {args.gpus} "
+                             f"processes on the CPU (gloo), start them with torchrun: torchrun --nproc-per-node "
+                             f"{args.gpus} -m tunesmith train ... model.device=cpu")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
+               "-m", "tunesmith", "train"]
+    command += ["--config", args.config] if args.config else []
+    command += ["--resume", args.resume] if args.resume else []
+    command += ["--trust-remote-code"] if args.trust_remote_code else []
+    returncode = subprocess.run(command + ["--", *args.overrides]).returncode
+    if returncode:
+        raise SystemExit(returncode)  # rank 0 printed the error; torchrun reported which rank failed
+
+
 def cmd_train(args) -> None:
-    from tunesmith.config import load_config
+    import contextlib
+
+    from tunesmith.train.dist import SharedError, launched_by_torchrun, on_rank0, process_group
+
+    if args.gpus:
+        return _launch_torchrun(args)
+    # Under torchrun every rank parses the same config: an error there is printed once, by rank 0
+    quiet_rank = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
+    try:
+        config = _train_config(args)
+    except TunesmithError:
+        if quiet_rank:
+            raise SystemExit(2) from None
+        raise
     from tunesmith.recipes import dpo, sft
+
+    recipe = dpo if config.method.objective == "dpo" else sft
+    with process_group(config.model.device) as world:
+        # a run without a name is named by the time it starts: rank 0's time, for every rank
+        config = config.model_copy(update={"name": on_rank0(lambda: config.with_run_name().name, world)})
+        # rank 0 alone prints progress and results; errors (stderr) come from whichever rank meets them
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if not world.main else sys.stdout):
+            try:
+                recipe.run(config, resume=bool(args.resume))
+            except SharedError:
+                if world.main:
+                    raise
+                raise SystemExit(2) from None
+
+
+def _train_config(args):
+    from tunesmith.config import load_config
 
     trust = args.trust_remote_code
     if args.resume:
@@ -273,9 +333,8 @@ def cmd_train(args) -> None:
         config = load_config(run_dir / "config.yaml", args.overrides, trust_remote_code=trust)
         config = config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
     else:
-        config = load_config(args.config, args.overrides, trust_remote_code=trust).with_run_name()
-    recipe = dpo if config.method.objective == "dpo" else sft
-    recipe.run(config, resume=bool(args.resume))
+        config = load_config(args.config, args.overrides, trust_remote_code=trust)
+    return config
 
 
 def cmd_eval(args) -> None:

@@ -17,6 +17,7 @@ from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.preference import (collate_pairs, completion_logps, load_reference, pair_logps,
                                         preference_losses, preference_metrics, save_reference)
 from tunesmith.train.engine import train_step
+from tunesmith.train.module import TrainingModule
 from tunesmith.train.objectives import MicroBatch, PreferenceLoss
 
 # One pair: log π(c) = −3, log π(r) = −5, log π_ref(c) = −4, log π_ref(r) = −4.5, |c| = 2, |r| = 4; β = 0.5, γ = 0.3.
@@ -163,7 +164,8 @@ def test_step_loss_and_gradient_match_plain_computation(tokenizer, objective, sp
     optimizer = torch.optim.SGD(params, lr=1.0)
     micro = [MicroBatch(collate_pairs([pairs[i] for i in indices], pad_id), indices) for indices in split]
     reference = None if objective.loss == "simpo" else _reference(model)
-    result = train_step(model, optimizer, params, PreferenceLoss(objective, reference), micro, lr=1.0,
+    loss_fn = PreferenceLoss(objective, reference)
+    result = train_step(TrainingModule(model, loss_fn), optimizer, params, loss_fn, micro, lr=1.0,
                         max_grad_norm=None, device=torch.device("cpu"), dtype=torch.float32)
     assert result.loss == pytest.approx(float(loss), abs=1e-5)
     assert result.counts["pairs"] == 4 and not result.skipped

@@ -33,6 +33,7 @@ from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_met
 from tunesmith.recipes.finish import finish_run, save_eval
 from tunesmith.recipes.run_dir import hold_run_dir
 from tunesmith.recipes.setup import RunSetup, prepare_run, trainable_parameters
+from tunesmith.train.dist import barrier, current
 from tunesmith.train.engine import Objective, train
 from tunesmith.train.objectives import MicroBatch, PreferenceLoss
 from tunesmith.train.preference import (collate_pairs, completion_logps, load_reference, pair_logps,
@@ -214,8 +215,9 @@ def evaluate_preferences(setup: RunSetup, phase: str | None, cache: dict | None,
     return metrics
 
 
-def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict:
-    """Preference-tune according to ``config``; returns the final summary (also written to the run dir).
+def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict | None:
+    """Preference-tune according to ``config``; returns the final summary (also written to the run dir), or
+    None on a rank other than 0 of a several-process run.
 
     ``on_micro_batch(step, micro_index)`` is called before every micro-batch (tests stop runs with it).
     """
@@ -230,6 +232,8 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
         params = trainable_parameters(setup, adapter=continued)
         objective = preference_objective(setup)
         state = train(setup, objective, params, on_micro_batch=on_micro_batch)
+        if not current().main:
+            return None
         return finish_run(setup, state, started, evaluate=objective.evaluate,
                           write_adapter=_stacked_adapter_writer(setup, stack) if stack else None)
 
@@ -244,8 +248,12 @@ def preference_objective(setup: RunSetup) -> Objective:
     cache = None
     if kind == "precomputed":
         path = setup.run_dir / REFERENCE_FILE
-        cache = (load_reference(path, fingerprint=setup.fingerprints["data"]) if setup.resume
-                 else _precompute_reference(setup))
+        # several processes: rank 0 computes and writes the cache, the others read it back
+        fresh = not setup.resume and current().main
+        cache = _precompute_reference(setup) if fresh else None
+        barrier()
+        if cache is None:
+            cache = load_reference(path, fingerprint=setup.fingerprints["data"])
     pad_id = setup.tokenizer.pad_token_id
     return Objective(loss=PreferenceLoss(config.dpo, _training_reference(kind, setup.model, cache)),
                      lengths=[len(ex["chosen"]["input_ids"]) + len(ex["rejected"]["input_ids"]) for ex in examples],

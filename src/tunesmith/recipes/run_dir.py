@@ -15,6 +15,7 @@ from typing import IO
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.train.checkpoint import latest_checkpoint, os_error_of
+from tunesmith.train.dist import current, on_rank0
 
 LOCK_FILE = ".tunesmith.lock"
 # Files only a run that got far enough writes: a dir holding none of them (and no checkpoint) is a failed start.
@@ -49,6 +50,19 @@ def _clear_run_dir(run_dir: Path) -> None:
 
 def claim_run_dir(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
     """Lock the run dir and write its config.yaml; returns (dir, lock, whether to resume from a checkpoint).
+
+    With several processes rank 0 claims the dir and holds the lock; the others take its answer (or stop with
+    its error) and hold a lock on nothing."""
+    world = current()
+    if not world.distributed:
+        return _claim(config, resume)
+    claimed = []
+    resumes = on_rank0(lambda: claimed.append(_claim(config, resume)) or claimed[0][2], world)
+    return claimed[0] if world.main else (config.run_dir, open(os.devnull), resumes)
+
+
+def _claim(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
+    """``claim_run_dir`` in one process.
 
     A dir left by a run that stopped before its first checkpoint is cleared and the run starts over, both on
     ``--resume`` and when a new run takes the same name: there is nothing in it to keep."""

@@ -17,12 +17,14 @@ from tunesmith.peft import adapters_disabled
 from tunesmith.recipes.finish import finish_run, save_eval
 from tunesmith.recipes.run_dir import hold_run_dir
 from tunesmith.recipes.setup import RunSetup, prepare_run, trainable_parameters
+from tunesmith.train.dist import current
 from tunesmith.train.engine import Objective, train
 from tunesmith.train.objectives import MicroBatch, SupervisedLoss
 
 
-def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict:
-    """Train according to ``config``; returns the final summary (also written to the run dir).
+def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict | None:
+    """Train according to ``config``; returns the final summary (also written to the run dir), or None on a
+    rank other than 0 of a several-process run (rank 0 alone saves, evaluates and reports).
 
     ``on_micro_batch(step, micro_index)`` is called before every micro-batch (tests use it to stop a
     run at an exact point).
@@ -34,6 +36,8 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
         params = trainable_parameters(setup)
         objective = supervised_objective(setup)
         state = train(setup, objective, params, on_micro_batch=on_micro_batch)
+        if not current().main:
+            return None
         return finish_run(setup, state, started, evaluate=objective.evaluate)
 
 

@@ -9,6 +9,7 @@ and the run's position is one ``TrainState``, which is also what a checkpoint st
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
 from tunesmith.train.loop import autocast_for, compiled_layers, enable_gradient_checkpointing
+from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.metrics import MetricsLog, Progress
+from tunesmith.train.module import TrainingModule, wrap_for
 from tunesmith.train.objectives import MicroBatch
 from tunesmith.train.optim import build_optimizer
 from tunesmith.train.schedule import lr_at, warmup_steps
@@ -62,28 +65,39 @@ class StepResult:
     """The loss's own logged metrics for the step (``step_metrics``)."""
 
 
-def train_step(model, optimizer, params: list[torch.nn.Parameter], loss_fn, micro_batches: list[MicroBatch], *,
+def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, micro_batches: list[MicroBatch], *,
                lr: float, max_grad_norm: float | None, device: torch.device, dtype: torch.dtype,
-               on_micro_batch=None) -> StepResult:
-    """One optimizer step over ``micro_batches``: forward and backward of each, then clip and step.
+               on_micro_batch=None, world: World = SINGLE, idle: bool = False) -> StepResult:
+    """One optimizer step over ``micro_batches`` (this rank's share of the step): forward and backward of each
+    through ``module`` (a ``TrainingModule``, under DDP with several processes), then clip and step.
 
-    The denominators are counted over the WHOLE accumulated batch before the first forward, so micro-batch
-    4 × accumulation 1 and 1 × 4 give the same gradient. A non-finite loss or gradient leaves parameters and
-    optimizer state untouched (``skipped``).
+    The denominators are counted over the WHOLE accumulated batch — every micro-batch of every rank — before
+    the first forward, so micro-batch 4 × accumulation 1, 1 × 4 and 2 processes × 2 give the same gradient.
+    Under DDP only the last micro-batch's backward all-reduces (``no_sync`` before it); gradients are summed
+    over ranks. ``idle``: this rank has no micro-batch left in the epoch's last step; it runs its one given
+    micro-batch with weight 0 so the all-reduce still meets every rank. A non-finite loss or gradient leaves
+    parameters and optimizer state untouched (``skipped``).
     """
     totals = Counter()
     for micro in micro_batches:
-        totals.update(loss_fn.counts(micro))
+        # an idle rank contributes zeros under the same keys (the all-reduce needs one layout on every rank)
+        totals.update({key: 0 if idle else n for key, n in loss_fn.counts(micro).items()})
+    totals = sum_counts(dict(totals), world)
     loss_value, sums = 0.0, Counter()
     for index, micro in enumerate(micro_batches):
-        if on_micro_batch is not None:
+        if on_micro_batch is not None and not idle:
             on_micro_batch(index)
         batch = {key: value.to(device) for key, value in micro.batch.items()}
-        with autocast_for(device, dtype):
-            loss, stats = loss_fn.loss(model, batch, micro, totals)
-        loss.backward()
-        loss_value += float(loss.detach())
-        sums.update(stats)
+        last = index == len(micro_batches) - 1
+        with (contextlib.nullcontext() if last or not world.distributed else module.no_sync()):
+            with autocast_for(device, dtype):
+                loss, stats = module(batch, micro, totals)
+            (loss * 0.0 if idle else loss).backward()
+        weight = 0.0 if idle else 1.0
+        loss_value += weight * float(loss.detach())
+        sums.update({key: weight * value for key, value in stats.items()})
+    summed = sum_floats({"loss": loss_value, **sums}, world)
+    loss_value, sums = summed.pop("loss"), summed
     grad_norm, skipped = clip_and_step(optimizer, params, loss_value, lr=lr, max_grad_norm=max_grad_norm)
     return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped, counts=dict(totals),
                       metrics=loss_fn.step_metrics(sums))
@@ -108,32 +122,39 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
           on_micro_batch=None) -> TrainState:
     """Train ``setup.model`` on ``objective`` from the start (evaluating it first) or from the run's newest
     checkpoint; returns the final state. ``on_micro_batch(step, micro_index)`` runs before every micro-batch."""
-    config, model, device = setup.config, setup.model, setup.device
+    config, model, device, world = setup.config, setup.model, setup.device, current()
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = build_optimizer(config.optim, params)
+    module = wrap_for(TrainingModule(model, objective.loss), world, device)
+    # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
+    # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
+    per_step = config.train.grad_accum * world.size
 
     def plan_for(epoch: int) -> list:
         return plan_batches(objective.lengths, strategy=config.data.batching, batch_size=config.train.micro_batch_size,
                             token_budget=objective.token_budget, seed=config.seed, epoch=epoch)
 
-    steps_per_epoch = -(-len(plan_for(0)) // config.train.grad_accum)
+    steps_per_epoch = -(-len(plan_for(0)) // per_step)
     total_steps = config.train.max_steps or max(1, round(config.train.epochs * steps_per_epoch))
     state = TrainState(total_steps=total_steps)
 
     # --- resume, or evaluate the starting model
     if setup.resume:
-        state = load_resume_state(setup, model, optimizer)
+        state = load_resume_state(setup, model, optimizer, world)
         state.total_steps = total_steps  # the length is the config's: a resume may extend the run (train.max_steps)
-    elif config.eval.before and setup.eval is not None:
-        objective.evaluate("before")
+    else:
+        if world.rank:
+            torch.manual_seed(config.seed + world.rank)  # each rank its own random draws (LoRA dropout)
+        if config.eval.before and setup.eval is not None and world.main:
+            objective.evaluate("before")
 
     # --- train
     warmup = warmup_steps(state.total_steps, config.schedule.warmup_steps, config.schedule.warmup_ratio)
-    log = MetricsLog(setup.run_dir)
+    log = MetricsLog(setup.run_dir) if world.main else None
     model.train()
     plan = plan_for(state.epoch)
-    progress = Progress(config.train.progress, state.total_steps, state.step)
+    progress = Progress(config.train.progress and world.main, state.total_steps, state.step)
     window_start, window_tokens = time.time(), 0
     with compiled_layers(model, config.train.compile):
         try:
@@ -142,15 +163,17 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
                     state.epoch, state.micro = state.epoch + 1, 0
                     plan = plan_for(state.epoch)
                 step, first = state.step, state.micro
-                chunk = plan[first:first + config.train.grad_accum]
-                hook = None if on_micro_batch is None else (lambda i: on_micro_batch(step, first + i))
-                micro_batches = [objective.collate(batch) for batch in chunk]
+                chunk = plan[first:first + per_step]
+                mine = chunk[world.rank::world.size]
+                hook = None if on_micro_batch is None else (
+                    lambda i: on_micro_batch(step, first + world.rank + i * world.size))
+                micro_batches = [objective.collate(batch) for batch in (mine or chunk[:1])]
                 lr = lr_at(step, base_lr=config.optim.lr, total_steps=state.total_steps, warmup=warmup,
                            kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
                 step_start = time.time()
-                result = train_step(model, optimizer, params, objective.loss, micro_batches, lr=lr,
+                result = train_step(module, optimizer, params, objective.loss, micro_batches, lr=lr,
                                     max_grad_norm=config.optim.max_grad_norm, device=device, dtype=setup.dtype,
-                                    on_micro_batch=hook)
+                                    on_micro_batch=hook, world=world, idle=not mine)
                 # One token count for every objective: the examples' own tokens, without padding
                 tokens = sum(objective.lengths[i] for batch in chunk for i in _indices(batch))
                 state.train_seconds += time.time() - step_start
@@ -171,19 +194,21 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
                     if device.type == "cuda":
                         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     window_start, window_tokens = time.time(), 0
-                if config.train.eval_every and state.step % config.train.eval_every == 0 and setup.eval is not None:
+                if (config.train.eval_every and state.step % config.train.eval_every == 0 and setup.eval is not None
+                        and world.main):
                     heldout = objective.evaluate(None, task=False)
                     row = {**(row or {"step": state.step}),
                            **{key: heldout[metric] for key, metric in objective.eval_log.items()}}
                     model.train()
-                if row is not None:
+                if row is not None and world.main:
                     log.log(row)
                     progress.update(row)
                 if config.train.checkpoint_every and (state.step % config.train.checkpoint_every == 0
                                                       or state.step == state.total_steps):
-                    save_training_checkpoint(setup, model, optimizer, state)
+                    save_training_checkpoint(setup, model, optimizer, state, world)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             progress.close()
     model.eval()
     return state

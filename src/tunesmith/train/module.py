@@ -1,0 +1,42 @@
+"""The training module: the model and its objective's loss as one ``nn.Module`` whose ``forward`` is the loss
+of a micro-batch. It is the one object DDP wraps (``wrap_for``), so DDP's forward — which decides whether this
+backward all-reduces — sees every training call.
+
+The loss keeps its own fast paths (trained positions only, the shared-prefix layouts of ``train/loop.py``);
+wrapping changes nothing single-process: ``wrap_for`` returns the module itself in a world of one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.train.dist import World, sum_gradients
+from tunesmith.train.objectives import MicroBatch
+
+
+class TrainingModule(torch.nn.Module):
+    """``forward(batch, micro, totals) -> (loss, stats)``: ``loss`` is this micro-batch's share of the step's
+    loss (divided by ``totals``, the step's counts over every micro-batch and rank), ``stats`` its share of the
+    logged metrics. ``loss`` is an objective loss of ``train/objectives.py``."""
+
+    def __init__(self, model: torch.nn.Module, loss):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: dict, micro: MicroBatch, totals: dict[str, int]) -> tuple[torch.Tensor, dict]:
+        return self.loss.loss(self.model, batch, micro, totals)
+
+
+def wrap_for(module: TrainingModule, world: World, device: torch.device) -> torch.nn.Module:
+    """``module`` as the loop calls it: itself in one process, else under DDP with summed gradients.
+
+    DDP reduces only parameters that require gradients (LoRA: the adapters; full: every weight) and, at
+    construction, copies rank 0's weights to every rank. Buffers (rotary tables) are equal on every rank by
+    construction and are not re-broadcast each forward."""
+    if not world.distributed:
+        return module
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    wrapped = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    wrapped.register_comm_hook(None, sum_gradients)
+    return wrapped
