@@ -80,3 +80,74 @@ def test_lora_jsonl_config_trains_on_example_data(tmp_path, tiny_model_dir, monk
     summary = run(config)
     assert summary["steps"] == 2 and summary["after"]["eval_tokens"] > 0
     assert (tmp_path / "j" / "adapter" / "adapter_config.json").is_file()
+
+
+# --- resume identity is metadata on the fields; a run dir is read by load_run_config ------------------------------
+
+# The hand-written list resume.py held before identity became field metadata: the derived list must stay this set
+# (a field marked or unmarked by accident changes what a resume accepts).
+IDENTITY_BEFORE = ("model.source", "model.template", "method.name", "method.objective", "method.freeze_embeddings",
+                   "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.dropout", "data.train",
+                   "data.format", "data.split", "data.max_length", "data.overlength", "data.invalid_rows",
+                   "data.train_on", "data.reasoning", "data.batching", "data.token_budget",
+                   "train.micro_batch_size", "train.grad_accum", "seed", "quant.type", "quant.double_quant",
+                   "quant.blocksize", "quant.skip_modules", "quant.storage", "optim.name", "dpo.loss",
+                   "dpo.reference", "dpo.init_adapter", "dpo.init_mode")
+
+
+def test_identity_keys_come_from_field_metadata():
+    from tunesmith.config import identity_keys
+    from tunesmith.recipes.resume import IDENTITY_KEYS
+
+    assert IDENTITY_KEYS == identity_keys()
+    assert len(IDENTITY_KEYS) == len(set(IDENTITY_KEYS)) and set(IDENTITY_KEYS) == set(IDENTITY_BEFORE)
+    # every key names a real leaf field of the config (none is a whole section)
+    tree = RunConfig.model_validate({"method": {"objective": "dpo"}}).model_dump(mode="json")
+    for key in IDENTITY_KEYS:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        assert not isinstance(node, dict), key
+
+
+def _run_dir(tmp_path, text: str | None = None, name: str = "run"):
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    if text is None:
+        text = load_config(None, ["name=old-name", "output_dir=/elsewhere", "lora.r=4"]).to_yaml()
+    (run_dir / "config.yaml").write_text(text)
+    return run_dir
+
+
+def test_load_run_config_reads_the_saved_config_where_the_run_dir_is_now(tmp_path):
+    from tunesmith.config import load_run_config
+
+    run_dir = _run_dir(tmp_path)
+    config = load_run_config(run_dir, ["optim.lr=0.5"], trust_remote_code=True)
+    assert (config.lora.r, config.optim.lr, config.model.trust_remote_code) == (4, 0.5, True)
+    assert (config.name, config.output_dir, config.run_dir) == ("run", str(tmp_path / "runs"), run_dir)
+    assert load_run_config(run_dir).model.trust_remote_code is False  # only the caller's flag grants it
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("lora: [r\n", "is not valid YAML at line 2"),
+    ("lora:\n  rank: 4\n", "unknown key 'lora.rank'"),
+    ("seed: -1\n", "seed: Input should be greater than or equal to 0 (got -1)"),
+    ("- a list\n", "must hold a mapping of sections"),
+], ids=["yaml", "unknown-key", "bad-value", "not-a-mapping"])
+def test_damaged_run_config_is_named_with_the_fix(tmp_path, text, problem):
+    from tunesmith.config import load_run_config
+
+    run_dir = _run_dir(tmp_path, text)
+    with pytest.raises(TunesmithError) as err:
+        load_run_config(run_dir)
+    message = str(err.value)
+    assert problem in message and str(run_dir / "config.yaml") in message
+    assert message.endswith(f"restore it, e.g. from {run_dir / 'checkpoints'}/step-N/config.yaml")
+
+
+def test_missing_run_config_says_it_is_not_a_run_dir(tmp_path):
+    from tunesmith.config import load_run_config
+
+    with pytest.raises(TunesmithError, match=f"^{tmp_path} is not a run dir \\(no config.yaml\\)"):
+        load_run_config(tmp_path)

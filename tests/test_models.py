@@ -62,3 +62,71 @@ def test_unreadable_gguf_names_file_and_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(TunesmithError, match="cannot read GGUF file .*broken.gguf"):
         load(str(bad))
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+# --- the one builder: model + tokenizer + template (+ 4-bit base) (+ adapter) from the typed model section -------
+
+def peft_adapter_dir(tmp_path, model_dir):
+    """A LoRA adapter written by PEFT itself (random, non-zero B), and PEFT's model with it as the reference."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", model
+
+
+def test_build_model_applies_template_dtype_and_adapter_like_peft(tmp_path, tiny_model_dir):
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.build import build_model
+    from tunesmith.templates import BUILTIN_TEMPLATES
+
+    adapter, reference = peft_adapter_dir(tmp_path, tiny_model_dir)
+    section = ModelConfig(source=str(tiny_model_dir), template="zephyr", dtype="fp32", device="cpu")
+    built = build_model(section, adapter=adapter)
+    assert built.tokenizer.chat_template == BUILTIN_TEMPLATES["zephyr"]
+    assert (built.device, built.dtype, built.quantization, built.model.training) == (
+        torch.device("cpu"), torch.float32, None, False)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        ours, theirs = built.model(input_ids=ids).logits, reference(input_ids=ids).logits
+        plain = build_model(section).model(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapter is really there
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_build_model_quantizes_the_base_from_the_quant_section(tiny_model_dir_64):
+    from tunesmith.config import ModelConfig, QuantSection
+    from tunesmith.models.build import build_model, quant_spec
+    from tunesmith.quant.bnb import QuantSpec, is_quantized
+
+    quant = QuantSection(type="fp4", double_quant=False, blocksize=32, storage="bf16",
+                         skip_modules=["lm_head", "v_proj"])
+    assert quant_spec(quant, torch.device("cpu")) == QuantSpec(
+        quant_type="fp4", double_quant=False, compute_dtype=torch.float32, storage="bf16", blocksize=32,
+        skip_modules=["lm_head", "v_proj"])
+    adjusted = []
+    built = build_model(ModelConfig(source=str(tiny_model_dir_64), device="cpu"), quant=quant,
+                        adjust=lambda model: adjusted.append(is_quantized(model.model.layers[0].self_attn.q_proj)))
+    assert adjusted == [False]  # adjust sees the dense weights, before quantization
+    attention = built.model.model.layers[0].self_attn
+    assert is_quantized(attention.q_proj) and not is_quantized(attention.v_proj)
+    state = attention.q_proj.weight.quant_state
+    assert (state.quant_type, state.blocksize, attention.q_proj.weight.dtype) == ("fp4", 32, torch.bfloat16)
+    assert "model.layers.0.self_attn.q_proj" in built.quantization.quantized
+    assert built.quantization.kept["model.layers.0.self_attn.v_proj"] == "skip_modules"
+
+
+def test_model_from_flags_names_the_flag(tiny_model_dir):
+    from tunesmith.models.build import model_from_flags
+
+    with pytest.raises(TunesmithError, match="unknown device 'tpu' \\(--device / model.device\\)"):
+        model_from_flags(str(tiny_model_dir), device="tpu")
+    with pytest.raises(TunesmithError, match="^--device: must be auto, cpu, cuda, cuda:N"):
+        model_from_flags(str(tiny_model_dir), device="cpu:0")  # a torch device name the config does not take
+    assert model_from_flags(str(tiny_model_dir), template="chatml", trust_remote_code=True).model_dump() == {
+        "source": str(tiny_model_dir), "template": "chatml", "dtype": "auto", "device": "auto",
+        "trust_remote_code": True}

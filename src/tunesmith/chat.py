@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from tunesmith.errors import TunesmithError
 from tunesmith.generate import SamplingConfig, StreamDecoder, generate
-from tunesmith.models import LoadedModel, load
-from tunesmith.templates import render_prompt, stop_token_ids, use_template
+from tunesmith.models.build import BuiltModel, build_model, model_from_flags
+from tunesmith.templates import render_prompt, stop_token_ids
 
 
 @dataclass
@@ -21,16 +21,10 @@ class ChatOptions:
 
 
 def load_for_chat(model: str, *, adapter: str | None = None, template: str | None = None,
-                  dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+                  dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> BuiltModel:
     """Load a model (plus an optional LoRA adapter) and make sure it has a chat template to use."""
-    loaded = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    use_template(loaded.tokenizer, template)
-    if adapter is not None:
-        from tunesmith.peft.io import load_adapter
-
-        load_adapter(loaded.model, adapter)
-        loaded.model.eval()
-    return loaded
+    return build_model(model_from_flags(model, template=template, dtype=dtype, device=device,
+                                        trust_remote_code=trust_remote_code), adapter=adapter)
 
 
 def _conversation(options: ChatOptions, history: list[dict], prompt: str) -> list[dict]:
@@ -56,7 +50,7 @@ def check_fits(model, prompt_ids: list[int], max_new_tokens: int) -> None:
                          f"{context - length} or less")
 
 
-def reply(loaded: LoadedModel, messages: list[dict], options: ChatOptions, *, stream=None) -> str:
+def reply(loaded: BuiltModel, messages: list[dict], options: ChatOptions, *, stream=None) -> str:
     """Generate one assistant reply; with ``stream`` (a text file) its text is written as it is made."""
     tokenizer = loaded.tokenizer
     prompt_ids = render_prompt(tokenizer, messages, reasoning=options.reasoning)
@@ -74,7 +68,7 @@ def reply(loaded: LoadedModel, messages: list[dict], options: ChatOptions, *, st
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def chat(loaded: LoadedModel, options: ChatOptions, *, prompt: str | None, stdin=None, stdout=None,
+def chat(loaded: BuiltModel, options: ChatOptions, *, prompt: str | None, stdin=None, stdout=None,
          stderr=None) -> None:
     """One-shot with ``prompt``; otherwise a loop over stdin lines (``/exit`` or end of input stops it).
 
@@ -125,7 +119,7 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
     return "\n".join(f"{x:<{column}} | {y}".rstrip() for x, y in zip(a, b))
 
 
-def _prompt_ids(loaded: LoadedModel, prompt: str, options: ChatOptions) -> list[int]:
+def _prompt_ids(loaded: BuiltModel, prompt: str, options: ChatOptions) -> list[int]:
     """With a chat template: the templated conversation. Without (a base model): the raw text."""
     tokenizer = loaded.tokenizer
     if getattr(tokenizer, "chat_template", None):
@@ -143,9 +137,8 @@ def compare(models: list[str], prompt: str, options: ChatOptions, *, template: s
     """
     answers = []
     for source in models:
-        loaded = load(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        if template is not None:
-            use_template(loaded.tokenizer, template)
+        loaded = build_model(model_from_flags(source, template=template, dtype=dtype, device=device,
+                                              trust_remote_code=trust_remote_code), allow_no_template=True)
         tokenizer = loaded.tokenizer
         stops = stop_token_ids(tokenizer) if tokenizer.chat_template else [tokenizer.eos_token_id]
         prompt_ids = _prompt_ids(loaded, prompt, options)

@@ -10,12 +10,23 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
+
+
+class _Identity:
+    """Marks a field that defines what a checkpoint's weights and data positions mean: changing it between a
+    checkpoint and its resume would silently train something else, so a resume refuses it (``identity_keys``)."""
+
+    def __repr__(self) -> str:
+        return "IDENTITY"
+
+
+IDENTITY = _Identity()
 
 
 class _Section(BaseModel):
@@ -27,9 +38,9 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ModelConfig(_Section):
-    source: str = "default"
+    source: Annotated[str, IDENTITY] = "default"
     """`default` (the embedded model), a local HF dir, a .gguf file, or a hub id."""
-    template: str | None = None
+    template: Annotated[str | None, IDENTITY] = None
     """A built-in chat template (chatml, zephyr, llama3) for models without one; None uses the model's own."""
     dtype: str = "auto"
     """auto (fp32 on CPU, bf16 on CUDA when supported), fp32, bf16 or fp16."""
@@ -49,37 +60,37 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = "builtin"
+    train: Annotated[str, IDENTITY] = "builtin"
     """Training data: a file, a saved dataset dir, a hub id, or `builtin`."""
     eval: str | None = "builtin:test"
     """Held-out data for evaluation (None: no evaluation)."""
-    format: str | None = None
+    format: Annotated[str | None, IDENTITY] = None
     """Override the detected format (messages, prompt_completion, text, alpaca, sharegpt, preference)."""
-    split: str | None = None
+    split: Annotated[str | None, IDENTITY] = None
     sample_rows: int | None = Field(None, gt=0)
     """Train on a seeded random subset of this many valid rows (None: all)."""
-    max_length: int = Field(512, gt=0)
-    overlength: Literal["truncate", "drop", "error"] = "truncate"
-    invalid_rows: Literal["error", "drop"] = "error"
-    train_on: Literal["all", "last"] = "all"
-    reasoning: Literal["on", "off"] | None = None
+    max_length: Annotated[int, IDENTITY] = Field(512, gt=0)
+    overlength: Annotated[Literal["truncate", "drop", "error"], IDENTITY] = "truncate"
+    invalid_rows: Annotated[Literal["error", "drop"], IDENTITY] = "error"
+    train_on: Annotated[Literal["all", "last"], IDENTITY] = "all"
+    reasoning: Annotated[Literal["on", "off"] | None, IDENTITY] = None
     append_eos: bool = False
     """Append the tokenizer's EOS after each trained assistant turn, trained: for templates whose turns end
     with no end-of-turn marker (nothing else teaches the model to stop)."""
     control_tokens: Literal["refuse", "allow"] = "refuse"
     """A message holding a control token (a special token or a marker of the template, e.g. `<|im_end|>`):
     refuse: an invalid row (see invalid_rows); allow: keep it, read as the control token it is."""
-    batching: Literal["pad", "bucket", "pack"] = "pad"
-    token_budget: int | None = Field(None, gt=0)
+    batching: Annotated[Literal["pad", "bucket", "pack"], IDENTITY] = "pad"
+    token_budget: Annotated[int | None, IDENTITY] = Field(None, gt=0)
     """Tokens per packed row (batching=pack); defaults to max_length."""
 
 
 class MethodConfig(_Section):
-    name: Literal["lora", "qlora", "full"] = "lora"
+    name: Annotated[Literal["lora", "qlora", "full"], IDENTITY] = "lora"
     """lora: adapters over the frozen base; qlora: the same over a 4-bit base (see `quant`); full: all weights."""
-    objective: Literal["sft", "dpo"] = "sft"
+    objective: Annotated[Literal["sft", "dpo"], IDENTITY] = "sft"
     """sft: next-token loss on the answers; dpo: preference tuning on prompt/chosen/rejected pairs (see `dpo`)."""
-    freeze_embeddings: bool = False
+    freeze_embeddings: Annotated[bool, IDENTITY] = False
     """Full fine-tuning only: keep the input embeddings (and a tied output head) frozen."""
 
     @property
@@ -88,34 +99,34 @@ class MethodConfig(_Section):
 
 
 class LoRASection(_Section):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
+    r: Annotated[int, IDENTITY] = Field(16, gt=0)
+    alpha: Annotated[float, IDENTITY] = Field(32.0, gt=0)
+    dropout: Annotated[float, IDENTITY] = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Annotated[str | list[str], IDENTITY] = "all-linear"
     """Module names (q_proj, v_proj, ...) or `all-linear`."""
-    use_rslora: bool = False
+    use_rslora: Annotated[bool, IDENTITY] = False
     """Scale by alpha/sqrt(r) instead of alpha/r."""
 
 
 class QuantSection(_Section):
     """The 4-bit base of `method.name: qlora` (bitsandbytes)."""
 
-    type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    type: Annotated[Literal["nf4", "fp4"], IDENTITY] = "nf4"
+    double_quant: Annotated[bool, IDENTITY] = True
     """Quantize the per-block scales too (8-bit, blocks of 256): about 0.37 bits per parameter less."""
-    blocksize: Literal[32, 64, 128, 256] = 64
+    blocksize: Annotated[Literal[32, 64, 128, 256], IDENTITY] = 64
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 on CUDA when supported, else fp16 on CUDA, fp32 on CPU."""
-    storage: Literal["uint8", "bf16", "fp16", "fp32"] = "uint8"
+    storage: Annotated[Literal["uint8", "bf16", "fp16", "fp32"], IDENTITY] = "uint8"
     """The dtype the packed 4-bit codes are stored in; a float type lets FSDP shard them."""
-    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
+    skip_modules: Annotated[list[str], IDENTITY] = Field(default_factory=lambda: ["lm_head"])
     """Linear layers kept in full precision (embeddings and norms are never quantized)."""
 
 
 class DPOSection(_Section):
     """Preference tuning (`method.objective: dpo`); the losses' maths is in `tunesmith.train.preference`."""
 
-    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    loss: Annotated[Literal["sigmoid", "ipo", "simpo"], IDENTITY] = "sigmoid"
     """sigmoid: DPO, −log σ(β·h) with h the chosen-minus-rejected log-ratio to the reference; ipo: (h − 1/(2β))²
     on per-token-averaged log-ratios; simpo: reference-free, −log σ(β·(mean log-prob margin) − γ)."""
     beta: float = Field(0.1, gt=0)
@@ -124,15 +135,15 @@ class DPOSection(_Section):
     """simpo only: the target reward margin γ."""
     sft_weight: float = Field(0.0, ge=0)
     """Weight of an added NLL (SFT) term on the chosen answers, per chosen token; 0 turns it off."""
-    reference: Literal["auto", "adapters_disabled", "precomputed"] = "auto"
+    reference: Annotated[Literal["auto", "adapters_disabled", "precomputed"], IDENTITY] = "auto"
     """Where π_ref comes from, without a second copy of the weights. adapters_disabled: the same model with its
     LoRA adapters off (LoRA/QLoRA from the base model); precomputed: the starting policy's log-probs, computed
     once before training and cached in the run dir (full fine-tuning, and any run starting from an adapter).
     auto picks adapters_disabled when it is the starting policy, else precomputed. simpo uses no reference."""
-    init_adapter: str | None = None
+    init_adapter: Annotated[str | None, IDENTITY] = None
     """Start from an SFT run's adapter: the run dir or an adapter dir (LoRA/QLoRA only). For full fine-tuning,
     point model.source at the SFT run's model/ dir instead."""
-    init_mode: Literal["continue", "stack"] = "continue"
+    init_mode: Annotated[Literal["continue", "stack"], IDENTITY] = "continue"
     """continue: train the loaded adapter further (its shape must match `lora`; reference: the SFT model's cached
     log-probs). stack: fold the SFT adapter into the frozen base and train a new adapter (shaped by `lora`) over
     it (reference: adapters disabled, i.e. the SFT model); adapter/ then holds both as one rank-(r₁+r₂) adapter
@@ -140,7 +151,7 @@ class DPOSection(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"] = "adamw"
+    name: Annotated[Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit"], IDENTITY] = "adamw"
     """adamw (torch) or a bitsandbytes AdamW: 8-bit state, paged state (CUDA; plain on CPU), or both."""
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -163,8 +174,8 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides epochs when set."""
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    micro_batch_size: Annotated[int, IDENTITY] = Field(8, gt=0)
+    grad_accum: Annotated[int, IDENTITY] = Field(1, gt=0)
     nonfinite: Literal["skip", "abort"] = "skip"
     """What a non-finite loss or gradient does: skip the step (nothing changes) or abort the run."""
     max_bad_steps: int = Field(5, gt=0)
@@ -201,7 +212,7 @@ class RunConfig(_Section):
     name: str | None = None
     """The run dir's name under output_dir; None: `<method>-<date>-<time>`, chosen when the run starts."""
     output_dir: str = "runs"
-    seed: int = Field(0, ge=0)
+    seed: Annotated[int, IDENTITY] = Field(0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -331,7 +342,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *,
     ``trust_remote_code`` is the command line's --trust-remote-code and the only source of
     ``model.trust_remote_code``: a value in the file or the overrides is replaced by it (see ModelConfig)."""
     tree = _read_config_file(path) if path is not None else {}
-    origin = "built-in defaults" if path is None else str(path)
+    return _resolve(tree, "built-in defaults" if path is None else str(path), overrides, trust_remote_code)
+
+
+def _resolve(tree: dict, origin: str, overrides: list[str], trust_remote_code: bool) -> RunConfig:
     for override in overrides:
         if "=" not in override:
             raise TunesmithError(f"override {override!r} must look like key.sub=value")
@@ -348,3 +362,48 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *,
               "model run its own code", file=sys.stderr)
     config.model.trust_remote_code = trust_remote_code
     return config
+
+
+RUN_CONFIG_FILE = "config.yaml"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a run dir: one that holds the resolved config its run wrote."""
+    return (Path(path) / RUN_CONFIG_FILE).is_file()
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = (), *, trust_remote_code: bool = False) -> RunConfig:
+    """The config a run dir's run was started with, read by the loader that validates every config, so a run
+    dir means to eval, merge and train --resume exactly what it meant to the run.
+
+    ``name`` and ``output_dir`` point at ``run_dir`` where it is now (a moved or copied run dir is still
+    itself). The saved file is checked on its own before ``overrides`` apply, so a damaged file is named as
+    such; ``trust_remote_code`` comes only from the caller, as in ``load_config``."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise TunesmithError(f"{run_dir} is not a run dir (no {RUN_CONFIG_FILE}); give the directory a run wrote, "
+                             "e.g. runs/<name>")
+    damaged = (f"; {path} is the run's saved config and tunesmith wrote it valid: restore it, e.g. from "
+               f"{run_dir / 'checkpoints'}/step-N/{RUN_CONFIG_FILE}")
+    try:
+        tree = _read_config_file(path)
+        RunConfig.model_validate(tree)
+    except TunesmithError as exc:
+        raise TunesmithError(f"{exc}{damaged}") from None
+    except ValidationError as exc:
+        raise TunesmithError(f"{_explain(exc, str(path))}{damaged}") from None
+    config = _resolve(tree, str(path), overrides, trust_remote_code)
+    return config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
+
+
+def identity_keys(section: type[BaseModel] = RunConfig, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys of every field marked ``IDENTITY``, walking the sections in declaration order."""
+    keys: list[str] = []
+    for name, field in section.model_fields.items():
+        if IDENTITY in field.metadata:
+            keys.append(prefix + name)
+        for inner in (field.annotation, *get_args(field.annotation)):  # a section, or an optional one
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                keys += identity_keys(inner, f"{prefix}{name}.")
+    return tuple(keys)

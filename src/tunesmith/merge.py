@@ -20,33 +20,32 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import DataConfig, RunConfig, load_config
+from tunesmith.config import DataConfig, ModelConfig, RunConfig, is_run_dir, load_run_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
-from tunesmith.models import load
+from tunesmith.models.build import build_model, quant_spec
 from tunesmith.models.load import resolve_dtype
-from tunesmith.peft.io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from tunesmith.peft.io import CONFIG_NAME, WEIGHTS_NAME
 from tunesmith.peft.lora import merged_state_dict
 from tunesmith.quant.bnb import (QuantSpec, dequantized_weight, is_quantized, keep_training_numerics, quantize_model,
                                  quiet_bitsandbytes_import)
-from tunesmith.templates import use_template
 
 
-def _resolve(source: str) -> tuple[Path, RunConfig | None]:
-    """The adapter dir and, for a run dir, the run's config (read and validated like any config)."""
+def _resolve(source: str, trust_remote_code: bool) -> tuple[Path, RunConfig | None]:
+    """The adapter dir and, for a run dir (or a run's adapter/), the run's config (``load_run_config``)."""
     path = Path(source)
-    if (path / "config.yaml").is_file() and (path / "adapter").is_dir():
-        return path / "adapter", load_config(path / "config.yaml")
-    if (path / "config.yaml").is_file() and (path / "model").is_dir():
+    if is_run_dir(path) and (path / "adapter").is_dir():
+        return path / "adapter", load_run_config(path, trust_remote_code=trust_remote_code)
+    if is_run_dir(path) and (path / "model").is_dir():
         raise TunesmithError(f"{path} is a full fine-tuning run: {path / 'model'} is already a plain model dir")
     if not path.is_dir():
         raise TunesmithError(f"{source} is neither a run dir nor an adapter dir")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise TunesmithError(f"{path / name} is missing: an adapter dir holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    run_config = path.parent / "config.yaml"
-    return path, (load_config(run_config) if run_config.is_file() else None)
+    return path, (load_run_config(path.parent, trust_remote_code=trust_remote_code) if is_run_dir(path.parent)
+                  else None)
 
 
 def _dequantize_in_place(model: torch.nn.Module, spec: QuantSpec) -> None:
@@ -121,7 +120,7 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
     if check_rows < 1:
         raise TunesmithError(f"--check-rows must be at least 1, got {check_rows}: every merge is checked on "
                              "held-out rows")
-    adapter_dir, run_config = _resolve(source)
+    adapter_dir, run_config = _resolve(source, trust_remote_code)
     base = base or (run_config.model.source if run_config else None) or _base_model_name(adapter_dir)
     if not base:
         raise TunesmithError(f"{adapter_dir / CONFIG_NAME} names no base model; pass --base")
@@ -135,29 +134,24 @@ def merge(source: str, out: str, *, dtype: str = "bf16", quantize: str | None = 
     out_dir = Path(out)
     tmp = _claim_output(out_dir)
 
-    def base_model():
-        loaded = load(base, dtype="fp32", device="cpu", trust_remote_code=trust_remote_code)
-        if merge_base == "dequantized":
-            quant = run_config.quant  # "dequantized" is refused above without a QLoRA run's config
-            _dequantize_in_place(loaded.model, QuantSpec(quant_type=quant.type, double_quant=quant.double_quant,
-                                                         blocksize=quant.blocksize,
-                                                         skip_modules=list(quant.skip_modules)))
-        return loaded
+    # merged in full precision on the CPU, with the run's template; the caller's flag alone permits remote code
+    model = ModelConfig(source=base, template=run_config.model.template if run_config else None, dtype="fp32",
+                        device="cpu", trust_remote_code=trust_remote_code)
+    cpu = torch.device("cpu")
+    # "dequantized" is refused above without a QLoRA run's config
+    dequantize = ((lambda dense: _dequantize_in_place(dense, quant_spec(run_config.quant, cpu)))
+                  if merge_base == "dequantized" else None)
 
     try:
-        loaded = base_model()
-        tokenizer = loaded.tokenizer
-        use_template(tokenizer, run_config.model.template if run_config else None)
-        adapted = loaded.model
-        load_adapter(adapted, adapter_dir)
-        adapted.eval()
+        built = build_model(model, adapter=adapter_dir, adjust=dequantize)
+        tokenizer, adapted = built.tokenizer, built.model
         if method == "qlora" and merge_base == "original":
             print(f"merging the QLoRA adapter into the original weights of {base} (reloaded in full precision), "
                   "not into the 4-bit weights it was trained against; --merge-base dequantized reproduces the "
                   "trained function exactly")
 
         # the merged model: a fresh base with the merged weights, in the requested dtype
-        merged = base_model().model
+        merged = build_model(model, adjust=dequantize, tokenizer=tokenizer).model
         merged.load_state_dict(merged_state_dict(adapted))
         merged.to(target_dtype)
         merged.save_pretrained(tmp, max_shard_size="2GB")

@@ -78,6 +78,13 @@ def test_merge_errors(lora_run, tmp_path, capsys):
     (tmp_path / "full" / "f.txt").write_text("x")
     assert main(["merge", str(lora_run), "--out", str(tmp_path / "full")]) == 2
     assert "already exists" in capsys.readouterr().err
+    # the run dir's config is read by load_run_config, for the run dir and for its adapter/ alike
+    (lora_run / "config.yaml").write_text((lora_run / "config.yaml").read_text() + "lora:\n  r: 2\n")
+    for source in (lora_run, lora_run / "adapter"):
+        assert main(["merge", str(source), "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert f"{lora_run / 'config.yaml'}: key 'lora' is written twice" in err and "restore it, e.g. from" in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_merge_refuses_a_mismatched_base(lora_run, tmp_path, capsys, tokenizer):

@@ -1,6 +1,6 @@
 """``tunesmith eval``: evaluate a run dir or a model (optionally with an adapter) on held-out data.
 
-A run dir is read through the same typed config the run wrote (``config.yaml`` via ``load_config``), so its
+A run dir is read through the same typed config the run wrote (``load_run_config``), so its
 data is tokenized exactly as the run tokenized it (``train_on``, ``reasoning``, ``max_length``, over-length
 policy, template) and its eval settings apply; the command line's options override single keys of it.
 """
@@ -9,25 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.config import RunConfig, load_config
+from tunesmith.config import RunConfig, is_run_dir, load_config, load_run_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.evaluate import evaluate, generation_rows, task_metrics
 from tunesmith.eval.report import format_before_after, format_samples
 from tunesmith.eval.task import TaskResult
-from tunesmith.models import load
-from tunesmith.templates import use_template
+from tunesmith.models.build import build_model
 
 
 def eval_config(target: str, *, data: str | None = None, task_rows: int | None = None,
                 max_length: int | None = None, template: str | None = None, generate: bool = False,
                 max_new_tokens: int | None = None, trust_remote_code: bool = False) -> RunConfig:
     """The config an evaluation runs under: a run dir's own, else the defaults for the model ``target``;
-    each given option replaces its key (``data`` → ``data.eval``, with the format detected afresh)."""
-    run_dir = Path(target)
-    if (run_dir / "config.yaml").is_file():
-        config = load_config(run_dir / "config.yaml", trust_remote_code=trust_remote_code)
+    each given option replaces its key (``data`` → ``data.eval``, with the format detected afresh).
+
+    The model goes on this machine's device in its default dtype (``auto``), not the run's: a run trained on a
+    GPU is evaluated anywhere."""
+    if is_run_dir(target):
+        config = load_run_config(target, trust_remote_code=trust_remote_code)
+        config.model.dtype, config.model.device = "auto", "auto"
     else:
         config = load_config(None, trust_remote_code=trust_remote_code)
         config.model.source = target
@@ -47,7 +49,7 @@ def eval_config(target: str, *, data: str | None = None, task_rows: int | None =
 def _model_and_adapter(target: str, config: RunConfig, adapter: str | None) -> tuple[str, str | None]:
     """A run dir stands for its base model plus its adapter, or for its full model."""
     run_dir = Path(target)
-    if not (run_dir / "config.yaml").is_file():
+    if not is_run_dir(run_dir):
         return target, adapter
     if (run_dir / "adapter").is_dir():
         return config.model.source, adapter or str(run_dir / "adapter")
@@ -69,14 +71,8 @@ def run_eval(target: str, *, adapter: str | None = None, data: str | None = None
     model_source, adapter = _model_and_adapter(target, config, adapter)
     # Data first: a dataset that cannot be scored is refused before the model loads.
     rows = generation_rows(config)
-    # a run dir's config.yaml records whether remote code ran, but only the caller's flag permits it
-    loaded = load(model_source, trust_remote_code=trust_remote_code)
-    use_template(loaded.tokenizer, config.model.template)
-    if adapter is not None:
-        from tunesmith.peft.io import load_adapter
-
-        load_adapter(loaded.model, adapter)
-    loaded.model.eval()
+    # trust_remote_code: load_run_config put the caller's flag in config.model, whatever the run dir recorded
+    loaded = build_model(config.model.model_copy(update={"source": model_source}), adapter=adapter)
     prepared = prepare(config.data.eval, loaded.tokenizer, TokenizeOptions.from_config(config.data),
                        fmt=config.data.format, invalid_rows=config.data.invalid_rows)
     if config.eval.loss_rows is not None:

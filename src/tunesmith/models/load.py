@@ -160,15 +160,17 @@ def check_weights(path: Path) -> None:
 
 
 def load(source: str = DEFAULT_MODEL, *, dtype: str | None = "auto", device: str | None = "auto",
-         trust_remote_code: bool = False) -> LoadedModel:
-    """Load model and tokenizer; the model is in eval mode on the resolved device and dtype."""
+         trust_remote_code: bool = False, tokenizer=None) -> LoadedModel:
+    """Load model and tokenizer; the model is in eval mode on the resolved device and dtype. ``tokenizer``: one
+    already loaded from ``source``, used instead of loading it again."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_path(source)
     dev = resolve_device(device)
     config = load_model_config(path, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if isinstance(path, Path):
         check_weights(path)
     if getattr(config, "quantization_config", None):  # a saved 4-bit model: transformers imports bitsandbytes

@@ -18,12 +18,11 @@ from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.evaluate import generation_rows
 from tunesmith.eval.task import AnswerRow
-from tunesmith.models import load, load_tokenizer, resolve_device, resolve_dtype
+from tunesmith.models.build import build_model, build_tokenizer
 from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora, load_adapter
-from tunesmith.quant.bnb import QuantizedModel, QuantSpec, quantize_model
+from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
-from tunesmith.templates import use_template
 
 
 @dataclass
@@ -98,8 +97,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     """Tokenizer, data (refused early when nothing is trained, or when its kind does not fit the objective),
     then the model, then the run dir (locked: run the rest inside ``hold_run_dir(setup)``); ``adjust_model(model)``
     may change the dense weights before a QLoRA base is quantized."""
-    tokenizer = load_tokenizer(config.model.source, trust_remote_code=config.model.trust_remote_code)
-    use_template(tokenizer, config.model.template)
+    tokenizer = build_tokenizer(config.model)
     options = TokenizeOptions.from_config(config.data)
     train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
                     invalid_rows=config.data.invalid_rows, split=config.data.split,
@@ -116,41 +114,15 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
             heldout.tokenized.examples = heldout.tokenized.examples[:config.eval.loss_rows]
         rows = generation_rows(config)
     drops = {"train": report_drops(train), "eval": report_drops(heldout) if heldout is not None else None}
-    device = resolve_device(config.model.device)
-    qlora = config.method.name == "qlora"
-    loaded = load(config.model.source, dtype=config.model.dtype, device="cpu" if qlora else config.model.device,
-                  trust_remote_code=config.model.trust_remote_code)
-    if adjust_model is not None:
-        adjust_model(loaded.model)
-    quantization = quantize_base(config, loaded.model, device) if qlora else None
+    built = build_model(config.model, quant=config.quant if config.method.name == "qlora" else None,
+                        adjust=adjust_model, tokenizer=tokenizer)
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)
     run_dir, lock, resume = claim_run_dir(config, resume)
-    return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=loaded.model, device=device,
-                    dtype=resolve_dtype(config.model.dtype, device), train=train, eval=heldout, eval_rows=rows,
-                    fingerprints=fingerprints, resume=resume, lock=lock, drops=drops, quantization=quantization)
-
-
-def quant_spec(config: RunConfig, device: torch.device) -> QuantSpec:
-    quant = config.quant
-    compute = quant.compute_dtype
-    if compute == "auto":
-        compute_dtype = resolve_dtype("auto", device) if device.type == "cuda" else torch.float32
-        if device.type == "cuda" and compute_dtype == torch.float32:
-            compute_dtype = torch.float16
-    else:
-        compute_dtype = resolve_dtype(compute, device)
-    return QuantSpec(quant_type=quant.type, double_quant=quant.double_quant, compute_dtype=compute_dtype,
-                     storage=quant.storage, blocksize=quant.blocksize, skip_modules=list(quant.skip_modules))
-
-
-def quantize_base(config: RunConfig, model: torch.nn.Module, device: torch.device) -> QuantizedModel:
-    """QLoRA: the frozen base in 4 bits on ``device``; prints what was quantized and what was kept."""
-    quantized = quantize_model(model, quant_spec(config, device), device)
-    print(f"{config.quant.type}{' + double quantization' if config.quant.double_quant else ''}: "
-          f"{quantized.summary()}")
-    return quantized
+    return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=built.model, device=built.device,
+                    dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
+                    resume=resume, lock=lock, drops=drops, quantization=built.quantization)
 
 
 def trainable_parameters(setup: RunSetup, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:
