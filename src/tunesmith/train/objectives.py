@@ -3,9 +3,9 @@
 Each loss answers three questions for the engine:
 
 * ``counts(micro)`` — the denominators of this micro-batch (trained tokens; pairs), read from its labels on
-  the host before any forward. The engine sums them over the whole accumulated batch first, so each
-  micro-batch's loss is divided by the WHOLE batch's count and micro-batch × accumulation splits give the same
-  gradient (and, later, the same sum over ranks).
+  the host before any forward. The engine sums them over the whole accumulated batch of every rank first, so
+  each micro-batch's loss is divided by the WHOLE batch's count and micro-batch × accumulation × processes
+  splits give the same gradient (DDP sums the ranks' gradients, ``train/module.py``).
 * ``loss(model, batch, micro, totals)`` — this micro-batch's share of the step's loss (a tensor to backward)
   and its share of the logged metrics (floats, summed by the engine over micro-batches).
 * ``step_metrics(sums)`` — the logged metrics of the step from those sums.
