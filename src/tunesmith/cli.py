@@ -321,20 +321,14 @@ def cmd_train(args) -> None:
 
 
 def _train_config(args):
-    from tunesmith.config import load_config
+    from tunesmith.config import load_config, load_run_config
 
     trust = args.trust_remote_code
     if args.resume:
         if args.config:
             raise TunesmithError("--resume takes the run's own config.yaml; drop --config")
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise TunesmithError(f"{run_dir} is not a run dir (no config.yaml); nothing to resume")
-        config = load_config(run_dir / "config.yaml", args.overrides, trust_remote_code=trust)
-        config = config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
-    else:
-        config = load_config(args.config, args.overrides, trust_remote_code=trust)
-    return config
+        return load_run_config(args.resume, args.overrides, trust_remote_code=trust)
+    return load_config(args.config, args.overrides, trust_remote_code=trust)
 
 
 def cmd_eval(args) -> None:
