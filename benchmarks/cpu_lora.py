@@ -34,6 +34,7 @@ from tunesmith.models import load
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
 from tunesmith.train.engine import train_step
 from tunesmith.train.loop import compiled_layers
+from tunesmith.train.module import TrainingModule
 from tunesmith.train.objectives import MicroBatch, SupervisedLoss
 from tunesmith.train.optim import build_optimizer
 
@@ -82,8 +83,11 @@ def ours_stepper(compile_layers: bool = False):
     compiling = compiled_layers(model, compile_layers)
     compiling.__enter__()  # stays compiled while ``step`` (which holds ``compiling``) is alive
 
+    loss = SupervisedLoss()
+    module = TrainingModule(model, loss)
+
     def step(batch: dict, _keep=compiling) -> float:
-        return train_step(model, optimizer, params, SupervisedLoss(), [MicroBatch(batch)], lr=2e-3, max_grad_norm=1.0,
+        return train_step(module, optimizer, params, loss, [MicroBatch(batch)], lr=2e-3, max_grad_norm=1.0,
                           device=torch.device("cpu"), dtype=torch.float32).loss
 
     return step

@@ -108,6 +108,7 @@ def dispatch_floor() -> dict:
     from tunesmith.models import load
     from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
     from tunesmith.train.engine import train_step
+    from tunesmith.train.module import TrainingModule
     from tunesmith.train.objectives import MicroBatch, SupervisedLoss
     from tunesmith.train.optim import build_optimizer
 
@@ -121,7 +122,9 @@ def dispatch_floor() -> dict:
     params = list(adapter_parameters(model).values())
     model.train()
     optimizer = build_optimizer(OptimConfig(lr=2e-3), params)
-    step = lambda b: train_step(model, optimizer, params, SupervisedLoss(), [MicroBatch(b)], lr=2e-3,
+    loss = SupervisedLoss()
+    module = TrainingModule(model, loss)
+    step = lambda b: train_step(module, optimizer, params, loss, [MicroBatch(b)], lr=2e-3,
                                 max_grad_norm=1.0, device=torch.device("cpu"), dtype=torch.float32)
     for batch in data[:2]:
         step(batch)
