@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tunesmith.errors import TunesmithError
-from tunesmith.templates import (BUILTIN_TEMPLATES, mask_view, render, render_prompt, stop_token_ids,
+from tunesmith.mask_view import mask_view
+from tunesmith.templates import (BUILTIN_TEMPLATES, render, render_prompt, stop_token_ids,
                                  use_template)
 
 GOLDEN = Path(__file__).parent / "golden" / "templates.json"

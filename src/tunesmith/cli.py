@@ -190,7 +190,8 @@ def cmd_template(args) -> None:
     from tunesmith.data.tokenize import mask_note_line
     from tunesmith.data.validate import InvalidRow, check_control_tokens
     from tunesmith.models import load_tokenizer
-    from tunesmith.templates import control_tokens, mask_view, render, use_template
+    from tunesmith.mask_view import mask_view
+    from tunesmith.templates import control_tokens, render, use_template
 
     messages = _read_messages(args.messages)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

@@ -15,8 +15,9 @@ from tunesmith.config import load_config
 from tunesmith.data.builtin import builtin_task
 from tunesmith.data.pipeline import format_inspection, inspection, prepare
 from tunesmith.data.tokenize import TokenizeOptions
-from tunesmith.models import load_tokenizer
-from tunesmith.templates import mask_view, render
+from tunesmith.mask_view import mask_view
+from tunesmith.models.build import build_tokenizer
+from tunesmith.templates import render
 
 
 def run_demo(overrides: list[str] = (), examples: int = 3, *, trust_remote_code: bool = False) -> dict:
@@ -25,8 +26,8 @@ def run_demo(overrides: list[str] = (), examples: int = 3, *, trust_remote_code:
     started = time.time()
     config = load_config(None, list(overrides), trust_remote_code=trust_remote_code).with_run_name()
     print("== the built-in task: extract a booking from a sentence into fixed JSON")
-    tokenizer = load_tokenizer(config.model.source, trust_remote_code=trust_remote_code)
-    prepared = prepare(config.data.train, tokenizer, TokenizeOptions(max_length=config.data.max_length))
+    tokenizer = build_tokenizer(config.model)  # the run's own tokenizer and template
+    prepared = prepare(config.data.train, tokenizer, TokenizeOptions.from_config(config.data))
     print(format_inspection(inspection(prepared)))
     print("\n== one training example; only the highlighted tokens are trained")
     (first,) = render(tokenizer, builtin_task("train", 1)[0]["messages"])
