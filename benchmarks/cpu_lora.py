@@ -33,7 +33,7 @@ from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.models import load
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
 from tunesmith.train.engine import train_step
-from tunesmith.train.loop import compiled_layers
+from tunesmith.train.layout import choose_layout, install_layout
 from tunesmith.train.module import TrainingModule
 from tunesmith.train.objectives import MicroBatch, SupervisedLoss
 from tunesmith.train.optim import build_optimizer
@@ -80,13 +80,11 @@ def ours_stepper(compile_layers: bool = False):
     params = list(adapter_parameters(model).values())
     model.train()
     optimizer = build_optimizer(OptimConfig(lr=2e-3, weight_decay=0.01), params)  # torch's AdamW defaults
-    compiling = compiled_layers(model, compile_layers)
-    compiling.__enter__()  # stays compiled while ``step`` (which holds ``compiling``) is alive
-
+    layout = install_layout(model, choose_layout(model, torch.device("cpu")), compile=compile_layers)
     loss = SupervisedLoss()
-    module = TrainingModule(model, loss)
+    module = TrainingModule(model, loss, layout.name)
 
-    def step(batch: dict, _keep=compiling) -> float:
+    def step(batch: dict) -> float:
         return train_step(module, optimizer, params, loss, [MicroBatch(batch)], lr=2e-3, max_grad_norm=1.0,
                           device=torch.device("cpu"), dtype=torch.float32).loss
 

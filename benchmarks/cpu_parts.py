@@ -108,6 +108,7 @@ def dispatch_floor() -> dict:
     from tunesmith.models import load
     from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
     from tunesmith.train.engine import train_step
+    from tunesmith.train.layout import choose_layout, install_layout
     from tunesmith.train.module import TrainingModule
     from tunesmith.train.objectives import MicroBatch, SupervisedLoss
     from tunesmith.train.optim import build_optimizer
@@ -122,8 +123,9 @@ def dispatch_floor() -> dict:
     params = list(adapter_parameters(model).values())
     model.train()
     optimizer = build_optimizer(OptimConfig(lr=2e-3), params)
+    layout = install_layout(model, choose_layout(model, torch.device("cpu")))
     loss = SupervisedLoss()
-    module = TrainingModule(model, loss)
+    module = TrainingModule(model, loss, layout.name)
     step = lambda b: train_step(module, optimizer, params, loss, [MicroBatch(b)], lr=2e-3,
                                 max_grad_norm=1.0, device=torch.device("cpu"), dtype=torch.float32)
     for batch in data[:2]:

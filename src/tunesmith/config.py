@@ -191,6 +191,9 @@ class TrainConfig(_Section):
     compile: bool = False
     """Compile the parts of each decoder block around attention (MLP, norms) with torch.compile for training;
     a few seconds of compiling. Measured on a 2-core CPU it does not make steps faster (BENCHMARKS.md)."""
+    layout: Literal["auto", "rows", "flat", "cache", "plain"] = "auto"
+    """How a batch is laid out for the model, chosen once at setup (README "Layouts"); auto picks from the
+    device, attention and batching, and summary.json records the choice and why."""
 
 
 class EvalConfig(_Section):

@@ -162,9 +162,9 @@ def _nan_at(monkeypatch, bad_steps):
     real = objectives.supervised_loss_sum
     calls = {"n": 0}
 
-    def maybe_nan(model, batch):
+    def maybe_nan(model, batch, **options):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(model, batch, **options)
         step = (calls["n"] - 1) // 2  # two micro-batches per step
         return loss * float("nan") if step in bad_steps else loss
 
@@ -226,3 +226,21 @@ def test_compiled_training_matches_eager(make_config):
     compiled = sft.run(make_config("name=compiled", "train.max_steps=2", "eval.before=false", "train.compile=true"))
     assert _losses(Path(eager["run_dir"])) == pytest.approx(_losses(Path(compiled["run_dir"])), abs=1e-5)
     assert compiled["after"]["eval_loss"] == pytest.approx(eager["after"]["eval_loss"], abs=1e-5)
+
+
+def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
+    auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false"))
+    recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())["layout"]
+    assert recorded == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True, "compiled": False}
+    for name in ("flat", "cache", "plain"):
+        forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}"))
+        assert forced["layout"]["name"] == name
+        assert _losses(Path(forced["run_dir"])) == pytest.approx(_losses(Path(auto["run_dir"])), abs=1e-5)
+        _assert_same_weights(_adapter(Path(forced["run_dir"])), _adapter(Path(auto["run_dir"])))
+
+
+def test_impossible_forced_layout_is_refused_before_the_run_dir(make_config):
+    config = make_config("train.layout=rows", "data.batching=pack")
+    with pytest.raises(TunesmithError, match="train.layout=rows needs"):
+        sft.run(config)
+    assert not config.run_dir.exists()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.train import rows as row_module
-from tunesmith.train.rows import Rows, row_attention_forward
+from tunesmith.train.rows import Rows, install_row_attention, row_attention_forward
 
 
 def _block_mask(prefix: int, lengths: list[int]) -> torch.Tensor:
@@ -48,13 +48,18 @@ def test_flat_layout_uses_row_attention_once_per_layer(tiny_model, monkeypatch):
     mask = torch.tensor([[1] * 12, [1] * 10 + [0, 0]])
     batch = {"input_ids": ids, "attention_mask": mask,
              "labels": torch.where((torch.arange(12) >= 9) & mask.bool(), ids, -100)}
-    supervised_loss_sum(tiny_model, batch, layout="flat")
+    supervised_loss_sum(tiny_model, batch, layout="rows")
+    assert calls == []  # not installed: the row plan is ignored and SDPA runs the masked sequence
+    install_row_attention(tiny_model)
+    supervised_loss_sum(tiny_model, batch, layout="rows")
     assert calls == [True, True]  # two layers, both with the row layout
-    assert tiny_model.config._attn_implementation == "sdpa"  # restored
+    supervised_loss_sum(tiny_model, batch, layout="flat")
+    assert calls == [True, True, False, False]  # no row plan in the call: SDPA inside the installed function
+    assert tiny_model.config._attn_implementation == row_module.NAME  # installed once, never flipped back
 
 
 def test_sliding_window_or_softcapping_models_are_not_flattened():
-    from tunesmith.train.loop import _plain_causal_attention
+    from tunesmith.train.layout import plain_causal_attention as _plain_causal_attention
     from tinymodels import build_tiny_llama
 
     config = build_tiny_llama().config

@@ -23,6 +23,7 @@ from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora, load_adapter
 from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
+from tunesmith.train.layout import Layout, choose_layout
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunSetup:
     lock: IO  # the open lock file: the run dir is ours while it stays open (see hold_run_dir)
     drops: dict  # "train" / "eval" → PreparedData.drops()
     quantization: QuantizedModel | None = None
+    layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -116,13 +118,16 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     drops = {"train": report_drops(train), "eval": report_drops(heldout) if heldout is not None else None}
     built = build_model(config.model, quant=config.quant if config.method.name == "qlora" else None,
                         adjust=adjust_model, tokenizer=tokenizer)
+    layout = choose_layout(built.model, built.device, requested=config.train.layout, batching=config.data.batching,
+                           max_length=config.data.max_length, checkpointing=config.train.gradient_checkpointing)
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)
     run_dir, lock, resume = claim_run_dir(config, resume)
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=built.model, device=built.device,
                     dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
-                    resume=resume, lock=lock, drops=drops, quantization=built.quantization)
+                    resume=resume, lock=lock, drops=drops, quantization=built.quantization,
+                    layout=layout)
 
 
 def trainable_parameters(setup: RunSetup, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:

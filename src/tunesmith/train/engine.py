@@ -21,7 +21,8 @@ import torch
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
-from tunesmith.train.loop import autocast_for, compiled_layers, enable_gradient_checkpointing
+from tunesmith.train.layout import install_layout
+from tunesmith.train.loop import autocast_for, enable_gradient_checkpointing
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.module import TrainingModule, wrap_for
@@ -126,7 +127,8 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = build_optimizer(config.optim, params)
-    module = wrap_for(TrainingModule(model, objective.loss), world, device)
+    setup.layout = install_layout(model, setup.layout, compile=config.train.compile)  # once, before any forward
+    module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
     per_step = config.train.grad_accum * world.size
@@ -156,60 +158,59 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     plan = plan_for(state.epoch)
     progress = Progress(config.train.progress and world.main, state.total_steps, state.step)
     window_start, window_tokens = time.time(), 0
-    with compiled_layers(model, config.train.compile):
-        try:
-            while state.step < state.total_steps:
-                if state.micro >= len(plan):
-                    state.epoch, state.micro = state.epoch + 1, 0
-                    plan = plan_for(state.epoch)
-                step, first = state.step, state.micro
-                chunk = plan[first:first + per_step]
-                mine = chunk[world.rank::world.size]
-                hook = None if on_micro_batch is None else (
-                    lambda i: on_micro_batch(step, first + world.rank + i * world.size))
-                micro_batches = [objective.collate(batch) for batch in (mine or chunk[:1])]
-                lr = lr_at(step, base_lr=config.optim.lr, total_steps=state.total_steps, warmup=warmup,
-                           kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
-                step_start = time.time()
-                result = train_step(module, optimizer, params, objective.loss, micro_batches, lr=lr,
-                                    max_grad_norm=config.optim.max_grad_norm, device=device, dtype=setup.dtype,
-                                    on_micro_batch=hook, world=world, idle=not mine)
-                # One token count for every objective: the examples' own tokens, without padding
-                tokens = sum(objective.lengths[i] for batch in chunk for i in _indices(batch))
-                state.train_seconds += time.time() - step_start
-                state.step, state.micro, state.tokens = step + 1, first + len(chunk), state.tokens + tokens
-                window_tokens += tokens
-                if result.skipped:
-                    state.skipped += 1
-                    state.bad_streak += 1
-                    _check_bad_steps(config, state, result)
-                else:
-                    state.bad_streak = 0
-                row = None
-                if state.step % config.train.log_every == 0 or state.step == state.total_steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    row = {"step": state.step, "epoch": state.epoch, "loss": result.loss, **result.metrics, "lr": lr,
-                           "grad_norm": result.grad_norm, "tokens": state.tokens,
-                           "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
-                    if device.type == "cuda":
-                        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    window_start, window_tokens = time.time(), 0
-                if (config.train.eval_every and state.step % config.train.eval_every == 0 and setup.eval is not None
-                        and world.main):
-                    heldout = objective.evaluate(None, task=False)
-                    row = {**(row or {"step": state.step}),
-                           **{key: heldout[metric] for key, metric in objective.eval_log.items()}}
-                    model.train()
-                if row is not None and world.main:
-                    log.log(row)
-                    progress.update(row)
-                if config.train.checkpoint_every and (state.step % config.train.checkpoint_every == 0
-                                                      or state.step == state.total_steps):
-                    save_training_checkpoint(setup, model, optimizer, state, world)
-        finally:
-            if log is not None:
-                log.close()
-            progress.close()
+    try:
+        while state.step < state.total_steps:
+            if state.micro >= len(plan):
+                state.epoch, state.micro = state.epoch + 1, 0
+                plan = plan_for(state.epoch)
+            step, first = state.step, state.micro
+            chunk = plan[first:first + per_step]
+            mine = chunk[world.rank::world.size]
+            hook = None if on_micro_batch is None else (
+                lambda i: on_micro_batch(step, first + world.rank + i * world.size))
+            micro_batches = [objective.collate(batch) for batch in (mine or chunk[:1])]
+            lr = lr_at(step, base_lr=config.optim.lr, total_steps=state.total_steps, warmup=warmup,
+                       kind=config.schedule.name, min_lr_ratio=config.schedule.min_lr_ratio)
+            step_start = time.time()
+            result = train_step(module, optimizer, params, objective.loss, micro_batches, lr=lr,
+                                max_grad_norm=config.optim.max_grad_norm, device=device, dtype=setup.dtype,
+                                on_micro_batch=hook, world=world, idle=not mine)
+            # One token count for every objective: the examples' own tokens, without padding
+            tokens = sum(objective.lengths[i] for batch in chunk for i in _indices(batch))
+            state.train_seconds += time.time() - step_start
+            state.step, state.micro, state.tokens = step + 1, first + len(chunk), state.tokens + tokens
+            window_tokens += tokens
+            if result.skipped:
+                state.skipped += 1
+                state.bad_streak += 1
+                _check_bad_steps(config, state, result)
+            else:
+                state.bad_streak = 0
+            row = None
+            if state.step % config.train.log_every == 0 or state.step == state.total_steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                row = {"step": state.step, "epoch": state.epoch, "loss": result.loss, **result.metrics, "lr": lr,
+                       "grad_norm": result.grad_norm, "tokens": state.tokens,
+                       "tokens_per_s": window_tokens / elapsed, "skipped": result.skipped}
+                if device.type == "cuda":
+                    row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                window_start, window_tokens = time.time(), 0
+            if (config.train.eval_every and state.step % config.train.eval_every == 0 and setup.eval is not None
+                    and world.main):
+                heldout = objective.evaluate(None, task=False)
+                row = {**(row or {"step": state.step}),
+                       **{key: heldout[metric] for key, metric in objective.eval_log.items()}}
+                model.train()
+            if row is not None and world.main:
+                log.log(row)
+                progress.update(row)
+            if config.train.checkpoint_every and (state.step % config.train.checkpoint_every == 0
+                                                  or state.step == state.total_steps):
+                save_training_checkpoint(setup, model, optimizer, state, world)
+    finally:
+        if log is not None:
+            log.close()
+        progress.close()
     model.eval()
     return state
 

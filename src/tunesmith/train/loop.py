@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.head import linear_cross_entropy
-from tunesmith.train.rows import NAME as ROWS, Rows, row_attention
-from tunesmith.train.trim import last_block_at
+from tunesmith.train.layout import attention_implementation, plain_causal_attention, resolve
+from tunesmith.train.rows import NAME as ROWS, Rows
+from tunesmith.train.trim import READ
 
 
 def trained_tokens(batch: dict) -> int:
@@ -99,14 +100,6 @@ def _flat_layout(batch: dict, shared: int):
             index.to(device))
 
 
-def _plain_causal_attention(config, length: int) -> bool:
-    """Whether attention is plain causal softmax for rows of ``length``: no logit soft-capping and no sliding
-    window shorter than the rows (the flat layout's mask knows neither)."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    window = getattr(config, "sliding_window", None)
-    return not getattr(config, "attn_logit_softcapping", None) and (window is None or window >= length)
-
-
 def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """Causal, within each row's own tokens plus the shared prefix: (1, 1, N, N), in the form the
     attention implementation reads (boolean for SDPA, additive for eager)."""
@@ -119,57 +112,47 @@ def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -
 
 
 def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Final hidden states of a padded batch: ``(states, read, p)``.
+    """Final hidden states of a padded batch in ``layout`` (``train.layout``: see its module): ``(states, read, p)``.
 
-    Layouts, all giving the plain forward's loss and gradients (tested):
-
-    * ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining real
-      tokens up to its last trained target, as one row with a block mask (causal within a row, every row
-      also sees the prefix) and positions continuing the prefix. No padding, no repeated prefix and no
-      trailing untrained token is computed, and the last block computes its position-wise parts at the
-      trained positions only (``train.trim``): elsewhere the final states are not meaningful. Used for SDPA and
-      eager attention up to ``FLAT_MAX_TOKENS`` tokens. With SDPA on CPU, attention runs row by row
-      (``train.rows``) instead of over the whole masked sequence.
+    * ``rows`` / ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining
+      real tokens up to its last trained target, as one row with a block mask (causal within a row, every row
+      also sees the prefix) and positions continuing the prefix. No padding, no repeated prefix and no trailing
+      untrained token is computed. The call carries the trained positions (``train.trim.READ``: an installed
+      last block computes its position-wise parts there only, so elsewhere the final states are not
+      meaningful) and, for ``rows``, the row plan (``train.rows``: installed row attention runs row by row
+      instead of over the masked sequence). Up to ``FLAT_MAX_TOKENS`` tokens.
     * ``cache`` — the prefix runs once, its key/value cache is repeated across the batch and the suffixes
-      run at full batch size (flash attention and long batches).
+      run at full batch size (flash attention, long batches).
     * ``plain`` — the batch as given (packed rows, sliding-window or hybrid caches).
 
-    Gradients reach the shared prefix from every row (gather / repeat backward sums them). For ``flat``,
-    ``states`` is the flat sequence's (N × d) and ``read`` holds where the trained positions' states sit in
-    it (in row order); otherwise ``read`` is None and ``states`` (rows × width − p × d) covers positions
+    Gradients reach the shared prefix from every row (gather / repeat backward sums them). For ``rows`` and
+    ``flat``, ``states`` is the flat sequence's (N × d) and ``read`` holds where the trained positions' states
+    sit in it (in row order); otherwise ``read`` is None and ``states`` (rows × width − p × d) covers positions
     ``p:`` of the batch (``p`` > 0 only for ``cache``).
     """
     decoder = model.get_decoder()
+    layout = resolve(model, layout)
     inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
     if layout == "plain" or "position_ids" in batch:
         return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
     shared = shared_prefix_length(batch)
-    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
     tokens = int(batch.get("attention_mask", batch["input_ids"]).bool().sum()) - shared * (len(batch["input_ids"]) - 1)
-    if layout == "flat" or (layout == "auto" and implementation in ("sdpa", "eager") and tokens <= FLAT_MAX_TOKENS
-                            and _plain_causal_attention(model.config, batch["input_ids"].shape[1])):
+    if (layout in ("rows", "flat") and tokens <= FLAT_MAX_TOKENS
+            and plain_causal_attention(model.config, batch["input_ids"].shape[1])):
         flat = _flat_layout(batch, shared)
         if flat is not None:
             ids, positions, segment, index = flat
             read = index[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # where the trained states sit
+            implementation = "eager" if attention_implementation(model) == "eager" else "sdpa"
             mask = _flat_mask(segment, implementation, model.dtype)
-            # Row attention and the trimmed last block: not under checkpointing (the recomputation runs after
-            # this block). Row attention on CPU only (on a GPU the many small kernels cost more than the masked
-            # attention saves: -25% tokens/s measured on an H200).
-            if _checkpointing(decoder):
-                hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
-                return hidden.last_hidden_state[0], read, 0
-            layers = decoder_layers(model)
-            with last_block_at(layers[-1], read) if layers else contextlib.nullcontext():
-                if implementation != "sdpa" or ids.device.type != "cpu":
-                    hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
-                    return hidden.last_hidden_state[0], read, 0
-                counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
-                rows = Rows.from_lengths(shared, counts, ids.device)
-                with row_attention(model):
-                    hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
-                                     **{ROWS: rows})
-                return hidden.last_hidden_state[0], read, 0
+            extra = {}
+            if not _checkpointing(decoder):  # checkpointed blocks recompute after this call: no per-call plans
+                extra[READ] = read
+                if layout == "rows":
+                    counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
+                    extra[ROWS] = Rows.from_lengths(shared, counts, ids.device)
+            hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, **extra)
+            return hidden.last_hidden_state[0], read, 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
         prefix = decoder(input_ids=batch["input_ids"][:1, :shared], use_cache=True)
         cache = prefix["cache"] if "cache" in prefix else prefix.past_key_values
@@ -245,23 +228,18 @@ def _checkpointing(decoder) -> bool:
     return bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training
 
 
-@contextlib.contextmanager
-def compiled_layers(model, enabled: bool = True):
-    """Compile the parts of each decoder block around attention (MLP, norms) with ``torch.compile`` for the
-    duration of the block.
+def compile_layers(model) -> bool:
+    """Compile the parts of each decoder block around attention (MLP, norms) with ``torch.compile``, once
+    (``train.compile``; installed with the layout). Returns whether any part was compiled.
 
-    Attention stays eager so the flat layout's row attention (whose shapes change with every batch) keeps
-    running; what compiles is the elementwise work around the matrix products (norms, activation × gate),
-    which eager mode runs as many small memory-bound kernels. Blocks of one shape share compiled graphs
-    (parameters are graph inputs), so compiling costs a few seconds. Afterwards the model runs eagerly again
-    (generation, saving).
+    Attention stays eager so the row layout's attention (whose shapes change with every batch) keeps running;
+    what compiles is the elementwise work around the matrix products (norms, activation × gate), which eager
+    mode runs as many small memory-bound kernels. Blocks of one shape share compiled graphs (parameters are
+    graph inputs), so compiling costs a few seconds. The parts stay compiled (``dynamic=True``: generation's
+    shapes reuse the graphs).
     """
-    parts = [child for layer in (decoder_layers(model) if enabled else [])
+    parts = [child for layer in decoder_layers(model)
              for name, child in layer.named_children() if "attn" not in name and "attention" not in name]
     for part in parts:
         part.compile(dynamic=True)
-    try:
-        yield
-    finally:
-        for part in parts:
-            part._compiled_call_impl = None
+    return bool(parts)

@@ -2,8 +2,8 @@
 of a micro-batch. It is the one object DDP wraps (``wrap_for``), so DDP's forward — which decides whether this
 backward all-reduces — sees every training call.
 
-The loss keeps its own fast paths (trained positions only, the shared-prefix layouts of ``train/loop.py``);
-wrapping changes nothing single-process: ``wrap_for`` returns the module itself in a world of one.
+The loss keeps its own fast paths (trained positions only, the layout chosen and installed once at setup,
+``train/layout.py``); wrapping changes nothing single-process: ``wrap_for`` returns the module itself in a world of one.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ class TrainingModule(torch.nn.Module):
     loss (divided by ``totals``, the step's counts over every micro-batch and rank), ``stats`` its share of the
     logged metrics. ``loss`` is an objective loss of ``train/objectives.py``."""
 
-    def __init__(self, model: torch.nn.Module, loss):
+    def __init__(self, model: torch.nn.Module, loss, layout: str = "auto"):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.layout = layout  # the layout installed at setup (``train/layout.py``); "auto": as the model is
 
     def forward(self, batch: dict, micro: MicroBatch, totals: dict[str, int]) -> tuple[torch.Tensor, dict]:
-        return self.loss.loss(self.model, batch, micro, totals)
+        return self.loss.loss(self.model, batch, micro, totals, layout=self.layout)
 
 
 def wrap_for(module: TrainingModule, world: World, device: torch.device) -> torch.nn.Module:

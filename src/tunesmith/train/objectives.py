@@ -6,8 +6,9 @@ Each loss answers three questions for the engine:
   the host before any forward. The engine sums them over the whole accumulated batch of every rank first, so
   each micro-batch's loss is divided by the WHOLE batch's count and micro-batch × accumulation × processes
   splits give the same gradient (DDP sums the ranks' gradients, ``train/module.py``).
-* ``loss(model, batch, micro, totals)`` — this micro-batch's share of the step's loss (a tensor to backward)
-  and its share of the logged metrics (floats, summed by the engine over micro-batches).
+* ``loss(model, batch, micro, totals, layout=)`` — this micro-batch's share of the step's loss (a tensor to
+  backward) and its share of the logged metrics (floats, summed by the engine over micro-batches), computed in
+  the layout installed at setup.
 * ``step_metrics(sums)`` — the logged metrics of the step from those sums.
 """
 
@@ -36,8 +37,9 @@ class SupervisedLoss:
     def counts(self, micro: MicroBatch) -> dict[str, int]:
         return {"tokens": trained_tokens(micro.batch)}
 
-    def loss(self, model, batch: dict, micro: MicroBatch, totals: dict[str, int]) -> tuple[torch.Tensor, dict]:
-        return supervised_loss_sum(model, batch) / max(totals["tokens"], 1), {}
+    def loss(self, model, batch: dict, micro: MicroBatch, totals: dict[str, int], *,
+             layout: str = "auto") -> tuple[torch.Tensor, dict]:
+        return supervised_loss_sum(model, batch, layout=layout) / max(totals["tokens"], 1), {}
 
     def step_metrics(self, sums: dict) -> dict:
         return {}
@@ -60,10 +62,11 @@ class PreferenceLoss:
         pairs = len(micro.indices)
         return {"pairs": pairs, "chosen_tokens": int((micro.batch["labels"][:pairs, 1:] != IGNORE_INDEX).sum())}
 
-    def loss(self, model, batch: dict, micro: MicroBatch, totals: dict[str, int]) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, micro: MicroBatch, totals: dict[str, int], *,
+             layout: str = "auto") -> tuple[torch.Tensor, dict]:
         n, pairs, options = len(micro.indices), totals["pairs"], self.options
         ref = self.reference(batch, micro.indices) if self.reference is not None else (None, None)
-        logps, counts = completion_logps(model, batch)
+        logps, counts = completion_logps(model, batch, layout=layout)
         losses, chosen_reward, rejected_reward = preference_losses(
             logps[:n], logps[n:], ref[0], ref[1], counts[:n], counts[n:], loss=options.loss, beta=options.beta,
             gamma=options.gamma)

@@ -12,13 +12,12 @@ all as one batch of small matrix products in ``_RowAttention``.
 
 For the built-in task (P = 39, 8 rows of ~56) that is ~5× less attention work than the masked N² form. The
 result is the same attention, so the loss and gradients match the plain forward (tested). It is used through
-transformers' attention interface: ``row_attention(model, rows)`` switches the model's attention to this
-function for one forward; any call without ``rows`` (or another model) falls back to SDPA.
+transformers' attention interface, installed once (``install_row_attention``); a call without a row plan
+(generation, evaluation) falls back to SDPA.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -144,18 +143,16 @@ def row_attention_forward(module, query, key, value, attention_mask, scaling=Non
     return _RowAttention.apply(query[0], key[0], value[0], rows, scale).transpose(0, 1)[None], None
 
 
-@contextlib.contextmanager
-def row_attention(model):
-    """Compute the model's attention with ``row_attention_forward`` inside the block (SDPA models only)."""
-    from transformers import AttentionInterface
+def _row_attention(module, query, key, value, attention_mask, **kwargs):
+    return row_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(NAME, row_attention_forward)
-    configs = [c for c in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
-               if getattr(c, "_attn_implementation_internal", None) == "sdpa"]
-    for config in configs:
-        config._attn_implementation_internal = NAME
-    try:
-        yield
-    finally:
-        for config in configs:
-            config._attn_implementation_internal = "sdpa"
+
+def install_row_attention(model) -> None:
+    """Run the model's attention through ``row_attention_forward`` from now on (``train.layout``'s ``rows``,
+    installed once): calls that carry a row plan get row attention, every other call SDPA, with SDPA's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, _row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)

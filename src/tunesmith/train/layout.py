@@ -1,0 +1,136 @@
+"""How a training batch is laid out for the model: chosen once at setup, installed once, never changed per call.
+
+Layouts (all give the plain forward's loss and gradients; tested):
+
+    layout  what runs                                                   chosen by ``auto`` when
+    rows    the shared prefix once, each row's real tokens after it,   CPU, SDPA attention, no checkpointing
+            attention row by row (``train.rows``), last block at the
+            trained positions only (``train.trim``)
+    flat    the same flat sequence, attention masked by the model's     SDPA or eager attention otherwise
+            own SDPA / eager kernel; last block trimmed too
+    cache   the prefix once, its key/value cache repeated over the      flash attention
+            batch, the rows' suffixes at full batch size
+    plain   the batch as given (packed rows with per-row positions,     packed batches; sliding-window or
+            sliding-window or hybrid caches)                            soft-capped attention
+
+``install_layout`` does what a layout needs from the model once, before the first step: ``rows`` sets the
+model's attention implementation to ``train.rows``'s function (through transformers' public
+``set_attn_implementation``; without a row plan in the call it runs SDPA, so generation and evaluation are
+unchanged), ``rows`` and ``flat`` add the trimming hooks to the last block (``train.trim``), and
+``train.compile`` compiles each block's position-wise parts. After that no forward changes a module, a config
+attribute or a compiled graph: per-batch information (the row plan, the trained positions) travels as keyword
+arguments of the decoder call, which transformers hands to every block and attention call. Without the
+installation those arguments are ignored and the same loss comes out, only slower.
+
+A batch that does not fit its layout (left padding, more than ``FLAT_MAX_TOKENS`` flat tokens, rows longer than
+a sliding window) runs as ``cache`` or ``plain`` for that batch alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tunesmith.errors import TunesmithError
+
+LAYOUTS = ("rows", "flat", "cache", "plain")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    reason: str
+    trimmed: bool = False  # the last block computes its position-wise parts at trained positions only
+    compiled: bool = False  # each block's parts around attention run under torch.compile
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def attention_implementation(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def plain_causal_attention(config, length: int) -> bool:
+    """Whether attention is plain causal softmax for rows of ``length``: no logit soft-capping and no sliding
+    window shorter than the rows (the flat layouts' masks know neither)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(config, "sliding_window", None)
+    return not getattr(config, "attn_logit_softcapping", None) and (window is None or window >= length)
+
+
+def _passes_keywords(model) -> bool:
+    """Whether the decoder hands extra keyword arguments down to its blocks (transformers' ``**kwargs`` models)."""
+    decoder = model.get_decoder()
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(decoder.forward).parameters.values())
+
+
+def choose_layout(model, device: torch.device, *, requested: str = "auto", batching: str = "pad",
+                  max_length: int = 512, checkpointing: bool = False) -> Layout:
+    """The layout for training ``model`` on ``device`` (see the module docstring); ``requested`` forces one
+    (``train.layout``), refused when the model or the batching cannot run it."""
+    implementation = attention_implementation(model)
+    from tunesmith.train.rows import NAME
+
+    if implementation == NAME:
+        implementation = "sdpa"  # installed by an earlier run on this model object
+    flat_ok = (implementation in ("sdpa", "eager") and plain_causal_attention(model.config, max_length)
+               and _passes_keywords(model) and batching != "pack")
+    trim = not checkpointing  # checkpointed blocks recompute after the call: keep the last block whole
+    if requested != "auto":
+        why = {"rows": None if flat_ok and implementation == "sdpa" else
+               "SDPA attention, plain causal softmax (no sliding window below data.max_length, no soft-capping) "
+               "and padded batches (data.batching=pad or bucket)",
+               "flat": None if flat_ok else
+               "SDPA or eager attention, plain causal softmax and padded batches (data.batching=pad or bucket)",
+               "cache": None if batching != "pack" else "padded batches (data.batching=pad or bucket)",
+               "plain": None}
+        if requested not in why:
+            raise TunesmithError(f"train.layout={requested!r} is not a layout; choose auto, {', '.join(LAYOUTS)}")
+        if why[requested]:
+            raise TunesmithError(f"train.layout={requested} needs {why[requested]}; this run has "
+                                 f"{implementation} attention and data.batching={batching}. Use train.layout=auto")
+        return Layout(requested, "train.layout", trimmed=trim and requested in ("rows", "flat"))
+    if batching == "pack":
+        return Layout("plain", "packed rows carry their own positions")
+    if flat_ok and implementation == "sdpa" and device.type == "cpu" and not checkpointing:
+        return Layout("rows", "CPU with SDPA attention", trimmed=True)
+    if flat_ok:
+        return Layout("flat", f"{implementation} attention on {device.type}"
+                      + (" with gradient checkpointing" if checkpointing else ""), trimmed=trim)
+    if implementation.startswith("flash"):
+        return Layout("cache", f"{implementation}: no block mask, the prefix's cache is shared instead")
+    return Layout("plain", f"{implementation} attention, sliding window or soft-capping: the batch as given")
+
+
+def install_layout(model, layout: Layout, *, compile: bool = False) -> Layout:
+    """Prepare ``model`` for ``layout`` once (see the module docstring); returns the layout as installed."""
+    from tunesmith.train.loop import compile_layers, decoder_layers
+    from tunesmith.train.rows import install_row_attention
+    from tunesmith.train.trim import install_last_block_trim
+
+    if layout.name == "rows":
+        install_row_attention(model)
+    trimmed = False
+    if layout.trimmed:
+        layers = decoder_layers(model)
+        trimmed = bool(layers) and install_last_block_trim(layers[-1])
+    compiled = compile_layers(model) if compile else False
+    return Layout(layout.name, layout.reason, trimmed=trimmed, compiled=compiled)
+
+
+def resolve(model, layout: str) -> str:
+    """``layout`` for one call: a named layout as is; ``auto`` from how the model is installed."""
+    if layout != "auto":
+        return layout
+    from tunesmith.train.rows import NAME
+
+    implementation = attention_implementation(model)
+    if implementation == NAME:
+        return "rows"
+    if implementation in ("sdpa", "eager"):
+        return "flat"
+    return "cache" if implementation.startswith("flash") else "plain"
+

@@ -1,0 +1,122 @@
+"""The training layout: chosen once from device, attention and batching, installed once, the same loss as the
+plain forward, and no module, config attribute or compiled graph changed by any forward after that."""
+
+import pytest
+import torch
+
+from tinymodels import build_tiny_llama
+from tunesmith.errors import TunesmithError
+from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
+from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train.layout import choose_layout, install_layout
+from tunesmith.train.loop import decoder_layers, supervised_loss_sum
+from tunesmith.train.rows import NAME as ROWS
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _with_attention(name: str):
+    model = build_tiny_llama()
+    model.config._attn_implementation_internal = name  # only read by the choice, never run
+    return model
+
+
+@pytest.mark.parametrize("attention, device, options, expected, trimmed", [
+    ("sdpa", CPU, {}, "rows", True),
+    ("sdpa", CUDA, {}, "flat", True),
+    ("eager", CPU, {}, "flat", True),
+    ("sdpa", CPU, {"checkpointing": True}, "flat", False),
+    ("sdpa", CPU, {"batching": "pack"}, "plain", False),
+    ("sdpa", CPU, {"batching": "bucket"}, "rows", True),
+    ("flash_attention_2", CUDA, {}, "cache", False),
+])
+def test_auto_choice(attention, device, options, expected, trimmed):
+    layout = choose_layout(_with_attention(attention), device, **options)
+    assert (layout.name, layout.trimmed) == (expected, trimmed)
+    assert layout.reason
+
+
+def test_auto_leaves_windowed_or_softcapped_attention_alone():
+    model = build_tiny_llama()
+    model.config.sliding_window = 64
+    assert choose_layout(model, CPU, max_length=64).name == "rows"  # the window covers every row
+    assert choose_layout(model, CPU, max_length=65).name == "plain"
+    model.config.sliding_window, model.config.attn_logit_softcapping = None, 50.0
+    assert choose_layout(model, CPU).name == "plain"
+
+
+def test_forced_layouts_and_refusals():
+    model = build_tiny_llama()
+    assert choose_layout(model, CPU, requested="cache").name == "cache"
+    assert choose_layout(model, CPU, requested="flat").trimmed
+    assert not choose_layout(model, CPU, requested="flat", checkpointing=True).trimmed
+    with pytest.raises(TunesmithError, match="train.layout=rows needs SDPA"):
+        choose_layout(_with_attention("eager"), CPU, requested="rows")
+    with pytest.raises(TunesmithError, match=r"train.layout=flat .*data.batching=pack"):
+        choose_layout(model, CPU, requested="flat", batching="pack")
+
+
+def _batch():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [5, 6, 7, 8, 9, 10, 11, 12, 13, 20, 21, 2]])
+    mask = torch.tensor([[1] * 12, [1] * 11 + [0]])
+    labels = torch.where((torch.arange(12) >= 9) & mask.bool(), ids, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _adapted():
+    model = build_tiny_llama()
+    torch.manual_seed(0)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    freeze_base(model)
+    for param in adapter_parameters(model).values():  # non-zero B: every adapter matters
+        torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def _loss_and_grads(model, layout):
+    model.zero_grad(set_to_none=True)
+    loss = supervised_loss_sum(model, _batch(), layout=layout)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in adapter_parameters(model).items()}
+
+
+def _snapshot(model):
+    return ([(name, id(module), module._compiled_call_impl) for name, module in model.named_modules()],
+            model.config._attn_implementation, list(model.state_dict()))
+
+
+@pytest.mark.parametrize("name", ["rows", "flat", "cache"])
+def test_installed_layout_gives_the_plain_loss_and_never_changes_the_model(name):
+    model = _adapted()
+    plain_loss, plain_grads = _loss_and_grads(model, "plain")
+    layout = install_layout(model, choose_layout(model, CPU, requested=name))
+    assert layout.trimmed == (name != "cache")
+    assert model.config._attn_implementation == (ROWS if name == "rows" else "sdpa")
+    mlp_rows = []
+    decoder_layers(model)[-1].mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[1]))
+    before = _snapshot(model)
+    for _ in range(2):
+        loss, grads = _loss_and_grads(model, layout.name)
+        assert _snapshot(model) == before
+        torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-6)
+        for key in plain_grads:
+            torch.testing.assert_close(grads[key], plain_grads[key], atol=1e-5, rtol=1e-4)
+    if layout.trimmed:  # 3 + 2 trained positions of 9 + 3 + 2 flat tokens
+        assert mlp_rows == [5, 5]
+    # an installed model still generates like the plain one (no row plan: SDPA)
+    with torch.no_grad():
+        installed = model(input_ids=_batch()["input_ids"][:1]).logits
+        fresh = _adapted()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(installed, fresh(input_ids=_batch()["input_ids"][:1]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_is_installed_once():
+    model = _adapted()
+    layout = install_layout(model, choose_layout(model, CPU), compile=True)
+    assert layout.compiled
+    compiled = [name for name, module in model.named_modules() if module._compiled_call_impl is not None]
+    assert compiled and all(".self_attn" not in name for name in compiled)
+    before = _snapshot(model)
+    _loss_and_grads(model, layout.name)
+    assert _snapshot(model) == before
