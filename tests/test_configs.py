@@ -85,12 +85,13 @@ def test_lora_jsonl_config_trains_on_example_data(tmp_path, tiny_model_dir, monk
 # --- resume identity is metadata on the fields; a run dir is read by load_run_config ------------------------------
 
 # The hand-written list resume.py held before identity became field metadata: the derived list must stay this set
-# (a field marked or unmarked by accident changes what a resume accepts).
+# (a field marked or unmarked by accident changes what a resume accepts). train.grad_accum left it on purpose: a
+# resume compares the global batch, grad_accum × processes (tests/recipes/test_resume_identity.py).
 IDENTITY_BEFORE = ("model.source", "model.template", "method.name", "method.objective", "method.freeze_embeddings",
                    "lora.r", "lora.alpha", "lora.target_modules", "lora.use_rslora", "lora.dropout", "data.train",
                    "data.format", "data.split", "data.max_length", "data.overlength", "data.invalid_rows",
                    "data.train_on", "data.reasoning", "data.batching", "data.token_budget",
-                   "train.micro_batch_size", "train.grad_accum", "seed", "quant.type", "quant.double_quant",
+                   "train.micro_batch_size", "seed", "quant.type", "quant.double_quant",
                    "quant.blocksize", "quant.skip_modules", "quant.storage", "optim.name", "dpo.loss",
                    "dpo.reference", "dpo.init_adapter", "dpo.init_mode")
 

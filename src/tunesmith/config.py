@@ -175,7 +175,9 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides epochs when set."""
     micro_batch_size: Annotated[int, IDENTITY] = Field(8, gt=0)
-    grad_accum: Annotated[int, IDENTITY] = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per step on each process. Not an identity key by itself: a resume keeps the global batch
+    (micro_batch_size × grad_accum × processes), which may be split over another number of processes."""
     nonfinite: Literal["skip", "abort"] = "skip"
     """What a non-finite loss or gradient does: skip the step (nothing changes) or abort the run."""
     max_bad_steps: int = Field(5, gt=0)
@@ -194,6 +196,9 @@ class TrainConfig(_Section):
     layout: Literal["auto", "rows", "flat", "cache", "plain"] = "auto"
     """How a batch is laid out for the model, chosen once at setup (README "Layouts"); auto picks from the
     device, attention and batching, and summary.json records the choice and why."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
+    holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""
 
 
 class EvalConfig(_Section):
@@ -241,6 +246,13 @@ class RunConfig(_Section):
             raise ValueError("the dpo section applies only to method.objective=dpo; set method.objective=dpo "
                              "or remove the dpo section")
         return data
+
+    @model_validator(mode="after")
+    def _fsdp_for_full_only(self):
+        if self.train.parallel == "fsdp" and self.method.name != "full":
+            raise ValueError(f"train.parallel=fsdp shards full fine-tuning only; method.name={self.method.name} "
+                             "trains data-parallel: set train.parallel=ddp (or auto)")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -1,5 +1,7 @@
 """Resume identity: every field marked IDENTITY refuses a resume when it changed; other fields do not."""
 
+import hashlib
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +10,7 @@ import yaml
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes import sft
 from tunesmith.recipes.resume import IDENTITY_KEYS, check_resumable
+from tunesmith.train.checkpoint import COMPLETE, STATE_FILE, latest_checkpoint
 from tunesmith.train.metrics import read_metrics
 from tunesmith.train.schedule import lr_at
 
@@ -39,8 +42,66 @@ def test_other_keys_do_not(make_config):
         check_resumable(_saved_with(config, key, 123), {}, setup)
 
 
+@pytest.mark.parametrize("saved, now", [((2, 2), (4, 1)), ((1, 4), (2, 2)), ((2, 1), (1, 2))],
+                         ids=["2x2-on-1x4", "4x1-on-2x2", "1x2-on-2x1"])
+def test_the_global_batch_may_move_to_another_number_of_processes(make_config, saved, now):
+    """(processes, grad_accum) of the checkpoint, then of the resume: the same micro-batches per step."""
+    config = make_config(f"train.grad_accum={now[1]}")
+    setup = SimpleNamespace(config=config, fingerprints={}, run_dir=config.run_dir)
+    check_resumable(_saved_with(config, "train.grad_accum", saved[1]), {}, setup, saved_processes=saved[0],
+                    processes=now[0])
+
+
+@pytest.mark.parametrize("saved, now, hint", [
+    ((2, 2), (1, 2), "on 1 process set train.grad_accum=4"),
+    ((1, 3), (2, 1), "no train.grad_accum gives 3 on 2 processes"),
+    ((1, 2), (1, 4), "on 1 process set train.grad_accum=2"),
+])
+def test_a_changed_global_batch_is_refused_with_the_grad_accum_that_keeps_it(make_config, saved, now, hint):
+    config = make_config(f"train.grad_accum={now[1]}")
+    setup = SimpleNamespace(config=config, fingerprints={}, run_dir=config.run_dir)
+
+    def name(n):
+        return f"{n} process" + ("es" if n > 1 else "")
+
+    expected = (f"cannot resume {config.run_dir}: the global batch changed: the checkpoint took {name(saved[0])} "
+                f"× grad_accum {saved[1]} = {saved[0] * saved[1]} micro-batches per step, this run {name(now[0])} "
+                f"× grad_accum {now[1]} = {now[0] * now[1]}; {hint}. Start a new run for different settings")
+    with pytest.raises(TunesmithError) as caught:
+        check_resumable(_saved_with(config, "train.grad_accum", saved[1]), {}, setup, saved_processes=saved[0],
+                        processes=now[0])
+    assert str(caught.value) == expected
+
+
 class Stop(Exception):
     pass
+
+
+def test_a_checkpoint_that_records_no_process_count_was_written_by_one_process(make_config):
+    """Checkpoints from before the count was recorded: their global batch is grad_accum × 1."""
+    config = make_config()
+
+    def stop(step, micro):
+        if step == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        sft.run(config, on_micro_batch=stop)
+    checkpoint = latest_checkpoint(config.run_dir)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state.pop("processes") == 1
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    marker = json.loads((checkpoint / COMPLETE).read_text())
+    for entry in marker["files"]:
+        if entry["path"] == STATE_FILE:
+            data = (checkpoint / STATE_FILE).read_bytes()
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (checkpoint / COMPLETE).write_text(json.dumps(marker))
+    doubled = config.model_copy(update={"train": config.train.model_copy(update={"grad_accum": 4})})
+    with pytest.raises(TunesmithError, match="the checkpoint took 1 process × grad_accum 2 = 2 micro-batches per"):
+        sft.run(doubled, resume=True)
+    sft.run(config, resume=True)
+    assert [row["step"] for row in read_metrics(config.run_dir) if "loss" in row] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_with_a_new_learning_rate_continues(make_config):

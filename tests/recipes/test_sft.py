@@ -188,9 +188,10 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_untouched(make_config, monk
         assert torch.equal(state["exp_avg"], opt3["state"][key]["exp_avg"])
     summary = json.loads((config.run_dir / "summary.json").read_text())
     assert summary["skipped_steps"] == 1
-    # the checkpoint's state.json is the engine's TrainState (plus the fingerprints resume compares)
+    # the checkpoint's state.json is the engine's TrainState (plus the fingerprints and the number of processes
+    # that resume compares)
     saved = json.loads((config.run_dir / "checkpoints" / "step-3" / "state.json").read_text())
-    assert set(saved.pop("fingerprints")) == {"data", "model"}
+    assert set(saved.pop("fingerprints")) == {"data", "model"} and saved.pop("processes") == 1
     state = TrainState.from_json(saved, source="state.json")
     assert (state.step, state.total_steps, state.skipped, state.bad_streak, state.micro) == (3, 3, 1, 1, 6)
     assert state.tokens == summary["tokens"] == rows[-1]["tokens"]

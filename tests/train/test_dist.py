@@ -1,7 +1,8 @@
 """Several processes on the CPU (gloo), started by torchrun as a user would: two processes with accumulation A
 train exactly what one process with accumulation 2A trains (per-step losses, gradient norms and the final
-adapter, fp32, 1e-5), for SFT and DPO; a checkpoint of two processes resumes on one and the reverse, with every
-example of the epoch seen once; ``--gpus`` without CUDA is one error line."""
+adapter, fp32, 1e-5), for SFT and DPO, through DDP (LoRA) and FSDP2 (full fine-tuning); a checkpoint of two
+processes resumes on one and the reverse when the global batch is kept, and trains exactly what an uninterrupted
+run trains; ``--gpus`` without CUDA is one error line."""
 
 import json
 import os
@@ -13,6 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.train.dist import SINGLE, SharedError, World
+from tunesmith.train.fsdp import parallel_for
 from tunesmith.train.checkpoint import latest_checkpoint
 from tunesmith.train.metrics import read_metrics
 
@@ -69,21 +74,26 @@ def _steps(run_dir) -> list[dict]:
     return [row for row in read_metrics(run_dir) if "loss" in row]
 
 
-def _assert_same_training(one, two) -> None:
-    """Per-step losses, metrics, gradient norms and token counts, and the final adapter, at 1e-5 (fp32)."""
+def _adapter_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _assert_same_training(one, two, weights=_adapter_weights, norm_rtol: float = 1e-5) -> None:
+    """Per-step losses, metrics, gradient norms (at ``norm_rtol``) and token counts, and the final weights, at
+    1e-5 (fp32)."""
     rows_one, rows_two = _steps(one), _steps(two)
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] and rows_one
     for a, b in zip(rows_one, rows_two):
         assert a["tokens"] == b["tokens"] and a["epoch"] == b["epoch"]
         for key in set(a) - {"tokens_per_s", "step", "epoch", "tokens", "skipped"}:
-            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key)
-    weights_one = load_file(one / "adapter" / "adapter_model.safetensors")
-    weights_two = load_file(two / "adapter" / "adapter_model.safetensors")
+            rtol = norm_rtol if key == "grad_norm" else 1e-5
+            assert b[key] == pytest.approx(a[key], abs=1e-5, rel=rtol), (a["step"], key)
+    weights_one, weights_two = weights(one), weights(two)
     assert weights_one.keys() == weights_two.keys()
     for key in weights_one:
         torch.testing.assert_close(weights_two[key], weights_one[key], atol=1e-5, rtol=1e-5)
-    moved = [key for key in weights_one if "lora_B" in key and weights_one[key].abs().max() > 0]
-    assert moved  # the adapters trained (lora_B starts at zero)
+    if weights is _adapter_weights:
+        assert [key for key in weights_one if "lora_B" in key and weights_one[key].abs().max() > 0]  # trained
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -101,37 +111,64 @@ def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains
     assert not (latest_checkpoint(one) / "rng-rank1.safetensors").exists()
 
 
-def _epoch_tokens(run_dir) -> int:
-    """Tokens seen by the end of the first epoch (the last step whose epoch is 0)."""
-    return [row["tokens"] for row in _steps(run_dir) if row["epoch"] == 0][-1]
-
-
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-processes-then-1", "1-process-then-2"])
 def test_resume_on_another_number_of_processes(first, then, overrides, tmp_path, capsys):
-    """A checkpoint taken with ``first`` processes continues with ``then``: the weights and the data position
-    come back, the steps before the checkpoint stay logged as they were, and the epoch ends with every example
-    seen exactly once (its token count is the whole dataset's, as in a one-process run)."""
+    """A checkpoint taken with ``first`` processes continues with ``then``, keeping the global batch (grad_accum
+    × processes = 2): the steps before the checkpoint stay logged as they were, and the whole run — losses,
+    gradient norms, tokens, epochs, the final adapter — is the uninterrupted one-process run's. Changing the
+    global batch instead is refused with the grad_accum that keeps it."""
     def launch(processes, *args):
         if processes == 1:
             assert main(["train", *args]) == 0
         else:
             torchrun(processes, *args)
 
-    reference = overrides("sft", "reference", "train.grad_accum=1", "train.max_steps=7")
-    assert main(["train", *reference]) == 0
-    launch(first, *overrides("sft", "run", "train.grad_accum=1", "train.max_steps=2"))
+    constant = ["schedule.name=constant", "schedule.warmup_steps=0"]  # the same rate whatever max_steps is
+    assert main(["train", *overrides("sft", "reference", "train.grad_accum=2", "train.max_steps=6", *constant)]) == 0
+    launch(first, *overrides("sft", "run", f"train.grad_accum={2 // first}", "train.max_steps=2", *constant))
     run_dir = tmp_path / "runs" / "run"
     before = _steps(run_dir)
-    checkpoint = load_file(latest_checkpoint(run_dir) / "weights.safetensors")
-    launch(then, "--resume", str(run_dir), "train.max_steps=8")
-    after = _steps(run_dir)
-    assert after[:2] == before and [row["step"] for row in after] == list(range(1, 9))
-    # 7 micro-batches: 2 steps of `first` processes take 2·first of them, the rest take one step per `then` each
-    epoch_steps = 2 + -(-(7 - 2 * first) // then)
-    assert [row["epoch"] for row in after].count(0) == epoch_steps
-    assert _epoch_tokens(run_dir) == _epoch_tokens(tmp_path / "runs" / "reference")
-    final = load_file(latest_checkpoint(run_dir) / "weights.safetensors")
-    assert final.keys() == checkpoint.keys() and any(not torch.equal(final[k], v) for k, v in checkpoint.items())
+    assert json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["processes"] == first
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "train.grad_accum=3"]) == 2  # 1 process × 3 ≠ 2
+    assert (f"{first} process{'es' if first == 2 else ''} × grad_accum {2 // first} = 2 micro-batches per step, "
+            "this run 1 process × grad_accum 3 = 3; on 1 process set train.grad_accum=2") in capsys.readouterr().err
+    launch(then, "--resume", str(run_dir), f"train.grad_accum={2 // then}", "train.max_steps=6")
+    assert _steps(run_dir)[:2] == before
+    _assert_same_training(tmp_path / "runs" / "reference", run_dir)
+
+
+def _full_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def test_fsdp_full_fine_tuning_equals_one_process_and_resumes_across_process_counts(overrides, tmp_path,
+                                                                                   tiny_model_dir, capsys):
+    """FSDP2 (``train.parallel=auto`` picks it for full fine-tuning), 2 gloo processes × grad_accum 1: the same
+    per-step losses, gradient norms (the reduce-scatter SUMS the ranks' gradients: an average would halve them)
+    and final ``model/`` weights as 1 process × grad_accum 2, at 1e-5. Then one run hops 1 process → 2 FSDP
+    processes → 1 process through its checkpoints (gathered on rank 0 in the one-process format) and trains
+    exactly the same.
+
+    The norm over shards sums each shard's squares in another order than one process does (a few 1e-6 relative
+    at step 1, measured); clipping scales every gradient by it, so later steps' norms drift to ~7e-5 relative
+    while losses and weights stay within 1e-5: later norms are compared at 1e-4."""
+    full = ["method.name=full", "eval.before=false", "schedule.name=constant", "schedule.warmup_steps=0"]
+    assert main(["train", *overrides("sft", "one", *full, "train.grad_accum=2", "train.max_steps=5")]) == 0
+    done = torchrun(2, *overrides("sft", "two", *full, "train.grad_accum=1", "train.max_steps=5"))
+    assert "parallel: fsdp, 2 processes" in done.stdout
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    _assert_same_training(one, two, weights=_full_weights, norm_rtol=1e-4)
+    assert _steps(two)[0]["grad_norm"] == pytest.approx(_steps(one)[0]["grad_norm"], rel=1e-5)
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert all(not torch.equal(_full_weights(two)[k], start[k]) for k in start)  # every weight trained
+
+    assert main(["train", *overrides("sft", "hop", *full, "train.grad_accum=2", "train.max_steps=2")]) == 0
+    hop = tmp_path / "runs" / "hop"
+    torchrun(2, "--resume", str(hop), "train.grad_accum=1", "train.max_steps=4")
+    assert json.loads((latest_checkpoint(hop) / "state.json").read_text())["processes"] == 2
+    assert main(["train", "--resume", str(hop), "train.grad_accum=2", "train.max_steps=5"]) == 0
+    _assert_same_training(one, hop, weights=_full_weights, norm_rtol=1e-4)
 
 
 def test_gpus_without_cuda_is_one_error_line(overrides, capsys, monkeypatch):
@@ -149,3 +186,22 @@ def test_rank0s_error_stops_every_rank_and_is_printed_once(overrides, tmp_path):
     done = torchrun(2, *overrides("sft", "taken", "train.max_steps=1"), check=False)
     assert done.stderr.count("error: run dir") == 1 and "already exists" in done.stderr
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]  # nothing written, no lock left
+
+
+def test_parallel_choice_and_what_fsdp_refuses():
+    """``train.parallel=auto``: FSDP2 for full fine-tuning, DDP for LoRA; one process is neither. FSDP with
+    LoRA is a config error; evaluation on rank 0 alone before or during an FSDP run is refused (it would wait
+    forever for the other processes' shards)."""
+    two = World(rank=0, size=2)
+    assert parallel_for(load_config(None, ["method.name=full", "eval.before=false"]), two) == "fsdp"
+    assert parallel_for(load_config(None, ["method.name=full"]), SINGLE) == "single"
+    assert parallel_for(load_config(None, []), two) == "ddp"
+    assert parallel_for(load_config(None, ["method.name=full", "train.parallel=ddp"]), two) == "ddp"
+    with pytest.raises(TunesmithError, match="train.parallel=fsdp shards full fine-tuning only; method.name=qlora "
+                                             "trains data-parallel: set train.parallel=ddp"):
+        load_config(None, ["method.name=qlora", "train.parallel=fsdp"])
+    with pytest.raises(SharedError) as caught:
+        parallel_for(load_config(None, ["method.name=full", "train.eval_every=2"]), two)
+    assert str(caught.value) == ("train.parallel=fsdp on 2 processes evaluates only after training (a sharded model "
+                                 "runs on every process, evaluation on rank 0): set eval.before=false and "
+                                 "train.eval_every=null, or train.parallel=ddp if the model fits one GPU")

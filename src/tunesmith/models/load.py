@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from tunesmith.errors import TunesmithError
 from tunesmith.hub import HUB_ID, hub_reachable
 from tunesmith.models.defaults import dequantized_dir, embedded_gguf_path
+from tunesmith.train.dist import SharedError, launched_by_torchrun
 
 DEFAULT_MODEL = "default"
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -26,13 +28,23 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; anything else must name a device this machine has."""
+    """``auto``: CUDA when available, else CPU; anything else must name a device this machine has.
+
+    Under torchrun with several processes, ``cuda`` (and ``auto`` with CUDA) is this process's own GPU,
+    ``cuda:LOCAL_RANK``; an explicit ``cuda:N`` would put every process on one GPU and is refused (once, by
+    rank 0: every rank finds the same error)."""
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         dev = None
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    if dev is not None and dev.type == "cuda" and processes > 1:
+        if dev.index is not None:
+            raise SharedError(f"model.device={device} with {processes} processes would put every process on "
+                              "that one GPU; use model.device=cuda (each process takes cuda:LOCAL_RANK)")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise TunesmithError(f"unknown device {device!r} (--device / model.device); use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -16,6 +16,7 @@ from tunesmith.recipes.setup import RunSetup
 from tunesmith.train.checkpoint import (STATE_FILE, capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
                                         save_checkpoint)
 from tunesmith.train.dist import SINGLE, World, gather_to_rank0
+from tunesmith.train.fsdp import gather_optimizer, gather_weights, load_optimizer, load_weights, sharded
 from tunesmith.train.metrics import truncate_metrics
 from tunesmith.train.state import TrainState
 
@@ -30,11 +31,19 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
-def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup) -> None:
-    """Refuse to resume when the model, adapter shape or data differ from the checkpoint's."""
+def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup, *, saved_processes: int = 1,
+                    processes: int = 1) -> None:
+    """Refuse to resume when the model, adapter shape, data or global batch differ from the checkpoint's.
+
+    The global batch is micro_batch_size × grad_accum × processes (``saved_processes`` wrote the checkpoint,
+    ``processes`` resume it): the same batch split over another number of processes trains the same steps."""
     saved, current = yaml.safe_load(saved_yaml), setup.config.model_dump(mode="json")
     changes = [f"{key} changed from {_lookup(saved, key)!r} to {_lookup(current, key)!r}"
                for key in IDENTITY_KEYS if _lookup(saved, key) != _lookup(current, key)]
+    batch = _global_batch_change(_lookup(saved, "train.grad_accum"), saved_processes,
+                                 setup.config.train.grad_accum, processes)
+    if batch:
+        changes.append(batch)
     for what, fingerprint in setup.fingerprints.items():
         if saved_fingerprints.get(what) != fingerprint:
             name = setup.config.data.train if what == "data" else setup.config.model.source
@@ -42,6 +51,23 @@ def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup) 
     if changes:
         raise TunesmithError(f"cannot resume {setup.run_dir}: " + "; ".join(changes)
                              + ". Start a new run for different settings")
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def _global_batch_change(saved_accum: int, saved_processes: int, accum: int, processes: int) -> str | None:
+    """What changed in the micro-batches per step (grad_accum × processes), with the grad_accum that keeps
+    them on this run's processes; None when they are the same."""
+    before, now = saved_accum * saved_processes, accum * processes
+    if before == now:
+        return None
+    keep = (f"on {_processes(processes)} set train.grad_accum={before // processes}" if before % processes == 0
+            else f"no train.grad_accum gives {before} on {_processes(processes)}")
+    return (f"the global batch changed: the checkpoint took {_processes(saved_processes)} × grad_accum "
+            f"{saved_accum} = {before} micro-batches per step, this run {_processes(processes)} × grad_accum "
+            f"{accum} = {now}; {keep}")
 
 
 def _rank_rng_file(rank: int) -> str:
@@ -54,25 +80,31 @@ def load_resume_state(setup: RunSetup, model, optimizer, world: World = SINGLE) 
     put its weights, optimizer state and RNG states back and cut ``metrics.jsonl`` to its step.
 
     Every rank reads the same checkpoint (weights and optimizer state are the same on every rank: DDP keeps
-    them so), each its own RNG states; a rank the checkpoint has none for (it was written by fewer processes)
-    starts from rank 0's, reseeded by its rank."""
+    them so; under FSDP2 rank 0's full tensors are handed to every rank's shards), each its own RNG states; a
+    rank the checkpoint has none for (it was written by fewer processes) starts from rank 0's, reseeded by its
+    rank. The checkpoint's number of processes (1 when it records none) enters the global-batch check."""
     path = latest_checkpoint(setup.run_dir)
     if path is None:
         raise TunesmithError(f"{setup.run_dir} has no complete checkpoint to resume from")
     ckpt = load_checkpoint(path)
-    check_resumable(ckpt.config_yaml, ckpt.state.get("fingerprints", {}), setup)
-    state = TrainState.from_json({k: v for k, v in ckpt.state.items() if k != "fingerprints"},
+    check_resumable(ckpt.config_yaml, ckpt.state.get("fingerprints", {}), setup,
+                    saved_processes=ckpt.state.get("processes", 1), processes=world.size)
+    state = TrainState.from_json({k: v for k, v in ckpt.state.items() if k not in ("fingerprints", "processes")},
                                  source=str(path / STATE_FILE))
-    expected = set(_trainable_weights(setup, model))
+    expected = set(_trainable_names(setup, model))
     if set(ckpt.weights) != expected:
         missing, unexpected = sorted(expected - set(ckpt.weights)), sorted(set(ckpt.weights) - expected)
         raise TunesmithError(f"checkpoint {path} does not match the model: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in ckpt.weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(ckpt.optimizer)
+    if sharded(model):
+        load_weights(model, ckpt.weights, world)
+        load_optimizer(model, optimizer, ckpt.optimizer, world)
+    else:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in ckpt.weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(ckpt.optimizer)
     restore_rng(ckpt.rng)
     if world.rank:
         own = path / _rank_rng_file(world.rank)
@@ -92,14 +124,27 @@ def _trainable_weights(setup: RunSetup, model) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
+def _trainable_names(setup: RunSetup, model) -> list[str]:
+    """The names of what a checkpoint's weights hold (tied weights once), without touching a sharded tensor."""
+    if setup.config.method.uses_adapter:
+        return list(adapter_parameters(model))
+    return [name for name, _ in model.named_parameters()]
+
+
 def save_training_checkpoint(setup: RunSetup, model, optimizer, state: TrainState,
                              world: World = SINGLE) -> Path | None:
     """Checkpoint ``state.step``: its ``state.json`` is the ``TrainState`` plus the data and model fingerprints
     (what ``check_resumable`` compares); LoRA runs also get a PEFT ``adapter/`` dir beside the weights.
 
     With several processes every rank calls it; rank 0 writes (its weights and optimizer state are every
-    rank's: DDP keeps the replicas equal), with each other rank's RNG states beside its own
-    (``rng-rankN.safetensors``); the others return None."""
+    rank's: DDP keeps the replicas equal; FSDP2's shards are first gathered to rank 0 as full tensors, so the
+    checkpoint has one process's format), with each other rank's RNG states beside its own
+    (``rng-rankN.safetensors``) and the number of processes in ``state.json``; the others return None."""
+    if sharded(model):
+        weights = gather_weights(model, _trainable_names(setup, model))
+        optimizer_state = gather_optimizer(model, optimizer)
+    else:
+        weights, optimizer_state = _trainable_weights(setup, model), optimizer.state_dict()
     rngs = gather_to_rank0(capture_rng(), world)
     if not world.main:
         return None
@@ -111,8 +156,8 @@ def save_training_checkpoint(setup: RunSetup, model, optimizer, state: TrainStat
         for rank, rng in enumerate(rngs[1:], start=1):
             save_file(rng, str(tmp / _rank_rng_file(rank)))
 
-    saved = {**state.to_json(), "fingerprints": setup.fingerprints}
-    return save_checkpoint(setup.run_dir, state.step, weights=_trainable_weights(setup, model),
-                           optimizer=optimizer.state_dict(), state=saved, rng=rngs[0],
+    saved = {**state.to_json(), "fingerprints": setup.fingerprints, "processes": world.size}
+    return save_checkpoint(setup.run_dir, state.step, weights=weights, optimizer=optimizer_state, state=saved,
+                           rng=rngs[0],
                            config_yaml=setup.config.to_yaml(),
                            keep=setup.config.train.keep_checkpoints, write_extra=write_adapter)

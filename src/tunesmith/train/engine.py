@@ -24,6 +24,7 @@ from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
 from tunesmith.train.layout import install_layout
 from tunesmith.train.loop import autocast_for, enable_gradient_checkpointing
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
+from tunesmith.train.fsdp import clip_gradients, gathered_model, parallel_for, sharded
 from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.module import TrainingModule, wrap_for
 from tunesmith.train.objectives import MicroBatch
@@ -109,7 +110,7 @@ def clip_and_step(optimizer, params: list[torch.nn.Parameter], loss_value: float
     """Clip the accumulated gradients and step at ``lr``, unless the loss or the gradient norm is not
     finite; then parameters and optimizer state stay untouched. Gradients are cleared either way.
     Returns ``(grad_norm, skipped)``."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    norm = clip_gradients(params, max_grad_norm if max_grad_norm else float("inf"))
     skipped = not (torch.isfinite(norm) and torch.isfinite(torch.tensor(loss_value)))
     if not skipped:
         for group in optimizer.param_groups:
@@ -126,9 +127,12 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     config, model, device, world = setup.config, setup.model, setup.device, current()
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optimizer = build_optimizer(config.optim, params)
     setup.layout = install_layout(model, setup.layout, compile=config.train.compile)  # once, before any forward
-    module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device)
+    module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device,
+                      parallel=parallel_for(config, world), dtype=setup.dtype)
+    if sharded(model):  # FSDP2 replaced every parameter by its shard: the optimizer steps the shards
+        params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config.optim, params)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
     per_step = config.train.grad_accum * world.size
@@ -212,6 +216,8 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
             log.close()
         progress.close()
     model.eval()
+    if sharded(model):  # rank 0 saves and evaluates the result: the whole model, gathered (every rank joins)
+        setup.model = gathered_model(model, world, device)
     return state
 
 
