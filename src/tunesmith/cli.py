@@ -157,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _trust_arg(p)
 
+    p = verbs.add_parser("bench", help="training speed on this GPU: a random-init model of a real shape, beside TRL "
+                         "and Unsloth when installed; one JSON line per run")
+    p.add_argument("--shape", choices=["tinyllama", "smol3b", "llama8b", "tiny"], default="tinyllama",
+                   help="tiny: a CPU smoke test of the harness")
+    p.add_argument("--method", choices=["lora", "qlora"], default="qlora", help="llama8b always runs LoRA, packed")
+    p.add_argument("--runs", help="comma-separated: ts_recipe, ts_fast (ts_pack for llama8b), trl, unsloth, and "
+                   "--extra names (default: every run whose stack is installed)")
+    p.add_argument("--steps", type=_POSITIVE, default=20, help="optimizer steps per run")
+    p.add_argument("--tokenizer", help="a tokenizer dir (default: the embedded model's)")
+    p.add_argument("--baselines", help="the dir holding trl_baseline.py, trl_lora_rank.py and unsloth_probe.py")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=key=value,...",
+                   help="another tunesmith run: ts_fast (ts_pack) plus these overrides")
+    p.add_argument("--work", help="where models and runs go (default: $TMPDIR)")
+    p.add_argument("--timeout", type=_POSITIVE, default=900, help="seconds per run")
+
     p = verbs.add_parser("demo", help="the default job: tune the embedded model on the built-in task, before/after")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="changes to the default recipe")
     _trust_arg(p)
@@ -367,6 +382,33 @@ def cmd_quantize(args) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
+def cmd_bench(args) -> None:
+    import tempfile
+
+    import torch
+
+    from tunesmith.bench import run_bench
+
+    if args.shape != "tiny" and not torch.cuda.is_available():
+        raise TunesmithError("bench measures GPU training and no CUDA GPU is visible; --shape tiny runs the harness "
+                             "on the CPU as a smoke test")
+    extra = {}
+    for item in args.extra:
+        name, _, overrides = item.partition("=")
+        if not name or not overrides:
+            raise TunesmithError(f"--extra {item!r}: write NAME=key=value,key=value")
+        extra[name] = overrides.split(",")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from tunesmith.models.load import load_tokenizer
+
+        tokenizer = tempfile.mkdtemp(prefix="tunesmith-tok-")
+        load_tokenizer("default").save_pretrained(tokenizer)
+    run_bench(tokenizer_dir=tokenizer, shape=args.shape, method=args.method,
+              runs=args.runs.split(",") if args.runs else None, steps=args.steps, baselines=args.baselines,
+              work=args.work, timeout=args.timeout, extra=extra)
+
+
 def cmd_demo(args) -> None:
     from tunesmith.demo import run_demo
 
@@ -374,7 +416,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo, "merge": cmd_merge, "quantize": cmd_quantize}
+            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,8 @@ def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -
         ~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Final hidden states of a padded batch in ``layout`` (``train.layout``: see its module): ``(states, read, p)``.
 
     * ``rows`` / ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining
@@ -128,29 +129,35 @@ def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torc
     Gradients reach the shared prefix from every row (gather / repeat backward sums them). For ``rows`` and
     ``flat``, ``states`` is the flat sequence's (N × d) and ``read`` holds where the trained positions' states
     sit in it (in row order); otherwise ``read`` is None and ``states`` (rows × width − p × d) covers positions
-    ``p:`` of the batch (``p`` > 0 only for ``cache``).
+    ``p:`` of the batch (``p`` > 0 only for ``cache``). ``host``: the same batch on the CPU (the engine's
+    micro-batch before it was moved), from which the layout is planned without waiting on the device.
     """
     decoder = model.get_decoder()
     layout = resolve(model, layout)
+    host = batch if host is None else host
     inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
     if layout == "plain" or "position_ids" in batch:
         return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
-    shared = shared_prefix_length(batch)
-    tokens = int(batch.get("attention_mask", batch["input_ids"]).bool().sum()) - shared * (len(batch["input_ids"]) - 1)
+    # Everything that decides the layout is read from the host copy: on a GPU, reading the device batch would
+    # wait for the previous micro-batch's kernels and leave the GPU idle while this one is planned.
+    shared = shared_prefix_length(host)
+    tokens = int(host.get("attention_mask", host["input_ids"]).bool().sum()) - shared * (len(host["input_ids"]) - 1)
     if (layout in ("rows", "flat") and tokens <= FLAT_MAX_TOKENS
-            and plain_causal_attention(model.config, batch["input_ids"].shape[1])):
-        flat = _flat_layout(batch, shared)
+            and plain_causal_attention(model.config, host["input_ids"].shape[1])):
+        flat = _flat_layout(host, shared)
         if flat is not None:
+            device = batch["input_ids"].device
             ids, positions, segment, index = flat
-            read = index[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]  # where the trained states sit
-            implementation = "eager" if attention_implementation(model) == "eager" else "sdpa"
-            mask = _flat_mask(segment, implementation, model.dtype)
+            read = index[:, :-1][host["labels"][:, 1:] != IGNORE_INDEX]  # where the trained states sit
             extra = {}
             if not _checkpointing(decoder):  # checkpointed blocks recompute after this call: no per-call plans
-                extra[READ] = read
+                extra[READ] = read.to(device, non_blocking=True)
                 if layout == "rows":
-                    counts = torch.bincount(segment[segment >= 0], minlength=len(batch["input_ids"])).tolist()
-                    extra[ROWS] = Rows.from_lengths(shared, counts, ids.device)
+                    counts = torch.bincount(segment[segment >= 0], minlength=len(host["input_ids"])).tolist()
+                    extra[ROWS] = Rows.from_lengths(shared, counts, segment.device).to(device)
+            ids, positions, segment, read = (t.to(device, non_blocking=True) for t in (ids, positions, segment, read))
+            implementation = "eager" if attention_implementation(model) == "eager" else "sdpa"
+            mask = _flat_mask(segment, implementation, model.dtype)
             hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, **extra)
             return hidden.last_hidden_state[0], read, 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
@@ -166,29 +173,35 @@ def _decoder_states(model, batch: dict, layout: str) -> tuple[torch.Tensor, torc
     return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
 
 
-def trained_hidden(model, batch: dict, *, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def trained_hidden(model, batch: dict, *, layout: str = "auto", host: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(hidden, targets, keep)``: the final hidden state of every trained position (T × d, rows in order),
-    the token each one predicts (T), and where they are (``keep``, rows × positions ``p + 1:``).
+    the token each one predicts (T), and where they are (``keep``, rows × positions ``p + 1:``, on the host).
 
     The shift happens here: hidden state ``t`` predicts ``labels[t + 1]``. See ``_decoder_states`` for how
-    the batch is laid out; the trained positions are picked straight from it in one gather.
+    the batch is laid out (and ``host``); the trained positions are picked straight from it in one gather, by
+    indices computed on the host (a boolean mask on the device would wait for it).
     """
-    states, read, start = _decoder_states(model, batch, layout)
-    targets = batch["labels"][:, start + 1:]
-    keep = targets != IGNORE_INDEX
-    if read is not None:
-        return states.index_select(0, read), targets[keep], keep
-    return states[:, :-1][keep], targets[keep], keep
+    host = batch if host is None else host
+    states, read, start = _decoder_states(model, batch, layout, host)
+    labels = host["labels"][:, start + 1:]
+    keep = labels != IGNORE_INDEX
+    targets = labels[keep].to(states.device, non_blocking=True)
+    if read is None:
+        width = states.shape[1] - 1
+        read = (keep.nonzero() * torch.tensor([width, 1], device=keep.device)).sum(dim=1).to(states.device, non_blocking=True)
+        states = states[:, :-1].reshape(-1, states.shape[-1])
+    return states.index_select(0, read), targets, keep
 
 
-def supervised_loss_sum(model, batch: dict, *, layout: str = "auto") -> torch.Tensor:
+def supervised_loss_sum(model, batch: dict, *, layout: str = "auto", host: dict | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over trained positions.
 
     Only the positions whose target is trained go through the output head, so prompt tokens never produce
     full-vocabulary logits (the head is a large share of a small model's compute and memory). Padding is not
     computed, and a prefix shared by every row (a common system prompt) is computed once (``trained_hidden``).
     """
-    hidden, targets, _ = trained_hidden(model, batch, layout=layout)
+    hidden, targets, _ = trained_hidden(model, batch, layout=layout, host=host)
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if type(head) is torch.nn.Linear and head.bias is None:  # a plain head: fused, chunked

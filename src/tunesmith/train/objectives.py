@@ -7,8 +7,8 @@ Each loss answers three questions for the engine:
   each micro-batch's loss is divided by the WHOLE batch's count and micro-batch × accumulation × processes
   splits give the same gradient (DDP sums the ranks' gradients, ``train/module.py``).
 * ``loss(model, batch, micro, totals, layout=)`` — this micro-batch's share of the step's loss (a tensor to
-  backward) and its share of the logged metrics (floats, summed by the engine over micro-batches), computed in
-  the layout installed at setup.
+  backward) and its share of the logged metrics (0-dim tensors, summed by the engine over micro-batches and read
+  once per step: reading a device value waits for the device), computed in the layout installed at setup.
 * ``step_metrics(sums)`` — the logged metrics of the step from those sums.
 """
 
@@ -39,7 +39,7 @@ class SupervisedLoss:
 
     def loss(self, model, batch: dict, micro: MicroBatch, totals: dict[str, int], *,
              layout: str = "auto") -> tuple[torch.Tensor, dict]:
-        return supervised_loss_sum(model, batch, layout=layout) / max(totals["tokens"], 1), {}
+        return supervised_loss_sum(model, batch, layout=layout, host=micro.batch) / max(totals["tokens"], 1), {}
 
     def step_metrics(self, sums: dict) -> dict:
         return {}
@@ -66,20 +66,19 @@ class PreferenceLoss:
              layout: str = "auto") -> tuple[torch.Tensor, dict]:
         n, pairs, options = len(micro.indices), totals["pairs"], self.options
         ref = self.reference(batch, micro.indices) if self.reference is not None else (None, None)
-        logps, counts = completion_logps(model, batch, layout=layout)
+        logps, counts = completion_logps(model, batch, layout=layout, host=micro.batch)
         losses, chosen_reward, rejected_reward = preference_losses(
             logps[:n], logps[n:], ref[0], ref[1], counts[:n], counts[n:], loss=options.loss, beta=options.beta,
             gamma=options.gamma)
         nll = -logps[:n].sum() / max(totals["chosen_tokens"], 1)
         loss = losses.sum() / pairs + (options.sft_weight * nll if options.sft_weight else 0.0)
         with torch.no_grad():
-            stats = {"reward_accuracy": float(ranked_above(chosen_reward, rejected_reward).sum()) / pairs,
-                     "chosen_reward": float(chosen_reward.sum()) / pairs,
-                     "rejected_reward": float(rejected_reward.sum()) / pairs}
+            stats = {"reward_accuracy": ranked_above(chosen_reward, rejected_reward).sum() / pairs,
+                     "chosen_reward": chosen_reward.sum() / pairs, "rejected_reward": rejected_reward.sum() / pairs}
             if ref[0] is not None:
-                stats["kl"] = float((logps[:n] - ref[0]).sum()) / pairs
+                stats["kl"] = (logps[:n] - ref[0]).sum() / pairs
             if options.sft_weight:
-                stats["sft_loss"] = float(nll)
+                stats["sft_loss"] = nll.detach()
         return loss, stats
 
     def step_metrics(self, sums: dict) -> dict:

@@ -76,17 +76,18 @@ def _token_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def completion_logps(model, batch: dict, *, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(model, batch: dict, *, layout: str = "auto", host: dict | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sums, counts)``: each row's summed log-probability of its trained tokens, and how many there are.
 
     As in ``supervised_loss_sum``, only the trained positions go through the output head (prompt tokens never
     produce logits); ``trained_hidden`` does the shift.
     """
-    hidden, targets, keep = trained_hidden(model, batch, layout=layout)
+    hidden, targets, keep = trained_hidden(model, batch, layout=layout, host=host)
     token = _token_logps(model, hidden, targets)
-    rows = keep.nonzero(as_tuple=True)[0]
+    rows = keep.nonzero(as_tuple=True)[0].to(token.device, non_blocking=True)
     sums = torch.zeros(len(keep), dtype=token.dtype, device=token.device).index_add(0, rows, token)
-    return sums, keep.sum(dim=1)
+    return sums, keep.sum(dim=1).to(token.device, non_blocking=True)
 
 
 def preference_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,

@@ -69,6 +69,10 @@ class Rows:
             allowed[0] = (key_slot[None] < prefix) & (key_slot[None] <= slot[:, None].clamp(max=prefix - 1))
         return cls(queries.reshape(-1), keys.reshape(-1), real.reshape(-1).nonzero().squeeze(1), allowed)
 
+    def to(self, device) -> Rows:
+        """The same plan on ``device`` (built on the host, where its sizes are read without a device wait)."""
+        return Rows(*(t.to(device, non_blocking=True) for t in (self.queries, self.keys, self.outputs, self.allowed)))
+
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self.biases:
             self.biases[dtype] = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device
