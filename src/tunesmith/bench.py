@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -120,6 +121,7 @@ def tunesmith_run(name: str, overrides: list[str], *, model_dir: Path, data: Pat
               "data.eval=null", "eval.before=false", "train.checkpoint_every=null", "train.progress=false",
               f"train.max_steps={steps}", "optim.lr=2e-4", "seed=3407"]
     code = "import sys; from tunesmith.cli import main; sys.exit(main(['train', *sys.argv[1:]]))"
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # the harness's own scratch run of an earlier call
     rc, text = _run([sys.executable, "-c", code, *common, *overrides], timeout)
     row = {"stack": "tunesmith", "run": name, "overrides": overrides, "rc": rc}
     if rc:
@@ -182,8 +184,9 @@ def run_bench(*, tokenizer_dir: str, shape: str = "tinyllama", method: str = "ql
     tunesmith = ({"ts_pack": ["method.name=lora", *PACKED_8B]} if big else
                  {"ts_recipe": [*(QLORA if method == "qlora" else ["method.name=lora"]), *RECIPE_LORA, *RECIPE_STEP],
                   "ts_fast": [*(QLORA if method == "qlora" else ["method.name=lora"]), *RECIPE_LORA, *FAST_STEP]})
-    for name, overrides in (extra or {}).items():
-        tunesmith[name] = [*tunesmith["ts_pack" if big else "ts_fast"], *overrides]
+    for name, overrides in (extra or {}).items():  # on ts_recipe when the name says so, else ts_fast / ts_pack
+        base = "ts_pack" if big else "ts_recipe" if name.startswith("ts_recipe") else "ts_fast"
+        tunesmith[name] = [*tunesmith[base], *overrides]
     trl_flags = (["--shape", shape, "--method", "lora", "--packing", "--no-ckpt", "--optim", "adamw_torch_fused",
                   "--bs", "1", "--ga", "4", "--max-length", "2048", "--steps", str(steps), "--r", "16", "--dropout", "0"]
                  if big else ["--shape", shape, "--method", method, "--steps", str(steps)])

@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="a tokenizer dir (default: the embedded model's)")
     p.add_argument("--baselines", help="the dir holding trl_baseline.py, trl_lora_rank.py and unsloth_probe.py")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=key=value,...",
-                   help="another tunesmith run: ts_fast (ts_pack) plus these overrides")
+                   help="another tunesmith run: ts_fast (ts_recipe when NAME starts with ts_recipe; ts_pack "
+                   "for llama8b) plus these overrides")
     p.add_argument("--work", help="where models and runs go (default: $TMPDIR)")
     p.add_argument("--timeout", type=_POSITIVE, default=900, help="seconds per run")
 

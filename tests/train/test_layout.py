@@ -11,6 +11,7 @@ from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.layout import choose_layout, install_layout
 from tunesmith.train.loop import decoder_layers, supervised_loss_sum
 from tunesmith.train.rows import NAME as ROWS
+from tunesmith.train.varlen import NAME as VARLEN
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -23,7 +24,8 @@ def _with_attention(name: str):
 
 @pytest.mark.parametrize("attention, device, options, expected, trimmed", [
     ("sdpa", CPU, {}, "rows", True),
-    ("sdpa", CUDA, {}, "flat", True),
+    ("sdpa", CUDA, {}, "plain", False),
+    ("sdpa", CUDA, {"batching": "pack"}, "plain", False),
     ("eager", CPU, {}, "flat", True),
     ("sdpa", CPU, {"checkpointing": True}, "flat", False),
     ("sdpa", CPU, {"batching": "pack"}, "plain", False),
@@ -34,6 +36,19 @@ def test_auto_choice(attention, device, options, expected, trimmed):
     layout = choose_layout(_with_attention(attention), device, **options)
     assert (layout.name, layout.trimmed) == (expected, trimmed)
     assert layout.reason
+
+
+def test_varlen_is_forced_only_and_needs_no_attention_dropout(monkeypatch):
+    from tunesmith.train import varlen
+
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    for batching in ("pad", "pack"):
+        assert choose_layout(build_tiny_llama(), CUDA, batching=batching).name == "plain"  # measured faster
+        assert choose_layout(build_tiny_llama(), CUDA, requested="varlen", batching=batching).trimmed
+    model = build_tiny_llama()
+    model.config.attention_dropout = 0.1  # the kernel has no dropout
+    with pytest.raises(TunesmithError, match="train.layout=varlen needs"):
+        choose_layout(model, CPU, requested="varlen")
 
 
 def test_auto_leaves_windowed_or_softcapped_attention_alone():
@@ -85,13 +100,13 @@ def _snapshot(model):
             model.config._attn_implementation, list(model.state_dict()))
 
 
-@pytest.mark.parametrize("name", ["rows", "flat", "cache"])
+@pytest.mark.parametrize("name", ["rows", "flat", "varlen", "cache"])
 def test_installed_layout_gives_the_plain_loss_and_never_changes_the_model(name):
     model = _adapted()
     plain_loss, plain_grads = _loss_and_grads(model, "plain")
     layout = install_layout(model, choose_layout(model, CPU, requested=name))
     assert layout.trimmed == (name != "cache")
-    assert model.config._attn_implementation == (ROWS if name == "rows" else "sdpa")
+    assert model.config._attn_implementation == {"rows": ROWS, "varlen": VARLEN}.get(name, "sdpa")
     mlp_rows = []
     decoder_layers(model)[-1].mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[1]))
     before = _snapshot(model)
@@ -101,7 +116,7 @@ def test_installed_layout_gives_the_plain_loss_and_never_changes_the_model(name)
         torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=1e-6)
         for key in plain_grads:
             torch.testing.assert_close(grads[key], plain_grads[key], atol=1e-5, rtol=1e-4)
-    if layout.trimmed:  # 3 + 2 trained positions of 9 + 3 + 2 flat tokens
+    if layout.trimmed:  # 3 + 2 trained positions
         assert mlp_rows == [5, 5]
     # an installed model still generates like the plain one (no row plan: SDPA)
     with torch.no_grad():
@@ -120,3 +135,25 @@ def test_compile_is_installed_once():
     before = _snapshot(model)
     _loss_and_grads(model, layout.name)
     assert _snapshot(model) == before
+
+
+def test_varlen_layout_on_packed_rows_gives_the_plain_loss():
+    from tunesmith.data.batching import pack_collate
+
+    model = _adapted()
+    examples = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+                {"input_ids": [13, 14, 15, 16], "labels": [-100, -100, -100, 16]}]
+    batch = pack_collate([examples[:2], examples[2:]], pad_id=0, budget=9)
+    results = []
+    for name in ("plain", "varlen"):
+        if name == "varlen":
+            install_layout(model, choose_layout(model, CPU, requested="varlen", batching="pack"))
+        model.zero_grad(set_to_none=True)
+        loss = supervised_loss_sum(model, batch, layout=name)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in adapter_parameters(model).items()}))
+    (plain, plain_grads), (ours, grads) = results
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-6)
+    for key in plain_grads:
+        torch.testing.assert_close(grads[key], plain_grads[key], atol=1e-5, rtol=1e-4)

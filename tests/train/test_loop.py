@@ -123,12 +123,12 @@ def test_layouts_give_same_loss_and_gradients(tiny_model, layout, common):
         torch.testing.assert_close(shared_grads[key], plain_grads[key], atol=1e-5, rtol=1e-4)
 
 
-def test_flat_layout_holds_prefix_once_and_no_padding():
-    from tunesmith.train.loop import _flat_layout
+def testflat_layout_holds_prefix_once_and_no_padding():
+    from tunesmith.train.loop import flat_layout
 
     batch = _shared_batch()
     batch["labels"][2, 18:] = IGNORE_INDEX  # row 2's last trained target is now label 17
-    ids, positions, segment, index = _flat_layout(batch, 12)
+    ids, positions, segment, index = flat_layout(batch, 12)
     # each row up to its last trained target (label t is predicted by token t - 1): 12 + 7 + 4 + 5 tokens
     assert ids.shape == (1, 12 + 7 + 4 + 5)
     assert positions[0, :14].tolist() == list(range(14)) and positions[0, 19:21].tolist() == [12, 13]
@@ -137,10 +137,10 @@ def test_flat_layout_holds_prefix_once_and_no_padding():
     torch.testing.assert_close(ids[0][index[2, :17]], batch["input_ids"][2, :17])
     assert index[2, 17:].tolist() == [0] * 5
     left = {**batch, "attention_mask": batch["attention_mask"].flip(1)}
-    assert _flat_layout(left, 0) is None  # left padding: not flattened
+    assert flat_layout(left, 0) is None  # left padding: not flattened
 
 
-def test_flat_layout_with_eager_attention():
+def testflat_layout_with_eager_attention():
     model = build_tiny_llama()
     model.config._attn_implementation = "eager"
     batch = _shared_batch()

@@ -94,8 +94,11 @@ def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, mic
             on_micro_batch(index)
         batch = {key: _to_device(value, device) for key, value in micro.batch.items()}
         last = index == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last or not world.distributed else module.no_sync()):
-            with autocast_for(device, dtype), attention_kernels(device):
+        # the kernel choice holds for the backward too: checkpointed blocks recompute there, and must pick the
+        # same attention kernel as their forward did
+        with (contextlib.nullcontext() if last or not world.distributed else module.no_sync()), \
+                attention_kernels(device):
+            with autocast_for(device, dtype):
                 loss, stats = module(batch, micro, totals)
             (loss * 0.0 if idle else loss).backward()
         weight = 0.0 if idle else 1.0  # an idle rank still reports every key (one all-reduce layout)

@@ -8,13 +8,16 @@ Layouts (all give the plain forward's loss and gradients; tested):
             trained positions only (``train.trim``)
     flat    the same flat sequence, attention masked by the model's     SDPA or eager attention otherwise
             own SDPA / eager kernel; last block trimmed too
-    cache   the prefix once, its key/value cache repeated over the      flash attention
+    varlen  every example's real tokens in one row (packed rows end     never (slower than plain on an H200;
+            to end), PyTorch's variable-length flash kernel, no mask;   forced with train.layout=varlen)
+            last block trimmed
+    cache   the prefix once, its key/value cache repeated over the      flash attention (transformers')
             batch, the rows' suffixes at full batch size
-    plain   the batch as given (packed rows with per-row positions,     packed batches; sliding-window or
-            sliding-window or hybrid caches)                            soft-capped attention
+    plain   the batch as given (packed rows with per-row positions,     GPUs; packed batches; sliding-window
+            sliding-window or hybrid caches)                            or soft-capped attention
 
-``install_layout`` does what a layout needs from the model once, before the first step: ``rows`` sets the
-model's attention implementation to ``train.rows``'s function (through transformers' public
+``install_layout`` does what a layout needs from the model once, before the first step: ``rows`` (``varlen``)
+sets the model's attention implementation to ``train.rows``'s (``train.varlen``'s) function (through transformers' public
 ``set_attn_implementation``; without a row plan in the call it runs SDPA, so generation and evaluation are
 unchanged), ``rows`` and ``flat`` add the trimming hooks to the last block (``train.trim``), and
 ``train.compile`` compiles each block's position-wise parts. After that no forward changes a module, a config
@@ -35,7 +38,7 @@ import torch
 
 from tunesmith.errors import TunesmithError
 
-LAYOUTS = ("rows", "flat", "cache", "plain")
+LAYOUTS = ("rows", "flat", "varlen", "cache", "plain")
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,18 @@ def choose_layout(model, device: torch.device, *, requested: str = "auto", batch
                   max_length: int = 512, checkpointing: bool = False) -> Layout:
     """The layout for training ``model`` on ``device`` (see the module docstring); ``requested`` forces one
     (``train.layout``), refused when the model or the batching cannot run it."""
-    implementation = attention_implementation(model)
-    from tunesmith.train.rows import NAME
+    from tunesmith.train import rows, varlen
 
-    if implementation == NAME:
-        implementation = "sdpa"  # installed by an earlier run on this model object
-    flat_ok = (implementation in ("sdpa", "eager") and plain_causal_attention(model.config, max_length)
-               and _passes_keywords(model) and batching != "pack")
+    implementation = attention_implementation(model)
+    if implementation in (rows.NAME, varlen.NAME):
+        implementation = "sdpa"  # installed by an earlier run on this model object: SDPA underneath
+    plain = (implementation in ("sdpa", "eager") and plain_causal_attention(model.config, max_length)
+             and _passes_keywords(model))
+    flat_ok = plain and batching != "pack"
+    # On a GPU auto takes the padded batch: measured on an H200 (BENCHMARKS.md), it beat the masked flat row by
+    # 18% and the varlen kernel by 9-33% (tutorial shape, 8 chats per step); varlen stays forceable
+    varlen_ok = plain and not getattr(model.config, "attention_dropout", 0.0) and (
+        device.type != "cuda" or varlen.available())
     trim = not checkpointing  # checkpointed blocks recompute after the call: keep the last block whole
     if requested != "auto":
         why = {"rows": None if flat_ok and implementation == "sdpa" else
@@ -85,6 +93,8 @@ def choose_layout(model, device: torch.device, *, requested: str = "auto", batch
                "and padded batches (data.batching=pad or bucket)",
                "flat": None if flat_ok else
                "SDPA or eager attention, plain causal softmax and padded batches (data.batching=pad or bucket)",
+               "varlen": None if varlen_ok else "SDPA or eager attention, plain causal softmax, no attention "
+               "dropout and, on CUDA, torch.nn.attention.varlen",
                "cache": None if batching != "pack" else "padded batches (data.batching=pad or bucket)",
                "plain": None}
         if requested not in why:
@@ -92,16 +102,19 @@ def choose_layout(model, device: torch.device, *, requested: str = "auto", batch
         if why[requested]:
             raise TunesmithError(f"train.layout={requested} needs {why[requested]}; this run has "
                                  f"{implementation} attention and data.batching={batching}. Use train.layout=auto")
-        return Layout(requested, "train.layout", trimmed=trim and requested in ("rows", "flat"))
+        return Layout(requested, "train.layout", trimmed=trim and requested in ("rows", "flat", "varlen"))
     if batching == "pack":
         return Layout("plain", "packed rows carry their own positions")
     if flat_ok and implementation == "sdpa" and device.type == "cpu" and not checkpointing:
         return Layout("rows", "CPU with SDPA attention", trimmed=True)
-    if flat_ok:
-        return Layout("flat", f"{implementation} attention on {device.type}"
+    if flat_ok and device.type == "cpu":
+        return Layout("flat", f"{implementation} attention on the CPU"
                       + (" with gradient checkpointing" if checkpointing else ""), trimmed=trim)
     if implementation.startswith("flash"):
         return Layout("cache", f"{implementation}: no block mask, the prefix's cache is shared instead")
+    if flat_ok:
+        return Layout("plain", f"{implementation} attention on {device.type}: the padded batch (measured faster "
+                      "there than the flat row and the varlen kernel)")
     return Layout("plain", f"{implementation} attention, sliding window or soft-capping: the batch as given")
 
 
@@ -113,6 +126,10 @@ def install_layout(model, layout: Layout, *, compile: bool = False) -> Layout:
 
     if layout.name == "rows":
         install_row_attention(model)
+    if layout.name == "varlen":
+        from tunesmith.train.varlen import install_varlen_attention
+
+        install_varlen_attention(model)
     trimmed = False
     if layout.trimmed:
         layers = decoder_layers(model)
@@ -127,9 +144,13 @@ def resolve(model, layout: str) -> str:
         return layout
     from tunesmith.train.rows import NAME
 
+    from tunesmith.train import varlen
+
     implementation = attention_implementation(model)
     if implementation == NAME:
         return "rows"
+    if implementation == varlen.NAME:
+        return "varlen"
     if implementation in ("sdpa", "eager"):
         return "flat"
     return "cache" if implementation.startswith("flash") else "plain"

@@ -16,6 +16,7 @@ from tunesmith.train.head import linear_cross_entropy
 from tunesmith.train.layout import attention_implementation, plain_causal_attention, resolve
 from tunesmith.train.rows import NAME as ROWS, Rows
 from tunesmith.train.trim import READ
+from tunesmith.train.varlen import PLAN, varlen_plan
 
 
 def trained_tokens(batch: dict) -> int:
@@ -64,7 +65,7 @@ def _plain_dynamic_cache(cache) -> bool:
 FLAT_MAX_TOKENS = 4096
 
 
-def _flat_layout(batch: dict, shared: int):
+def flat_layout(batch: dict, shared: int):
     """One row holding the shared prefix once and every row's remaining real tokens (no padding), up to the
     row's last trained target.
 
@@ -136,6 +137,21 @@ def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
     layout = resolve(model, layout)
     host = batch if host is None else host
     inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
+    if layout == "varlen" and plain_causal_attention(model.config, host["input_ids"].shape[1]):
+        plan = varlen_plan(host)
+        if plan is not None:
+            device = batch["input_ids"].device
+            ids, positions, index, cu, longest = plan
+            read = index[:, :-1][host["labels"][:, 1:] != IGNORE_INDEX].to(device, non_blocking=True)
+            ids, positions = (t.to(device, non_blocking=True) for t in (ids, positions))
+            extra = {PLAN: (cu.to(device, torch.int32, non_blocking=True), longest)}
+            if not _checkpointing(decoder):
+                extra[READ] = read
+            # the kernel reads the plan, not a mask: a prepared (here empty) 4-D mask stops transformers from
+            # building an N × N one for the long row
+            empty = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+            hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=empty, use_cache=False, **extra)
+            return hidden.last_hidden_state[0], read, 0
     if layout == "plain" or "position_ids" in batch:
         return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
     # Everything that decides the layout is read from the host copy: on a GPU, reading the device batch would
@@ -144,7 +160,7 @@ def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
     tokens = int(host.get("attention_mask", host["input_ids"]).bool().sum()) - shared * (len(host["input_ids"]) - 1)
     if (layout in ("rows", "flat") and tokens <= FLAT_MAX_TOKENS
             and plain_causal_attention(model.config, host["input_ids"].shape[1])):
-        flat = _flat_layout(host, shared)
+        flat = flat_layout(host, shared)
         if flat is not None:
             device = batch["input_ids"].device
             ids, positions, segment, index = flat
