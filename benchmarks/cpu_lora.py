@@ -5,15 +5,11 @@ padded micro-batches in the same order), same LoRA (r=16, alpha=32, all linear l
 AdamW settings. Throughput counts the real (non-padding) tokens of each batch per second of optimizer
 steps, after warm-up steps that are not timed; the two loops alternate step by step on the same batches. Run:
 
-    .venv/bin/python benchmarks/cpu_lora.py [--steps 20] [--warmup 2] [--batch 8] [--compile] [--json]
+    .venv/bin/python benchmarks/cpu_lora.py [--steps 20] [--warmup 2] [--batch 8] [--json]
     .venv/bin/python benchmarks/cpu_lora.py --only peft|ours   # one loop alone in this process
 
 Loops in one process disturb each other's memory (see BENCHMARKS.md), so ``--only`` runs one loop per
 process, as users run them; alternate ``--only peft`` and ``--only ours`` processes and compare.
-
-With --compile a third loop (ours with train.compile=true) joins; its compilation happens in the untimed
-warm-up steps. Measured: the compiled loop's runtime in the same process slows the PEFT loop by ~10%, so
-compare compiled numbers from separate processes, not from this ratio.
 """
 
 from __future__ import annotations
@@ -72,7 +68,7 @@ def peft_stepper():
     return step
 
 
-def ours_stepper(compile_layers: bool = False):
+def ours_stepper():
     model = load("default").model
     torch.manual_seed(0)
     inject_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
@@ -80,7 +76,7 @@ def ours_stepper(compile_layers: bool = False):
     params = list(adapter_parameters(model).values())
     model.train()
     optimizer = build_optimizer(OptimConfig(lr=2e-3, weight_decay=0.01), params)  # torch's AdamW defaults
-    layout = install_layout(model, choose_layout(model, torch.device("cpu")), compile=compile_layers)
+    layout = install_layout(model, choose_layout(model, torch.device("cpu")))
     loss = SupervisedLoss()
     module = TrainingModule(model, loss, layout.name)
 
@@ -112,7 +108,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile=true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", choices=["peft", "ours"], help="time one loop alone")
     args = parser.parse_args()
@@ -126,8 +121,6 @@ def main() -> None:
                           "tokens_per_s": round(tps, 1), "last_loss": round(losses[-1], 5)}))
         return
     steppers = {"peft": peft_stepper(), "ours": ours_stepper()}
-    if args.compile:
-        steppers["ours_compiled"] = ours_stepper(compile_layers=True)
     results = measure(steppers, data, args.warmup)
     (peft_tps, peft_losses), (ours_tps, ours_losses) = results["peft"], results["ours"]
     result = {"device": f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -135,8 +128,6 @@ def main() -> None:
               "batch": args.batch, "steps": args.steps,
               "peft_tokens_per_s": round(peft_tps, 1), "ours_tokens_per_s": round(ours_tps, 1),
               "speedup": round(ours_tps / peft_tps, 2),
-              **({"ours_compiled_tokens_per_s": round(results["ours_compiled"][0], 1),
-                  "speedup_compiled": round(results["ours_compiled"][0] / peft_tps, 2)} if args.compile else {}),
               "first_loss": {"peft": round(peft_losses[0], 5), "ours": round(ours_losses[0], 5)},
               "last_loss": {"peft": round(peft_losses[-1], 5), "ours": round(ours_losses[-1], 5)}}
     if args.json:

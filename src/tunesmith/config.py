@@ -191,14 +191,23 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute each decoder block's activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
-    """Compile the parts of each decoder block around attention (MLP, norms) with torch.compile for training;
-    a few seconds of compiling. Measured on a 2-core CPU it does not make steps faster (BENCHMARKS.md)."""
-    layout: Literal["auto", "rows", "flat", "cache", "plain"] = "auto"
+    """Removed: compiling the blocks was slower than eager on the CPU and 22× slower on an H200, recompiling as
+    batch shapes change (BENCHMARKS.md); ``true`` is refused with that reason."""
+    layout: Literal["auto", "rows", "flat", "varlen", "cache", "plain"] = "auto"
     """How a batch is laid out for the model, chosen once at setup (README "Layouts"); auto picks from the
     device, attention and batching, and summary.json records the choice and why."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
     holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""
+
+
+    @field_validator("compile")
+    @classmethod
+    def _compile_removed(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("train.compile was removed: it measured slower than eager on the CPU and 22x slower "
+                             "on an H200 (BENCHMARKS.md); drop the key")
+        return value
 
 
 class EvalConfig(_Section):

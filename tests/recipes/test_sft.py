@@ -222,18 +222,16 @@ def test_full_finetune_writes_plain_hf_model(make_config):
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
 
 
-def test_compiled_training_matches_eager(make_config):
-    eager = sft.run(make_config("name=eager", "train.max_steps=2", "eval.before=false"))
-    compiled = sft.run(make_config("name=compiled", "train.max_steps=2", "eval.before=false", "train.compile=true"))
-    assert _losses(Path(eager["run_dir"])) == pytest.approx(_losses(Path(compiled["run_dir"])), abs=1e-5)
-    assert compiled["after"]["eval_loss"] == pytest.approx(eager["after"]["eval_loss"], abs=1e-5)
+def test_compile_is_refused_with_the_measurement(make_config):
+    with pytest.raises(TunesmithError, match="train.compile was removed: it measured slower"):
+        make_config("train.compile=true")
 
 
 def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
     auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false"))
     recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())["layout"]
-    assert recorded == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True, "compiled": False}
-    for name in ("flat", "cache", "plain"):
+    assert recorded == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True}
+    for name in ("flat", "varlen", "cache", "plain"):
         forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}"))
         assert forced["layout"]["name"] == name
         assert _losses(Path(forced["run_dir"])) == pytest.approx(_losses(Path(auto["run_dir"])), abs=1e-5)

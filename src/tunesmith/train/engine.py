@@ -154,7 +154,7 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     config, model, device, world = setup.config, setup.model, setup.device, current()
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    setup.layout = install_layout(model, setup.layout, compile=config.train.compile)  # once, before any forward
+    setup.layout = install_layout(model, setup.layout)  # once, before any forward
     module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device,
                       parallel=parallel_for(config, world), dtype=setup.dtype)
     if sharded(model):  # FSDP2 replaced every parameter by its shard: the optimizer steps the shards

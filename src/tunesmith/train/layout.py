@@ -17,13 +17,13 @@ Layouts (all give the plain forward's loss and gradients; tested):
             sliding-window or hybrid caches)                            or soft-capped attention
 
 ``install_layout`` does what a layout needs from the model once, before the first step: ``rows`` (``varlen``)
-sets the model's attention implementation to ``train.rows``'s (``train.varlen``'s) function (through transformers' public
-``set_attn_implementation``; without a row plan in the call it runs SDPA, so generation and evaluation are
-unchanged), ``rows`` and ``flat`` add the trimming hooks to the last block (``train.trim``), and
-``train.compile`` compiles each block's position-wise parts. After that no forward changes a module, a config
-attribute or a compiled graph: per-batch information (the row plan, the trained positions) travels as keyword
-arguments of the decoder call, which transformers hands to every block and attention call. Without the
-installation those arguments are ignored and the same loss comes out, only slower.
+sets the model's attention implementation to ``train.rows``'s (``train.varlen``'s) function through
+transformers' public ``set_attn_implementation`` (without a plan in the call it runs SDPA, so generation and
+evaluation are unchanged); ``rows``, ``flat`` and ``varlen`` add the trimming hooks to the last block
+(``train.trim``). After that no forward changes a module or a config attribute: per-batch information (the row
+plan, the trained positions) travels as keyword arguments of the decoder call, which transformers hands to every
+block and attention call. Without the installation those arguments are ignored and the same loss comes out,
+only slower.
 
 A batch that does not fit its layout (left padding, more than ``FLAT_MAX_TOKENS`` flat tokens, rows longer than
 a sliding window) runs as ``cache`` or ``plain`` for that batch alone.
@@ -46,7 +46,6 @@ class Layout:
     name: str
     reason: str
     trimmed: bool = False  # the last block computes its position-wise parts at trained positions only
-    compiled: bool = False  # each block's parts around attention run under torch.compile
 
     def summary(self) -> dict:
         return asdict(self)
@@ -118,9 +117,9 @@ def choose_layout(model, device: torch.device, *, requested: str = "auto", batch
     return Layout("plain", f"{implementation} attention, sliding window or soft-capping: the batch as given")
 
 
-def install_layout(model, layout: Layout, *, compile: bool = False) -> Layout:
+def install_layout(model, layout: Layout) -> Layout:
     """Prepare ``model`` for ``layout`` once (see the module docstring); returns the layout as installed."""
-    from tunesmith.train.loop import compile_layers, decoder_layers
+    from tunesmith.train.loop import decoder_layers
     from tunesmith.train.rows import install_row_attention
     from tunesmith.train.trim import install_last_block_trim
 
@@ -134,8 +133,7 @@ def install_layout(model, layout: Layout, *, compile: bool = False) -> Layout:
     if layout.trimmed:
         layers = decoder_layers(model)
         trimmed = bool(layers) and install_last_block_trim(layers[-1])
-    compiled = compile_layers(model) if compile else False
-    return Layout(layout.name, layout.reason, trimmed=trimmed, compiled=compiled)
+    return Layout(layout.name, layout.reason, trimmed=trimmed)
 
 
 def resolve(model, layout: str) -> str:

@@ -1,5 +1,4 @@
-"""The supervised loss at trained positions only, and how the model is run for it (layouts, checkpointing,
-compiled blocks). The loop that calls it, with accumulation, clipping and the non-finite policy, is
+"""The supervised loss at trained positions only, and how the model is run for it (layouts, checkpointing). The loop that calls it, with accumulation, clipping and the non-finite policy, is
 ``train/engine.py``; ``train/objectives.py`` turns a micro-batch into this loss.
 """
 
@@ -255,20 +254,3 @@ def enable_gradient_checkpointing(model) -> None:
 
 def _checkpointing(decoder) -> bool:
     return bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training
-
-
-def compile_layers(model) -> bool:
-    """Compile the parts of each decoder block around attention (MLP, norms) with ``torch.compile``, once
-    (``train.compile``; installed with the layout). Returns whether any part was compiled.
-
-    Attention stays eager so the row layout's attention (whose shapes change with every batch) keeps running;
-    what compiles is the elementwise work around the matrix products (norms, activation × gate), which eager
-    mode runs as many small memory-bound kernels. Blocks of one shape share compiled graphs (parameters are
-    graph inputs), so compiling costs a few seconds. The parts stay compiled (``dynamic=True``: generation's
-    shapes reuse the graphs).
-    """
-    parts = [child for layer in decoder_layers(model)
-             for name, child in layer.named_children() if "attn" not in name and "attention" not in name]
-    for part in parts:
-        part.compile(dynamic=True)
-    return bool(parts)
