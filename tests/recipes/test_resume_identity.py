@@ -35,6 +35,20 @@ def test_each_identity_key_refuses_a_resume(make_config, key):
         check_resumable(_saved_with(config, key, "other"), {}, setup)
 
 
+def test_a_key_the_checkpoint_predates_reads_as_its_default(make_config):
+    """A checkpoint written before a key existed meant that key's default: no change is reported for it, and a
+    current value other than the default is."""
+    config = make_config()
+    setup = SimpleNamespace(config=config, fingerprints={}, run_dir=config.run_dir)
+    tree = config.model_dump(mode="json")
+    del tree["data"]["overlength"]  # an IDENTITY key, absent from the old checkpoint
+    check_resumable(yaml.safe_dump(tree), {}, setup)
+    changed = make_config("data.overlength=drop")
+    setup = SimpleNamespace(config=changed, fingerprints={}, run_dir=changed.run_dir)
+    with pytest.raises(TunesmithError, match="data.overlength changed from 'truncate' to 'drop'"):
+        check_resumable(yaml.safe_dump(tree), {}, setup)
+
+
 def test_other_keys_do_not(make_config):
     config = make_config()
     setup = SimpleNamespace(config=config, fingerprints={}, run_dir=config.run_dir)

@@ -153,12 +153,16 @@ def test_fsdp_full_fine_tuning_equals_one_process_and_resumes_across_process_cou
     The norm over shards sums each shard's squares in another order than one process does (a few 1e-6 relative
     at step 1, measured); clipping scales every gradient by it, so later steps' norms drift to ~7e-5 relative
     while losses and weights stay within 1e-5: later norms are compared at 1e-4."""
-    full = ["method.name=full", "eval.before=false", "schedule.name=constant", "schedule.warmup_steps=0"]
+    full = ["method.name=full", "schedule.name=constant", "schedule.warmup_steps=0"]
     assert main(["train", *overrides("sft", "one", *full, "train.grad_accum=2", "train.max_steps=5")]) == 0
     done = torchrun(2, *overrides("sft", "two", *full, "train.grad_accum=1", "train.max_steps=5"))
     assert "parallel: fsdp, 2 processes" in done.stdout
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     _assert_same_training(one, two, weights=_full_weights, norm_rtol=1e-4)
+    # evaluated before sharding (rank 0, whole model) and after on the gathered model: the 1-process numbers
+    for phase in ("before", "after"):
+        ours, single = (json.loads((run / f"eval_{phase}.json").read_text())["metrics"] for run in (two, one))
+        assert ours["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
     assert _steps(two)[0]["grad_norm"] == pytest.approx(_steps(one)[0]["grad_norm"], rel=1e-5)
     start = load_file(tiny_model_dir / "model.safetensors")
     assert all(not torch.equal(_full_weights(two)[k], start[k]) for k in start)  # every weight trained
@@ -190,10 +194,10 @@ def test_rank0s_error_stops_every_rank_and_is_printed_once(overrides, tmp_path):
 
 def test_parallel_choice_and_what_fsdp_refuses():
     """``train.parallel=auto``: FSDP2 for full fine-tuning, DDP for LoRA; one process is neither. FSDP with
-    LoRA is a config error; evaluation on rank 0 alone before or during an FSDP run is refused (it would wait
-    forever for the other processes' shards)."""
+    LoRA is a config error; evaluation on rank 0 alone during an FSDP run is refused (it would wait forever for
+    the other processes' shards)."""
     two = World(rank=0, size=2)
-    assert parallel_for(load_config(None, ["method.name=full", "eval.before=false"]), two) == "fsdp"
+    assert parallel_for(load_config(None, ["method.name=full"]), two) == "fsdp"
     assert parallel_for(load_config(None, ["method.name=full"]), SINGLE) == "single"
     assert parallel_for(load_config(None, []), two) == "ddp"
     assert parallel_for(load_config(None, ["method.name=full", "train.parallel=ddp"]), two) == "ddp"
@@ -202,6 +206,7 @@ def test_parallel_choice_and_what_fsdp_refuses():
         load_config(None, ["method.name=qlora", "train.parallel=fsdp"])
     with pytest.raises(SharedError) as caught:
         parallel_for(load_config(None, ["method.name=full", "train.eval_every=2"]), two)
-    assert str(caught.value) == ("train.parallel=fsdp on 2 processes evaluates only after training (a sharded model "
-                                 "runs on every process, evaluation on rank 0): set eval.before=false and "
-                                 "train.eval_every=null, or train.parallel=ddp if the model fits one GPU")
+    assert str(caught.value) == ("train.parallel=fsdp on 2 processes cannot evaluate during training (a sharded "
+                                 "model runs on every process, evaluation on rank 0): set train.eval_every=null "
+                                 "(held-out metrics come before and after training), or train.parallel=ddp if the "
+                                 "model fits one GPU")

@@ -37,7 +37,10 @@ def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup, 
 
     The global batch is micro_batch_size × grad_accum × processes (``saved_processes`` wrote the checkpoint,
     ``processes`` resume it): the same batch split over another number of processes trains the same steps."""
-    saved, current = yaml.safe_load(saved_yaml), setup.config.model_dump(mode="json")
+    # the saved tree over the config's defaults: a checkpoint written before a key existed holds that key's
+    # default (what the run meant), not a missing value that would read as a change
+    saved = _merged(type(setup.config)().model_dump(mode="json"), yaml.safe_load(saved_yaml) or {})
+    current = setup.config.model_dump(mode="json")
     changes = [f"{key} changed from {_lookup(saved, key)!r} to {_lookup(current, key)!r}"
                for key in IDENTITY_KEYS if _lookup(saved, key) != _lookup(current, key)]
     batch = _global_batch_change(_lookup(saved, "train.grad_accum"), saved_processes,
@@ -51,6 +54,14 @@ def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup, 
     if changes:
         raise TunesmithError(f"cannot resume {setup.run_dir}: " + "; ".join(changes)
                              + ". Start a new run for different settings")
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in saved.items():
+        merged[key] = (_merged(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict)
+                       else value)
+    return merged
 
 
 def _processes(n: int) -> str:

@@ -152,11 +152,15 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     """Train ``setup.model`` on ``objective`` from the start (evaluating it first) or from the run's newest
     checkpoint; returns the final state. ``on_micro_batch(step, micro_index)`` runs before every micro-batch."""
     config, model, device, world = setup.config, setup.model, setup.device, current()
+    parallel = parallel_for(config, world)  # refuses what the chosen parallelism cannot do, before any work
+    if not setup.resume and config.eval.before and setup.eval is not None and world.main:
+        # before wrapping: rank 0 still holds the whole model (FSDP2 shards it next); the others wait at the wrap
+        objective.evaluate("before")
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     setup.layout = install_layout(model, setup.layout)  # once, before any forward
     module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device,
-                      parallel=parallel_for(config, world), dtype=setup.dtype)
+                      parallel=parallel, dtype=setup.dtype)
     if sharded(model):  # FSDP2 replaced every parameter by its shard: the optimizer steps the shards
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params)
@@ -172,15 +176,12 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     total_steps = config.train.max_steps or max(1, round(config.train.epochs * steps_per_epoch))
     state = TrainState(total_steps=total_steps)
 
-    # --- resume, or evaluate the starting model
+    # --- resume, or start each rank's random stream
     if setup.resume:
         state = load_resume_state(setup, model, optimizer, world)
         state.total_steps = total_steps  # the length is the config's: a resume may extend the run (train.max_steps)
-    else:
-        if world.rank:
-            torch.manual_seed(config.seed + world.rank)  # each rank its own random draws (LoRA dropout)
-        if config.eval.before and setup.eval is not None and world.main:
-            objective.evaluate("before")
+    elif world.rank:
+        torch.manual_seed(config.seed + world.rank)  # each rank its own random draws (LoRA dropout)
 
     # --- train
     warmup = warmup_steps(state.total_steps, config.schedule.warmup_steps, config.schedule.warmup_ratio)

@@ -49,14 +49,14 @@ def parallel_for(config, world: World) -> str:
 def check_fsdp_config(config, world: World) -> None:
     """What an FSDP2 run with several processes cannot do yet, refused before the first step.
 
-    Evaluation before and during training runs on rank 0 alone, but a sharded model's forward needs every
-    process (each holds a shard of every block); the evaluation after training runs on the gathered model."""
-    asked = [key for key, on in (("eval.before=false", config.eval.before),
-                                 ("train.eval_every=null", config.train.eval_every)) if on and config.data.eval]
-    if asked:
-        raise SharedError(f"train.parallel=fsdp on {world.size} processes evaluates only after training (a "
-                          f"sharded model runs on every process, evaluation on rank 0): set {' and '.join(asked)}"
-                          ", or train.parallel=ddp if the model fits one GPU")
+    Evaluation during training runs on rank 0 alone, but a sharded model's forward needs every process (each
+    holds a shard of every block). The evaluation before training runs before the model is sharded, the one
+    after on the gathered model."""
+    if config.train.eval_every and config.data.eval:
+        raise SharedError(f"train.parallel=fsdp on {world.size} processes cannot evaluate during training (a "
+                          "sharded model runs on every process, evaluation on rank 0): set train.eval_every=null "
+                          "(held-out metrics come before and after training), or train.parallel=ddp if the "
+                          "model fits one GPU")
 
 
 def shard(module: torch.nn.Module, decoder_layers: list[torch.nn.Module], device: torch.device,
