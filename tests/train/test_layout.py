@@ -146,3 +146,15 @@ def test_varlen_layout_on_packed_rows_gives_the_plain_loss():
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-6)
     for key in plain_grads:
         torch.testing.assert_close(grads[key], plain_grads[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rows", "flat", "varlen", "cache", "plain"])
+def test_the_plan_is_read_from_the_host_copy(name):
+    """On a GPU the engine passes the batch's host copy beside the device batch and every layout decision, index
+    and target comes from it (a read of the device batch would wait for the GPU). Shown on the CPU: the device
+    batch's labels are wiped, the host copy's are not, and the loss is the normal one."""
+    model = _adapted()
+    install_layout(model, choose_layout(model, CPU, requested=name))
+    expected = supervised_loss_sum(model, _batch(), layout=name)
+    wiped = {**_batch(), "labels": torch.full_like(_batch()["labels"], IGNORE_INDEX)}
+    torch.testing.assert_close(supervised_loss_sum(model, wiped, layout=name, host=_batch()), expected)
