@@ -139,10 +139,10 @@ def _plain_loss(model, pairs, pad_id, objective):
 
 
 def _reference(model):
-    def base_model(batch, indices):
+    def base_model(batch, micro, layout):
         with torch.no_grad(), adapters_disabled(model):
-            sums, _ = completion_logps(model, batch)
-        return sums[:len(indices)], sums[len(indices):]
+            sums, _ = completion_logps(model, batch, layout=layout, host=micro.batch)
+        return sums[:len(micro.indices)], sums[len(micro.indices):]
     return base_model
 
 

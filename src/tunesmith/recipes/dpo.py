@@ -167,20 +167,22 @@ def _precompute_reference(setup: RunSetup) -> dict:
 
 
 def _training_reference(kind: str, model, cache: dict | None):
-    """``reference(batch, indices) -> (chosen, rejected)`` log-probs for training batches; None for SimPO."""
+    """``reference(batch, micro, layout) -> (chosen, rejected)`` log-probs for training batches (``micro``: the
+    engine's micro-batch, whose example indices and host copy are read; ``layout``: the run's); None for SimPO."""
     if kind == "none":
         return None
     if kind == "precomputed":
-        def cached(batch, indices):
-            device = batch["input_ids"].device
+        def cached(batch, micro, layout):
+            device, indices = batch["input_ids"].device, micro.indices
             return cache["train"]["chosen"][indices].to(device), cache["train"]["rejected"][indices].to(device)
 
         return cached
 
-    def base_model(batch, indices):
+    def base_model(batch, micro, layout):
         with torch.no_grad(), adapters_disabled(model):
-            sums, _ = completion_logps(model, batch)
-        return sums[:len(indices)], sums[len(indices):]
+            sums, _ = completion_logps(model, batch, layout=layout, host=micro.batch)
+        pairs = len(micro.indices)
+        return sums[:pairs], sums[pairs:]
 
     return base_model
 

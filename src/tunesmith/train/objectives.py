@@ -50,7 +50,7 @@ class PreferenceLoss:
     ``train/preference.py``.
 
     ``options`` has ``loss``, ``beta``, ``gamma`` and ``sft_weight`` (the config's ``dpo`` section);
-    ``reference(batch, indices)`` gives the reference's ``(chosen, rejected)`` summed log-probs without
+    ``reference(batch, micro, layout)`` gives the reference's ``(chosen, rejected)`` summed log-probs without
     gradients (None: SimPO, no reference). Pair losses are divided by the step's pairs, the optional SFT term by
     its chosen tokens.
     """
@@ -65,7 +65,7 @@ class PreferenceLoss:
     def loss(self, model, batch: dict, micro: MicroBatch, totals: dict[str, int], *,
              layout: str = "auto") -> tuple[torch.Tensor, dict]:
         n, pairs, options = len(micro.indices), totals["pairs"], self.options
-        ref = self.reference(batch, micro.indices) if self.reference is not None else (None, None)
+        ref = self.reference(batch, micro, layout) if self.reference is not None else (None, None)
         logps, counts = completion_logps(model, batch, layout=layout, host=micro.batch)
         losses, chosen_reward, rejected_reward = preference_losses(
             logps[:n], logps[n:], ref[0], ref[1], counts[:n], counts[n:], loss=options.loss, beta=options.beta,
