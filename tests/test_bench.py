@@ -33,6 +33,9 @@ def test_mfu_formula():
     assert row["mfu"] == round(10_000 * (4 * n + 12 * 32 * 4096 * 1000) / 989e12, 4)
 
 
-def test_bench_without_a_gpu_is_one_error_line(capsys):
+def test_bench_without_a_gpu_is_one_error_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--shape", "tinyllama"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err

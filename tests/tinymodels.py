@@ -14,3 +14,17 @@ def build_tiny_llama(seed: int = 0, vocab_size: int = 49152, **overrides):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**config))
     return model.float().eval()
+
+
+def build_adapted_tiny_llama():
+    """The tiny Llama with LoRA r4 on every linear layer over a frozen base, every adapter weight non-zero (a
+    fresh adapter's B is zero, so half its gradient paths would carry nothing)."""
+    from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
+
+    model = build_tiny_llama()
+    torch.manual_seed(0)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
+    freeze_base(model)
+    for param in adapter_parameters(model).values():
+        torch.nn.init.normal_(param, std=0.05)
+    return model

@@ -174,13 +174,12 @@ def run_bench(*, tokenizer_dir: str, shape: str = "tinyllama", method: str = "ql
     work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = work_dir / "model"
     vocab = build_model_dir(shape, tokenizer_dir, model_dir)
-    examples = steps * (4 if shape == "llama8b" else 8)
-    chats = synthetic_chats(examples if shape != "llama8b" else 160)
+    big = shape == "llama8b"
+    chats = synthetic_chats(160 if big else steps * 8)  # 8 chats a step; the packed 8B runs draw from 160
     data = work_dir / f"chats{len(chats)}.jsonl"
     data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     scripts = Path(baselines) if baselines else None
-    big = shape == "llama8b"
     tunesmith = ({"ts_pack": ["method.name=lora", *PACKED_8B]} if big else
                  {"ts_recipe": [*(QLORA if method == "qlora" else ["method.name=lora"]), *RECIPE_LORA, *RECIPE_STEP],
                   "ts_fast": [*(QLORA if method == "qlora" else ["method.name=lora"]), *RECIPE_LORA, *FAST_STEP]})

@@ -91,16 +91,21 @@ class Stop(Exception):
     pass
 
 
-def test_a_checkpoint_that_records_no_process_count_was_written_by_one_process(make_config):
-    """Checkpoints from before the count was recorded: their global batch is grad_accum × 1."""
-    config = make_config()
-
+def _stop_at_step_3(config) -> None:
+    """Run ``config`` and kill it as step 3 starts: its newest checkpoint is step 2's."""
     def stop(step, micro):
         if step == 3:
             raise Stop()
 
     with pytest.raises(Stop):
         sft.run(config, on_micro_batch=stop)
+
+
+def test_a_checkpoint_that_records_no_process_count_was_written_by_one_process(make_config):
+    """Checkpoints from before the count was recorded: their global batch is grad_accum × 1."""
+    config = make_config()
+
+    _stop_at_step_3(config)
     checkpoint = latest_checkpoint(config.run_dir)
     state = json.loads((checkpoint / STATE_FILE).read_text())
     assert state.pop("processes") == 1
@@ -123,12 +128,7 @@ def test_resume_with_a_new_learning_rate_continues(make_config):
     identity key) and trains to the end; changing lora.r (one) is refused."""
     config = make_config()
 
-    def stop(step, micro):
-        if step == 3:
-            raise Stop()
-
-    with pytest.raises(Stop):
-        sft.run(config, on_micro_batch=stop)
+    _stop_at_step_3(config)
     with pytest.raises(TunesmithError, match="lora.r changed from 4 to 8"):
         sft.run(config.model_copy(update={"lora": config.lora.model_copy(update={"r": 8})}), resume=True)
     faster = config.model_copy(update={"optim": config.optim.model_copy(update={"lr": 0.02})})

@@ -4,9 +4,9 @@ plain forward, and no module or config attribute changed by any forward after th
 import pytest
 import torch
 
-from tinymodels import build_tiny_llama
+from tinymodels import build_adapted_tiny_llama, build_tiny_llama
 from tunesmith.errors import TunesmithError
-from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
+from tunesmith.peft import adapter_parameters
 from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.layout import choose_layout, install_layout
 from tunesmith.train.loop import decoder_layers, supervised_loss_sum
@@ -78,16 +78,6 @@ def _batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _adapted():
-    model = build_tiny_llama()
-    torch.manual_seed(0)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
-    freeze_base(model)
-    for param in adapter_parameters(model).values():  # non-zero B: every adapter matters
-        torch.nn.init.normal_(param, std=0.05)
-    return model
-
-
 def _loss_and_grads(model, layout):
     model.zero_grad(set_to_none=True)
     loss = supervised_loss_sum(model, _batch(), layout=layout)
@@ -102,7 +92,7 @@ def _snapshot(model):
 
 @pytest.mark.parametrize("name", ["rows", "flat", "varlen", "cache"])
 def test_installed_layout_gives_the_plain_loss_and_never_changes_the_model(name):
-    model = _adapted()
+    model = build_adapted_tiny_llama()
     plain_loss, plain_grads = _loss_and_grads(model, "plain")
     layout = install_layout(model, choose_layout(model, CPU, requested=name))
     assert layout.trimmed == (name != "cache")
@@ -121,7 +111,7 @@ def test_installed_layout_gives_the_plain_loss_and_never_changes_the_model(name)
     # an installed model still generates like the plain one (no row plan: SDPA)
     with torch.no_grad():
         installed = model(input_ids=_batch()["input_ids"][:1]).logits
-        fresh = _adapted()
+        fresh = build_adapted_tiny_llama()
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(installed, fresh(input_ids=_batch()["input_ids"][:1]).logits, atol=1e-5, rtol=1e-5)
 
@@ -129,7 +119,7 @@ def test_installed_layout_gives_the_plain_loss_and_never_changes_the_model(name)
 def test_varlen_layout_on_packed_rows_gives_the_plain_loss():
     from tunesmith.data.batching import pack_collate
 
-    model = _adapted()
+    model = build_adapted_tiny_llama()
     examples = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
                 {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
                 {"input_ids": [13, 14, 15, 16], "labels": [-100, -100, -100, 16]}]
@@ -153,7 +143,7 @@ def test_the_plan_is_read_from_the_host_copy(name):
     """On a GPU the engine passes the batch's host copy beside the device batch and every layout decision, index
     and target comes from it (a read of the device batch would wait for the GPU). Shown on the CPU: the device
     batch's labels are wiped, the host copy's are not, and the loss is the normal one."""
-    model = _adapted()
+    model = build_adapted_tiny_llama()
     install_layout(model, choose_layout(model, CPU, requested=name))
     expected = supervised_loss_sum(model, _batch(), layout=name)
     wiped = {**_batch(), "labels": torch.full_like(_batch()["labels"], IGNORE_INDEX)}

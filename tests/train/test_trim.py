@@ -2,24 +2,14 @@
 
 import torch
 
-from tinymodels import build_tiny_llama
-from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
+from tinymodels import build_adapted_tiny_llama
+from tunesmith.peft import adapter_parameters
 from tunesmith.train.loop import decoder_layers
 from tunesmith.train.trim import READ, install_last_block_trim
 
 
-def _adapted_model():
-    model = build_tiny_llama()
-    torch.manual_seed(0)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all-linear"))
-    freeze_base(model)
-    for param in adapter_parameters(model).values():  # non-zero B: every adapter matters
-        torch.nn.init.normal_(param, std=0.05)
-    return model
-
-
 def test_read_positions_match_the_full_block_and_no_module_is_swapped():
-    model = _adapted_model()
+    model = build_adapted_tiny_llama()
     ids = torch.randint(5, 200, (1, 14), generator=torch.Generator().manual_seed(3))
     read = torch.tensor([2, 7, 8, 13])
     params = adapter_parameters(model)

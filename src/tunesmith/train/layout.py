@@ -117,6 +117,17 @@ def choose_layout(model, device: torch.device, *, requested: str = "auto", batch
     return Layout("plain", f"{implementation} attention, sliding window or soft-capping: the batch as given")
 
 
+def install_attention(model, name: str, function) -> None:
+    """Run ``model``'s attention through ``function`` (registered as ``name``) from now on, with SDPA's masks: the
+    one way ``rows`` and ``varlen`` install their kernels (transformers' public attention interface)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+
+
 def install_layout(model, layout: Layout) -> Layout:
     """Prepare ``model`` for ``layout`` once (see the module docstring); returns the layout as installed."""
     from tunesmith.train.loop import decoder_layers

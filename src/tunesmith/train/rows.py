@@ -154,9 +154,6 @@ def _row_attention(module, query, key, value, attention_mask, **kwargs):
 def install_row_attention(model) -> None:
     """Run the model's attention through ``row_attention_forward`` from now on (``train.layout``'s ``rows``,
     installed once): calls that carry a row plan get row attention, every other call SDPA, with SDPA's masks."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from tunesmith.train.layout import install_attention
 
-    AttentionInterface.register(NAME, _row_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    install_attention(model, NAME, _row_attention)

@@ -95,12 +95,9 @@ def _varlen(module, query, key, value, attention_mask, **kwargs):
 
 def install_varlen_attention(model) -> None:
     """Run the model's attention through ``varlen_attention_forward`` from now on (installed once)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from tunesmith.train.layout import install_attention
 
-    AttentionInterface.register(NAME, _varlen)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    install_attention(model, NAME, _varlen)
 
 
 def varlen_plan(host: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
