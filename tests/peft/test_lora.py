@@ -94,33 +94,66 @@ def test_gradients_match_closed_form():
     torch.testing.assert_close(layer.lora_A.weight.grad, s * b.T @ upstream.T @ x)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("bias", [True, False])
-def test_fused_path_matches_reference(dropout, bias):
-    """A frozen plain base takes the one-node fused path; output and every gradient equal the module path's."""
+def _fused_and_reference(layer, x, tolerance, autocast=None):
+    """Output and every gradient of the fused node against ``reference_forward`` (same dropout mask)."""
     generator = torch.Generator().manual_seed(0)
-    layer = LoRALinear(nn.Linear(6, 5, bias=bias), r=3, alpha=6, dropout=dropout)
-    layer.base_layer.requires_grad_(False)
     with torch.no_grad():
-        layer.lora_B.weight.copy_(torch.randn(5, 3, generator=generator))
-    x = torch.randn(2, 4, 6, generator=generator)
-    upstream = torch.randn(2, 4, 5, generator=generator)
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator))
+    upstream = torch.randn(*x.shape[:-1], layer.out_features, generator=generator)
     results = []
     for forward in (layer.forward, layer.reference_forward):
         inputs = x.clone().requires_grad_(True)
         torch.manual_seed(7)  # the same dropout mask on both paths
-        out = forward(inputs)
-        (out * upstream).sum().backward()
-        results.append((out.detach(), out.grad_fn.name(), inputs.grad, layer.lora_A.weight.grad,
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            out = forward(inputs)
+        (out.float() * upstream).sum().backward()
+        results.append((out.detach().float(), out.grad_fn.name(), inputs.grad, layer.lora_A.weight.grad,
                         layer.lora_B.weight.grad))
         layer.zero_grad(set_to_none=True)
     (fused, fused_node, *fused_grads), (reference, reference_node, *reference_grads) = results
     assert "LoRALinearFunction" in fused_node and "LoRALinearFunction" not in reference_node
-    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused, reference, rtol=tolerance, atol=tolerance)
     for a, b in zip(fused_grads, reference_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert a.dtype == b.dtype  # fp32 adapters get fp32 gradients on both paths
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_path_matches_reference(dropout, bias):
+    """A frozen plain base takes the one-node fused path; output and every gradient equal the module path's."""
+    layer = LoRALinear(nn.Linear(6, 5, bias=bias), r=3, alpha=6, dropout=dropout)
+    layer.base_layer.requires_grad_(False)
+    _fused_and_reference(layer, torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1)), 1e-6)
     frozen = golden_layer().requires_grad_(False)  # also the fused path: the hand-checked values hold
     torch.testing.assert_close(frozen(torch.tensor([[1., 2, 3]])), torch.tensor([[9.5, 6, 15, 1]]))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_path_over_a_4bit_base_matches_bitsandbytes(dropout):
+    """QLoRA: over bitsandbytes' ``Linear4bit`` the fused node dequantizes the codes itself (forward and
+    backward) and gives what bitsandbytes' own 4-bit matmul gives through the module path."""
+    from tunesmith.quant.bnb import QuantSpec, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64, bias=True))
+    quantize_model(model, QuantSpec(skip_modules=[]))
+    assert type(model[0]).__name__ == "Linear4bit"
+    layer = LoRALinear(model[0], r=4, alpha=8, dropout=dropout)
+    _fused_and_reference(layer, torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1)), 1e-5)
+
+
+def test_fused_path_under_autocast_computes_in_its_dtype():
+    """Under autocast over a bf16 base, fp32 adapters are cast (not the activations to fp32 and back): same
+    result and fp32 gradients as autocast over the module path, within bf16 rounding. Without autocast, mixed
+    dtypes take the module path."""
+    layer = LoRALinear(nn.Linear(64, 48, bias=False, dtype=torch.bfloat16), r=8, alpha=16, dtype=torch.float32)
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    _fused_and_reference(layer, x, 2e-2, autocast=torch.bfloat16)
+    assert layer._fused_dtype(x.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.float16):  # the base weight is not in autocast's dtype
+        assert layer._fused_dtype(x) is None
 
 
 def test_init_is_identity_and_reproducible(tiny_model):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import TunesmithError
+from tunesmith.quant.bnb import dequantize, is_4bit
 
 ALL_LINEAR = "all-linear"
 _OUTPUT_HEAD_NAME = "lm_head"
@@ -82,13 +83,17 @@ class LoRALinear(nn.Module):
             raise TunesmithError("a merged LoRA adapter cannot be disabled; call unmerge() first")
         if self.disabled or self.merged:
             return self.base_layer(x)
-        if self._fused_ok(x):
-            return _lora_linear(x, self.lora_dropout(x), self.base_layer.weight, self.base_layer.bias,
-                                self.lora_A.weight, self.lora_B.weight, self.scaling)
+        dtype = self._fused_dtype(x)
+        if dtype is not None:
+            x = x.to(dtype)
+            bias = self.base_layer.bias
+            return _lora_linear(x, self.lora_dropout(x), self.base_layer.weight,
+                                None if bias is None else bias.to(dtype), self.lora_A.weight.to(dtype),
+                                self.lora_B.weight.to(dtype), self.scaling)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter through the plain modules (quantized bases, autocast; the fused path's reference)."""
+        """The adapter through the plain modules (the fused path's reference)."""
         result = self.base_layer(x)
         hidden = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)).to(result.dtype)
         # s is folded into B (r×d_out, cheap) and the add into the matmul: one kernel over the activations
@@ -96,13 +101,30 @@ class LoRALinear(nn.Module):
         out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, self.r), scaled_b.t())
         return out.view(result.shape)
 
-    def _fused_ok(self, x: torch.Tensor) -> bool:
-        """Whether ``_lora_linear`` computes this call: a plain frozen float ``nn.Linear`` base, one dtype
-        throughout, and no autocast (which would pick the matmuls' dtype itself)."""
+    def _fused_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype ``_lora_linear`` computes this call in, or None when the module path must run.
+
+        The fused path takes a frozen base that is a plain ``nn.Linear`` or a bitsandbytes 4-bit layer (its
+        weight is dequantized inside the node, in the forward and again in the backward, never kept). Under
+        autocast it computes in autocast's dtype, as autocast would: the activations and the small adapter
+        matrices are cast, never the base weight, which must already be in that dtype (a 4-bit weight must
+        dequantize to it). Without autocast everything must share one dtype.
+        """
         weight = self.base_layer.weight
-        return (type(self.base_layer) is nn.Linear and not weight.requires_grad
-                and x.dtype == weight.dtype == self.lora_A.weight.dtype == self.lora_B.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+        if weight.requires_grad:
+            return None
+        if type(self.base_layer) is nn.Linear:
+            base_dtype = weight.dtype
+        elif is_4bit(weight):
+            base_dtype = weight.quant_state.dtype
+        else:
+            return None
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return dtype if base_dtype == dtype else None
+        adapter = (self.lora_A.weight.dtype, self.lora_B.weight.dtype)
+        return x.dtype if base_dtype == x.dtype and adapter == (x.dtype, x.dtype) else None
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B · A`` in fp32 (d_out×d_in): what merging adds to the base weight."""
@@ -147,7 +169,9 @@ class LoRALinear(nn.Module):
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """``Y = X Wᵀ + b + s · (X' Aᵀ) Bᵀ`` with ``X'`` = dropout(X), as one autograd node.
+    """``Y = X Wᵀ + b + s · (X' Aᵀ) Bᵀ`` with ``X'`` = dropout(X), as one autograd node. ``W`` may be a 4-bit
+    bitsandbytes weight: it is dequantized for the forward product and again for the backward's ``G W``, and
+    only its packed codes are kept between them (what bitsandbytes' own 4-bit matmul does).
 
     Backward, with G = ∂L/∂Y and U = X' Aᵀ (n×r, kept from the forward):
 
@@ -157,7 +181,9 @@ class _LoRALinearFunction(torch.autograd.Function):
     Autograd over the plain modules computes the same products but as separate nodes, each allocating its
     own output and adding it to the next: on CPU that bookkeeping costs about as much as the rank-r products
     themselves. Here the adapter's products accumulate in place into the base layer's output (forward) and
-    input gradient (backward). ``LoRALinear.reference_forward`` is the reference; tests compare them.
+    input gradient (backward). On a GPU under autocast the plain modules also copy the activations twice per
+    adapter (to the fp32 adapter's dtype for QLoRA, then back to bf16 by autocast); here only the small
+    adapter matrices are cast. ``LoRALinear.reference_forward`` is the reference; tests compare them.
     """
 
     @staticmethod
@@ -165,21 +191,24 @@ class _LoRALinearFunction(torch.autograd.Function):
         shape = x.shape
         x2, xa2 = x.reshape(-1, shape[-1]), x_adapter.reshape(-1, shape[-1])
         hidden = xa2 @ lora_a.t()
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        dense = dequantize(weight)  # a 4-bit weight: its compute-dtype values, for this product only
+        out = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(xa2, weight, lora_a, lora_b, hidden)
+        quantized = is_4bit(weight)
+        ctx.save_for_backward(xa2, lora_a, lora_b, hidden, *(() if quantized else (weight,)))
+        ctx.packed = weight if quantized else None  # dequantized again in the backward, never kept
         ctx.scaling, ctx.shape, ctx.same_input = scaling, shape, x_adapter is x
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        xa2, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        xa2, lora_a, lora_b, hidden, *dense = ctx.saved_tensors
         s, shape = ctx.scaling, ctx.shape
         g = grad.reshape(-1, grad.shape[-1])
         gb = g @ lora_b  # (n×r)
         grad_x = grad_xa = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
+            grad_x = g @ (dense[0] if dense else dequantize(ctx.packed))
             if ctx.same_input:
                 grad_x.addmm_(gb, lora_a, alpha=s)
             grad_x = grad_x.view(shape)

@@ -151,13 +151,21 @@ def _kernel_disagrees(layer: nn.Module) -> str | None:
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The full-precision weight a 4-bit layer computes with (dequant of its NF4/FP4 codes)."""
-    weight = layer.weight
-    if getattr(weight, "quant_state", None) is None:
+    return dequantize(layer.weight)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight's values in its compute dtype, by bitsandbytes' own kernel; a float weight as it is."""
+    if not is_4bit(weight):
         return weight.data
     import bitsandbytes.functional as bf
 
     return bf.dequantize_4bit(weight.data, weight.quant_state).to(weight.quant_state.dtype)
 
 
+def is_4bit(weight: torch.Tensor) -> bool:
+    return getattr(weight, "quant_state", None) is not None
+
+
 def is_quantized(layer: nn.Module) -> bool:
-    return getattr(layer.weight, "quant_state", None) is not None
+    return is_4bit(layer.weight)
