@@ -196,6 +196,9 @@ class TrainConfig(_Section):
     layout: Literal["auto", "rows", "flat", "varlen", "cache", "plain"] = "auto"
     """How a batch is laid out for the model, chosen once at setup (README "Layouts"); auto picks from the
     device, attention and batching, and summary.json records the choice and why."""
+    kernels: Literal["torch", "liger"] = "torch"
+    """The decoder's RMSNorm, rotary embedding and SwiGLU: the model's own modules (torch), or Liger's fused
+    Triton kernels (liger: CUDA, needs the liger-kernel package; fewer kernel launches a step)."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
     holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""

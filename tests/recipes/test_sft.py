@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tinymodels import build_tiny_llama
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes import sft
 from tunesmith.train import objectives
@@ -126,7 +127,6 @@ def test_resume_refuses_changed_rank_dataset_or_model(make_config, data_files, t
     train.write_text(train.read_text().replace("alpha", "omega"))
     with pytest.raises(TunesmithError, match=f"the data \\({train}\\) changed on disk since the checkpoint"):
         sft.run(config, resume=True)
-    from tinymodels import build_tiny_llama
 
     other = tmp_path / "other-model"
     build_tiny_llama(seed=3).save_pretrained(other)
@@ -229,8 +229,9 @@ def test_compile_is_refused_with_the_measurement(make_config):
 
 def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
     auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false"))
-    recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())["layout"]
-    assert recorded == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True}
+    recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())
+    assert recorded["layout"] == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True}
+    assert recorded["kernels"] == {"name": "torch"}
     for name in ("flat", "varlen", "cache", "plain"):
         forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}"))
         assert forced["layout"]["name"] == name
@@ -243,3 +244,19 @@ def test_impossible_forced_layout_is_refused_before_the_run_dir(make_config):
     with pytest.raises(TunesmithError, match="train.layout=rows needs"):
         sft.run(config)
     assert not config.run_dir.exists()
+
+
+def test_liger_kernels_are_refused_before_the_run_dir_where_they_cannot_run(make_config, monkeypatch):
+    """train.kernels=liger needs CUDA and the liger-kernel package; either missing is said before any work."""
+    from tunesmith.train import kernels
+
+    config = make_config("train.kernels=liger")
+    with pytest.raises(TunesmithError, match="train.kernels=liger needs a CUDA GPU .* use train.kernels=torch"):
+        sft.run(config)
+    assert not config.run_dir.exists()
+    model = build_tiny_llama()
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(TunesmithError, match="needs the liger-kernel package: pip install liger-kernel"):
+        kernels.check_kernels("liger", model, torch.device("cuda"))
+    kernels.check_kernels("torch", model, torch.device("cpu"))  # the default runs everywhere
+    assert kernels.install_kernels(model, "torch") == {"name": "torch"}

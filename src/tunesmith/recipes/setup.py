@@ -23,6 +23,7 @@ from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora, load_adapter
 from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
+from tunesmith.train.kernels import check_kernels
 from tunesmith.train.layout import Layout, choose_layout
 
 
@@ -43,6 +44,7 @@ class RunSetup:
     drops: dict  # "train" / "eval" → PreparedData.drops()
     quantization: QuantizedModel | None = None
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
+    kernels: dict | None = None  # what train/kernels.py installed (summary.json's "kernels")
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -120,6 +122,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
                         adjust=adjust_model, tokenizer=tokenizer)
     layout = choose_layout(built.model, built.device, requested=config.train.layout, batching=config.data.batching,
                            max_length=config.data.max_length, checkpointing=config.train.gradient_checkpointing)
+    check_kernels(config.train.kernels, built.model, built.device)
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)

@@ -22,6 +22,7 @@ import torch
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
+from tunesmith.train.kernels import install_kernels
 from tunesmith.train.layout import install_layout
 from tunesmith.train.loop import autocast_for, enable_gradient_checkpointing
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
@@ -156,6 +157,7 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     if not setup.resume and config.eval.before and setup.eval is not None and world.main:
         # before wrapping: rank 0 still holds the whole model (FSDP2 shards it next); the others wait at the wrap
         objective.evaluate("before")
+    setup.kernels = install_kernels(model, config.train.kernels)  # once, before any training forward
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     setup.layout = install_layout(model, setup.layout)  # once, before any forward
