@@ -8,7 +8,7 @@ from tunesmith.cli import main
 
 
 def test_bench_runs_tunesmith_and_reports_each_run(tmp_path, capsys):
-    code = main(["bench", "--shape", "tiny", "--method", "lora", "--runs", "ts_fast,ts_plain", "--steps", "2",
+    code = main(["bench", "--shape", "tiny", "--method", "lora", "--runs", "ts_fast,ts_plain", "--steps", "3",
                  "--extra", "ts_plain=train.layout=plain", "--work", str(tmp_path)])
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -17,7 +17,8 @@ def test_bench_runs_tunesmith_and_reports_each_run(tmp_path, capsys):
     for row in (fast, plain):
         assert row["rc"] == 0 and row["stack"] == "tunesmith"
         assert 0 < row["trained_tokens_per_s"] < row["tokens_per_s"]
-        assert len(row["losses"]) == 2 and round(row["final_loss"], 4) == row["losses"][-1]
+        assert len(row["losses"]) == 3 and round(row["final_loss"], 4) == row["losses"][-1]
+        assert row["steady_tokens_per_s"] > 0 and row["kernels"] == {"name": "torch"}
         assert row["mfu_formula"].startswith("tokens/s × (4N + 12·L·d·ctx)")
         assert row["N"] == parameter_count(SHAPES["tiny"], 49152)
     assert fast["layout"]["name"] == "rows" and plain["layout"]["name"] == "plain"

@@ -17,7 +17,8 @@ checkpointing) for tunesmith and TRL alike (``trl_lora_rank.py``).
 
 One JSON line per run: tokens/s over input tokens without padding (``tokens_per_s``, what every stack can count)
 and over trained tokens (``trained_tokens_per_s``, tunesmith only: TRL trains every token of its text rows),
-both divided by the seconds of the training loop; peak allocated and reserved GiB (reset before training);
+both divided by the seconds of the training loop, and the median step's rate after two warm-up steps
+(``steady_tokens_per_s``, tunesmith only); peak allocated and reserved GiB (reset before training);
 MFU with its formula; the final loss.
 """
 
@@ -136,8 +137,16 @@ def tunesmith_run(name: str, overrides: list[str], *, model_dir: Path, data: Pat
             "tokens_per_s": round(summary["tokens"] / seconds), "trained_tokens_per_s": round(trained / seconds),
             "peak_allocated_gib": round(max(m.get("peak_memory_gib", 0.0) for m in metrics), 2),
             "peak_reserved_gib": round(max(m.get("peak_reserved_gib", 0.0) for m in metrics), 2),
+            "steady_tokens_per_s": _steady(metrics),
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"], "layout": summary.get("layout"),
-            "losses": [round(m["loss"], 4) for m in metrics]}
+            "kernels": summary.get("kernels"), "losses": [round(m["loss"], 4) for m in metrics]}
+
+
+def _steady(metrics: list[dict]) -> int | None:
+    """The median step's tokens/s leaving out the first two steps (warm-up: kernel compilation and autotuning,
+    the allocator growing), which a short run's whole-loop rate still carries; None under 3 steps."""
+    rates = sorted(m["tokens_per_s"] for m in metrics[2:] if m.get("tokens_per_s"))
+    return round(rates[len(rates) // 2]) if rates else None
 
 
 def baseline_run(name: str, script: Path, flags: list[str], *, timeout: float) -> dict:
