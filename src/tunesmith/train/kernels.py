@@ -23,17 +23,14 @@ import torch
 
 from tunesmith.errors import TunesmithError
 
-KERNELS = ("torch", "liger")
 LIGER_PARTS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                "fused_linear_cross_entropy": False}
 
 
 def check_kernels(requested: str, model, device: torch.device) -> None:
     """Refuse a kernel choice this model or device cannot run, before the run dir is made."""
-    if requested == "torch":
+    if requested == "torch":  # the config allows only torch and liger
         return
-    if requested != "liger":
-        raise TunesmithError(f"train.kernels must be one of {', '.join(KERNELS)}, got {requested!r}")
     if device.type != "cuda":
         raise TunesmithError(f"train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton); this run is on "
                              f"{device.type}: use train.kernels=torch")

@@ -1,5 +1,6 @@
-"""The supervised loss at trained positions only, and how the model is run for it (layouts, checkpointing). The loop that calls it, with accumulation, clipping and the non-finite policy, is
-``train/engine.py``; ``train/objectives.py`` turns a micro-batch into this loss.
+"""The supervised loss at trained positions only, and how the model is run for it (layouts, checkpointing).
+The loop that calls it, with accumulation, clipping and the non-finite policy, is ``train/engine.py``;
+``train/objectives.py`` turns a micro-batch into this loss.
 """
 
 from __future__ import annotations
@@ -165,12 +166,14 @@ def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
             ids, positions, segment, index = flat
             read = index[:, :-1][host["labels"][:, 1:] != IGNORE_INDEX]  # where the trained states sit
             extra = {}
-            if not _checkpointing(decoder):  # checkpointed blocks recompute after this call: no per-call plans
-                extra[READ] = read.to(device, non_blocking=True)
-                if layout == "rows":
-                    counts = torch.bincount(segment[segment >= 0], minlength=len(host["input_ids"])).tolist()
-                    extra[ROWS] = Rows.from_lengths(shared, counts, segment.device).to(device)
+            # checkpointed blocks recompute after this call: no per-call plans; the row plan is made from the host
+            # copy of the segments, before they move
+            if layout == "rows" and not _checkpointing(decoder):
+                counts = torch.bincount(segment[segment >= 0], minlength=len(host["input_ids"])).tolist()
+                extra[ROWS] = Rows.from_lengths(shared, counts, segment.device).to(device)
             ids, positions, segment, read = (t.to(device, non_blocking=True) for t in (ids, positions, segment, read))
+            if not _checkpointing(decoder):
+                extra[READ] = read
             implementation = "eager" if attention_implementation(model) == "eager" else "sdpa"
             mask = _flat_mask(segment, implementation, model.dtype)
             hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, **extra)
