@@ -199,6 +199,10 @@ class TrainConfig(_Section):
     kernels: Literal["torch", "liger"] = "torch"
     """The decoder's RMSNorm, rotary embedding and SwiGLU: the model's own modules (torch), or Liger's fused
     Triton kernels (liger: CUDA, needs the liger-kernel package; fewer kernel launches a step)."""
+    graphs: bool = False
+    """CUDA graphs: each micro-batch's forward and backward is recorded once per padded shape and replayed, so
+    the host no longer launches every kernel (CUDA, supervised training, no gradient checkpointing; README
+    "CUDA graphs")."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
     holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""

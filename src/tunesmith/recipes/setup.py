@@ -23,6 +23,8 @@ from tunesmith.models.load import resolve_path
 from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora, load_adapter
 from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
+from tunesmith.train.dist import current
+from tunesmith.train.graphs import check_graphs
 from tunesmith.train.kernels import check_kernels
 from tunesmith.train.layout import Layout, choose_layout
 
@@ -45,6 +47,7 @@ class RunSetup:
     quantization: QuantizedModel | None = None
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
     kernels: dict | None = None  # what train/kernels.py installed (summary.json's "kernels")
+    graphs: object | None = None  # train/graphs.py's GraphedSteps under train.graphs (summary.json's "graphs")
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -123,6 +126,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     layout = choose_layout(built.model, built.device, requested=config.train.layout, batching=config.data.batching,
                            max_length=config.data.max_length, checkpointing=config.train.gradient_checkpointing)
     check_kernels(config.train.kernels, built.model, built.device)
+    check_graphs(config, built.model, built.device, current().size)
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)

@@ -22,8 +22,9 @@ import torch
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
+from tunesmith.train.graphs import GraphedSteps
 from tunesmith.train.kernels import install_kernels
-from tunesmith.train.layout import install_layout
+from tunesmith.train.layout import Layout, install_layout
 from tunesmith.train.loop import autocast_for, enable_gradient_checkpointing
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.fsdp import clip_gradients, gathered_model, parallel_for, sharded
@@ -71,7 +72,8 @@ class StepResult:
 
 def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, micro_batches: list[MicroBatch], *,
                lr: float, max_grad_norm: float | None, device: torch.device, dtype: torch.dtype,
-               on_micro_batch=None, world: World = SINGLE, idle: bool = False) -> StepResult:
+               on_micro_batch=None, world: World = SINGLE, idle: bool = False,
+               graphs: GraphedSteps | None = None) -> StepResult:
     """One optimizer step over ``micro_batches`` (this rank's share of the step): forward and backward of each
     through ``module`` (a ``TrainingModule``, under DDP with several processes), then clip and step.
 
@@ -80,7 +82,8 @@ def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, mic
     Under DDP only the last micro-batch's backward all-reduces (``no_sync`` before it); gradients are summed
     over ranks. ``idle``: this rank has no micro-batch left in the epoch's last step; it runs its one given
     micro-batch with weight 0 so the all-reduce still meets every rank. A non-finite loss or gradient leaves
-    parameters and optimizer state untouched (``skipped``).
+    parameters and optimizer state untouched (``skipped``). ``graphs``: micro-batches run through CUDA graphs
+    (``train/graphs.py``; supervised loss, one process).
     """
     totals = Counter()
     for micro in micro_batches:
@@ -93,6 +96,9 @@ def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, mic
     for index, micro in enumerate(micro_batches):
         if on_micro_batch is not None and not idle:
             on_micro_batch(index)
+        if graphs is not None:
+            loss_sum = loss_sum + graphs.run(micro.batch, 1.0 / max(totals["tokens"], 1)).float()
+            continue
         batch = {key: _to_device(value, device) for key, value in micro.batch.items()}
         last = index == len(micro_batches) - 1
         # the kernel choice holds for the backward too: checkpointed blocks recompute there, and must pick the
@@ -113,7 +119,8 @@ def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, mic
     read = torch.cat([values, grad_norm.reshape(1).to(values)]).tolist()  # the step's one device read
     summed = sum_floats(dict(zip(["loss", *keys], read[:-1])), world)
     loss_value, sums = summed.pop("loss"), summed
-    grad_norm, skipped = _step_if_finite(optimizer, loss_value, read[-1], lr=lr)
+    # a graph adds into the same gradient tensors on every replay: they are zeroed, never freed
+    grad_norm, skipped = _step_if_finite(optimizer, loss_value, read[-1], lr=lr, keep_grads=graphs is not None)
     return StepResult(loss=loss_value, grad_norm=grad_norm, skipped=skipped, counts=dict(totals),
                       metrics=loss_fn.step_metrics(sums))
 
@@ -136,7 +143,8 @@ def attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _step_if_finite(optimizer, loss_value: float, grad_norm: float, *, lr: float) -> tuple[float, bool]:
+def _step_if_finite(optimizer, loss_value: float, grad_norm: float, *, lr: float,
+                    keep_grads: bool = False) -> tuple[float, bool]:
     """Step at ``lr`` unless the loss or the gradient norm is not finite; then parameters and optimizer state
     stay untouched. Gradients are cleared either way. Returns ``(grad_norm, skipped)``."""
     skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
@@ -144,7 +152,7 @@ def _step_if_finite(optimizer, loss_value: float, grad_norm: float, *, lr: float
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     return grad_norm, skipped
 
 
@@ -160,12 +168,20 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     setup.kernels = install_kernels(model, config.train.kernels)  # once, before any training forward
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if config.train.graphs:  # graphs lay every micro-batch out as one varlen row (train/graphs.py)
+        setup.layout = Layout("varlen", "train.graphs")
     setup.layout = install_layout(model, setup.layout)  # once, before any forward
     module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device,
                       parallel=parallel, dtype=setup.dtype)
     if sharded(model):  # FSDP2 replaced every parameter by its shard: the optimizer steps the shards
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params)
+    graphs = None
+    if config.train.graphs:
+        width = (config.data.token_budget or config.data.max_length) if config.data.batching == "pack" else \
+            config.data.max_length
+        graphs = setup.graphs = GraphedSteps(model, params, device, setup.dtype,
+                                             capacity=config.train.micro_batch_size * width)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
     per_step = config.train.grad_accum * world.size
@@ -210,7 +226,7 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
             step_start = time.time()
             result = train_step(module, optimizer, params, objective.loss, micro_batches, lr=lr,
                                 max_grad_norm=config.optim.max_grad_norm, device=device, dtype=setup.dtype,
-                                on_micro_batch=hook, world=world, idle=not mine)
+                                on_micro_batch=hook, world=world, idle=not mine, graphs=graphs)
             # One token count for every objective: the examples' own tokens, without padding
             tokens = sum(objective.lengths[i] for batch in chunk for i in _indices(batch))
             state.train_seconds += time.time() - step_start

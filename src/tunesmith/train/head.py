@@ -21,13 +21,14 @@ CHUNK_POSITIONS = 256
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                chunk: int, with_grad: bool) -> torch.Tensor:
+                chunk: int, with_grad: bool, scales: torch.Tensor | None) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad and weight.requires_grad else None
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             y = targets[start:start + chunk]
+            s = None if scales is None else scales[start:start + chunk, None]
             # One vocabulary-sized buffer per chunk, transformed in place: logits -> exp -> softmax -> ∂L/∂z
             # (fresh temporaries of this size each cost a pass over memory plus page faults on CPU).
             z = (h @ weight.t()).float()
@@ -38,13 +39,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = z.gather(1, y[:, None]).squeeze(1)
             peak = z.amax(dim=1, keepdim=True)
             norm = z.sub_(peak).exp_().sum(dim=1, keepdim=True)  # z now holds exp(z - max)
-            total += (peak.squeeze(1) + norm.squeeze(1).log() - picked).sum()
+            losses = peak + norm.log() - picked[:, None]
+            total += (losses if s is None else losses * s).sum()
             if not with_grad:
                 continue
             grad = z.div_(norm)  # softmax
             grad[torch.arange(len(y), device=y.device), y] -= 1.0
             if softcap:
                 grad.mul_(1.0 - tanh.square_())  # d(c·tanh(x/c))/dx = 1 − tanh²
+            if s is not None:
+                grad.mul_(s)
             grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad.t() @ h.float()
@@ -59,13 +63,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_output.to(grad_hidden.dtype)
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         softcap: float | None = None, chunk: int = CHUNK_POSITIONS) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (see the module docstring)."""
+                         softcap: float | None = None, chunk: int = CHUNK_POSITIONS,
+                         scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (see the module docstring); with
+    ``scales`` (n, float32) each position's term is multiplied by its scale (0: the position carries no loss),
+    so a batch of fixed shape can hold positions that do not train (``train.graphs``)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk, with_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk, with_grad, scales)

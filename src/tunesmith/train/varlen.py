@@ -44,6 +44,8 @@ def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
         group = q.shape[1] // k.shape[1]
         bounds = cu.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
+            if start == end:  # an empty sequence (``train.graphs`` pads the plan with them)
+                continue
             keys, values = (t[start:end].repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
             out[start:end] = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys, values,
                                                             is_causal=True, scale=scale).transpose(0, 1)

@@ -1,0 +1,205 @@
+"""CUDA graphs of a micro-batch's forward and backward (``train.graphs=true``): the host records a step's
+kernels once and the GPU replays them, instead of the host launching each of them every micro-batch.
+
+Why: a LoRA step on a 1B model launches ~5,000 kernels, and on an H200 the host takes longer to launch them
+than the GPU takes to run them (the GPU measured busy 30% of a step, BENCHMARKS.md). A replayed graph costs
+one launch.
+
+What a graph needs is a batch of fixed shape with no host decision inside it, so each micro-batch is laid out
+on the host as one row of fixed size (``graph_plan``):
+
+    tokens     every example's real tokens end to end (the ``varlen`` layout's row), then padding up to a
+               bucket: the micro-batch's largest possible size (micro_batch_size × max_length, or the packed
+               rows) in ``BUCKETS`` steps, so a run captures a few graphs, not one per batch
+    sequences  where each example starts (``cu_seqlens`` for PyTorch's variable-length flash kernel), padded
+               with empty sequences to a power of two, at least ``MIN_SEQUENCES``; the padding tokens are one
+               sequence of their own
+    targets    the token each position predicts, and its loss scale: 1 / (the step's trained tokens) where it
+               trains, 0 elsewhere, so the graph's loss is the engine's micro-batch loss
+
+Every position goes through the output head (scaled by 0 where nothing trains): the trained count changes
+from batch to batch and a graph cannot. The loss and gradients equal the plain path's (tested on the CPU,
+where the same plan runs eagerly); the capture itself runs on CUDA only.
+
+A run starts with one eager micro-batch (lazy initialisation: cuBLAS handles, the kernel's first call), then
+captures a graph the first time each (tokens, sequences) shape is seen and replays it from then on. All graphs
+share one memory pool: a graph's memory is live only while it replays, and micro-batches run one after
+another. The backward inside a graph adds into the parameters' ``.grad`` tensors, which must therefore stay
+the same tensors for the whole run: the engine zeroes them after a step instead of freeing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.errors import TunesmithError
+from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train.head import linear_cross_entropy
+from tunesmith.train.varlen import PLAN, varlen_plan
+
+BUCKETS = 8
+"""Token buckets per micro-batch: the largest size in eighths (a batch pads to the next eighth)."""
+ALIGN = 64
+MIN_SEQUENCES = 32
+"""Sequences per plan at least (empty ones cost the kernel nothing measurable): packed rows of short examples
+vary in count from batch to batch, and each count would otherwise be a graph of its own (measured: 4 graphs in
+32 packed micro-batches of the Llama-3.1-8B shape with a floor of 1, BENCHMARKS.md)."""
+
+
+@dataclass
+class GraphPlan:
+    """One micro-batch laid out at a fixed shape (module docstring), on the host."""
+
+    input_ids: torch.Tensor  # (N,) long
+    position_ids: torch.Tensor  # (N,) long
+    cu_seqlens: torch.Tensor  # (K + 1,) int32
+    targets: torch.Tensor  # (N,) long: the token position n predicts (0 where nothing trains)
+    scales: torch.Tensor  # (N,) float32: the loss scale of position n (0 where nothing trains)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return len(self.input_ids), len(self.cu_seqlens)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens,
+                "targets": self.targets, "scales": self.scales}
+
+
+def bucket(tokens: int, capacity: int) -> int:
+    """The padded size for ``tokens`` real tokens: the smallest of ``capacity``'s ``BUCKETS`` steps that holds them
+    (rounded up to ``ALIGN``); beyond ``capacity``, the next multiple of its step."""
+    step = -(-capacity // BUCKETS // ALIGN) * ALIGN
+    return max(step, -(-tokens // step) * step)
+
+
+def graph_plan(host: dict, *, capacity: int, scale: float) -> GraphPlan:
+    """``host`` (a collated micro-batch: right-padded rows, or packed rows with ``position_ids``) as a fixed-shape
+    plan (module docstring). ``capacity``: the largest micro-batch in tokens; ``scale``: 1 / the step's trained
+    tokens."""
+    plan = varlen_plan(host)
+    if plan is None:
+        raise TunesmithError("train.graphs needs right-padded or packed batches; this batch is left-padded")
+    ids, positions, index, cu, _ = plan
+    ids, positions = ids[0], positions[0]
+    real = len(ids)
+    size = bucket(real, capacity)
+    spans = len(cu) - 1 + (size > real)  # the examples, then the padding's own sequence
+    slots = max(MIN_SEQUENCES, 1 << (spans - 1).bit_length())  # a power of two ≥ spans: the rest are empty
+    cu_seqlens = torch.full((slots + 1,), size, dtype=torch.int32)
+    cu_seqlens[:len(cu)] = cu.to(torch.int32)
+    full_ids = torch.zeros(size, dtype=torch.long)
+    full_ids[:real] = ids
+    full_positions = torch.zeros(size, dtype=torch.long)
+    full_positions[:real] = positions
+    full_positions[real:] = torch.arange(size - real)
+    labels = host["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    where = index[:, :-1][keep]
+    targets = torch.zeros(size, dtype=torch.long)
+    targets[where] = labels[keep]
+    scales = torch.zeros(size, dtype=torch.float32)
+    scales[where] = scale
+    return GraphPlan(full_ids, full_positions, cu_seqlens, targets, scales)
+
+
+def plan_loss(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+              targets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's loss from a plan's tensors (on the model's device): what a graph records."""
+    decoder = model.get_decoder()
+    size = input_ids.shape[0]
+    # the kernel reads the plan, not a mask: a prepared (here empty) 4-D mask keeps transformers from building one
+    empty = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+    hidden = decoder(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=empty,
+                     use_cache=False, **{PLAN: (cu_seqlens, size)}).last_hidden_state[0]
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap, scales=scales)
+    logits = head(hidden).float()
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return (F.cross_entropy(logits, targets, reduction="none") * scales).sum()
+
+
+def check_graphs(config, model, device: torch.device, world_size: int = 1) -> None:
+    """Refuse ``train.graphs=true`` where it cannot run, before the run dir is made."""
+    if not config.train.graphs:
+        return
+    from tunesmith.train import varlen
+    from tunesmith.train.layout import attention_implementation, plain_causal_attention
+
+    why = None
+    if device.type != "cuda":
+        why = f"a CUDA GPU; this run is on {device.type}"
+    elif not varlen.available():
+        why = "PyTorch's variable-length attention (torch.nn.attention.varlen, torch ≥ 2.10)"
+    elif config.method.objective != "sft":
+        why = "the supervised objective (method.objective=sft); preference training runs eager"
+    elif config.train.gradient_checkpointing:
+        why = "no gradient checkpointing (its recomputation reads the random state on the host)"
+    elif world_size > 1:
+        why = "one process (DDP and FSDP2 communicate between micro-batches)"
+    elif attention_implementation(model) not in ("sdpa", "eager") or not plain_causal_attention(
+            model.config, config.data.max_length) or getattr(model.config, "attention_dropout", 0.0):
+        why = "plain causal attention (SDPA or eager; no sliding window, soft-capping or attention dropout)"
+    if why:
+        raise TunesmithError(f"train.graphs=true needs {why}; set train.graphs=false")
+
+
+class GraphedSteps:
+    """Runs micro-batches (forward and backward) through CUDA graphs (module docstring); ``run`` returns the
+    micro-batch's loss, already back-propagated into the parameters' ``.grad``."""
+
+    def __init__(self, model, params: list[torch.nn.Parameter], device: torch.device, dtype: torch.dtype,
+                 capacity: int):
+        self.model, self.params, self.device, self.dtype, self.capacity = model, params, device, dtype, capacity
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool = None
+        self.warm = False
+
+    def _autocast(self):
+        if self.dtype in (torch.bfloat16, torch.float16):
+            # a graph cannot keep autocast's cast-weight cache between replays
+            return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def run(self, host: dict, scale: float) -> torch.Tensor:
+        plan = graph_plan(host, capacity=self.capacity, scale=scale)
+        inputs = {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in plan.tensors().items()}
+        if not self.warm:  # the first micro-batch runs eagerly: lazy initialisation stays out of any graph
+            self.warm = True
+            with self._autocast():
+                loss = plan_loss(self.model, **inputs)
+            loss.backward()
+            return loss.detach()
+        entry = self.graphs.get(plan.key)
+        if entry is None:
+            entry = self.graphs[plan.key] = self._capture(inputs)
+        graph, static, loss = entry
+        for name, tensor in inputs.items():
+            static[name].copy_(tensor, non_blocking=True)
+        graph.replay()
+        return loss
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
+        # the graph adds into these gradient tensors on every replay: they exist before it and are never freed
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        static = {name: tensor.clone() for name, tensor in inputs.items()}
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, pool=self.pool):
+            with self._autocast():
+                loss = plan_loss(self.model, **static)
+            loss.backward()
+        return graph, static, loss.detach()
+
+    def summary(self) -> dict:
+        return {"graphs": len(self.graphs), "shapes": [list(key) for key in sorted(self.graphs)]}

@@ -1,0 +1,142 @@
+"""``train.graphs``: the fixed-shape plan a CUDA graph records gives the plain path's loss and gradients (shown on
+the CPU, where the plan runs eagerly), its shapes fall into few buckets, and the option is refused where a graph
+cannot run. The capture itself is CUDA-only (the last test, skipped here)."""
+
+import pytest
+import torch
+
+from tinymodels import build_adapted_tiny_llama
+from tunesmith.config import RunConfig
+from tunesmith.data.batching import pack_collate
+from tunesmith.errors import TunesmithError
+from tunesmith.peft import adapter_parameters
+from tunesmith.train.graphs import MIN_SEQUENCES, bucket, check_graphs, graph_plan, plan_loss
+from tunesmith.train.layout import choose_layout, install_layout
+from tunesmith.train.loop import supervised_loss_sum
+
+CPU = torch.device("cpu")
+
+
+def _padded():
+    """Three right-padded rows of different lengths sharing no prefix; the middle row trains two tokens."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 0, 0, 0], [16, 17, 18, 19, 20, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10, 11], [-100, -100, 14, 15, -100, -100, -100],
+                           [-100, -100, -100, 19, 20, -100, -100]])
+    return {"input_ids": ids, "labels": labels, "attention_mask": (torch.arange(7) < torch.tensor([[7], [4], [5]])).long()}
+
+
+def _packed():
+    examples = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+                {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+                {"input_ids": [13, 14, 15, 16], "labels": [-100, -100, -100, 16]}]
+    return pack_collate([examples[:2], examples[2:]], pad_id=0, budget=9)
+
+
+def _loss_and_grads(model, compute):
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in adapter_parameters(model).items()}
+
+
+@pytest.mark.parametrize("make, capacity", [(_padded, 8 * 7), (_packed, 2 * 9)])
+def test_the_plan_gives_the_plain_loss_and_gradients(make, capacity):
+    model = build_adapted_tiny_llama()
+    batch = make()
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    plain, plain_grads = _loss_and_grads(model, lambda: supervised_loss_sum(model, batch, layout="plain") / tokens)
+    install_layout(model, choose_layout(model, CPU, requested="varlen", batching="pad"))
+    plan = graph_plan(batch, capacity=capacity, scale=1.0 / tokens)
+    ours, grads = _loss_and_grads(model, lambda: plan_loss(model, **plan.tensors()))
+    torch.testing.assert_close(ours, plain, atol=1e-6, rtol=1e-5)
+    for key in plain_grads:
+        torch.testing.assert_close(grads[key], plain_grads[key], atol=1e-6, rtol=1e-4)
+    # the padding positions are there and weigh nothing
+    assert plan.scales.count_nonzero() == tokens and len(plan.input_ids) == bucket(len(plan.input_ids), capacity)
+
+
+def test_the_plan_pads_to_buckets_and_empty_sequences():
+    plan = graph_plan(_padded(), capacity=8 * 64, scale=0.5)
+    # real tokens: each row up to its last trained target (6 + 3 + 4 = 13), in a bucket of 512 / 8 = 64
+    assert plan.key == (64, MIN_SEQUENCES + 1)  # 3 examples + the padding's sequence, then empty ones
+    assert plan.cu_seqlens.tolist() == [0, 6, 9, 13, *[64] * (MIN_SEQUENCES - 3)]
+    assert plan.position_ids[:16].tolist() == [*range(6), *range(3), *range(4), 0, 1, 2]
+    assert plan.input_ids[:13].tolist() == [5, 6, 7, 8, 9, 10, 12, 13, 14, 16, 17, 18, 19]
+    # position n predicts the label after it: row 0's token 6 (n = 1) predicts 7, ...
+    assert plan.targets[:13].tolist() == [0, 7, 8, 9, 10, 11, 0, 14, 15, 0, 0, 19, 20]
+    assert plan.scales[:13].tolist() == [0, .5, .5, .5, .5, .5, 0, .5, .5, 0, 0, .5, .5]
+    many = graph_plan({key: value.repeat(12, 1) for key, value in _padded().items()}, capacity=8 * 64, scale=0.5)
+    assert many.key == (192, 65)  # 36 examples + padding = 37 spans → 64 sequences, 27 of them empty
+    assert many.cu_seqlens.tolist()[:4] == [0, 6, 9, 13] and many.cu_seqlens.tolist()[36:] == [156, *[192] * 28]
+    # a batch of the same bucket gets the same shape: one graph serves both
+    other = {key: value[:2] for key, value in _padded().items()}
+    assert graph_plan(other, capacity=8 * 64, scale=1.0).key[0] == 64
+    assert [bucket(n, 4096) for n in (1, 512, 513, 2400, 4096, 5000)] == [512, 512, 1024, 2560, 4096, 5120]
+
+
+def test_empty_sequences_are_skipped():
+    """The power-of-two sequence count adds empty sequences; they attend to nothing and change nothing."""
+    model = build_adapted_tiny_llama()
+    install_layout(model, choose_layout(model, CPU, requested="varlen", batching="pad"))
+    plan = graph_plan(_padded(), capacity=8 * 7, scale=0.1)
+    fewer = plan.tensors()
+    more = {**fewer, "cu_seqlens": torch.cat([plan.cu_seqlens, plan.cu_seqlens[-1:].repeat(8)])}
+    with torch.no_grad():
+        torch.testing.assert_close(plan_loss(model, **more), plan_loss(model, **fewer))
+
+
+def test_refused_on_the_cpu():
+    config = RunConfig.model_validate({"train": {"graphs": True}})
+    with pytest.raises(TunesmithError, match="a CUDA GPU; this run is on cpu"):
+        check_graphs(config, build_adapted_tiny_llama(), CPU)
+
+
+@pytest.mark.parametrize("train, method, world, why", [
+    ({"gradient_checkpointing": True}, {}, 1, "no gradient checkpointing"),
+    ({}, {"objective": "dpo"}, 1, "the supervised objective"),
+    ({}, {}, 2, "one process"),
+])
+def test_refused_where_a_graph_cannot_run(monkeypatch, train, method, world, why):
+    from tunesmith.train import varlen
+
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    config = RunConfig.model_validate({"train": {"graphs": True, **train}, "method": method})
+    with pytest.raises(TunesmithError, match=why):
+        check_graphs(config, build_adapted_tiny_llama(), torch.device("cuda"), world)
+    check_graphs(RunConfig(), build_adapted_tiny_llama(), torch.device("cuda"), world)  # off: nothing to check
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_training_matches_eager_on_cuda():
+    """Four optimizer steps of the tiny bf16 model with and without graphs, the same kernels either way: the same
+    losses and adapter weights."""
+    from tunesmith.train.graphs import GraphedSteps
+
+    results = []
+    for graphed in (False, True):
+        model = build_adapted_tiny_llama().to("cuda", torch.bfloat16).train()  # the flash kernel is bf16 only
+        install_layout(model, choose_layout(model, torch.device("cuda"), requested="varlen", batching="pad"))
+        params = list(adapter_parameters(model).values())
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        steps = GraphedSteps(model, params, torch.device("cuda"), torch.bfloat16, capacity=8 * 7)
+        losses = []
+        for _ in range(4):
+            batch = _padded()
+            scale = 1.0 / int((batch["labels"][:, 1:] != -100).sum())
+            if graphed:
+                loss = steps.run(batch, scale)
+            else:
+                plan = graph_plan(batch, capacity=8 * 7, scale=scale)
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    loss = plan_loss(model, **{k: v.cuda() for k, v in plan.tensors().items()})
+                loss.backward()
+            losses.append(float(loss))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=not graphed)
+        results.append((losses, [p.detach().clone() for p in params]))
+        if graphed:
+            assert steps.summary()["graphs"] == 1
+    (eager, eager_params), (ours, params) = results
+    assert ours == pytest.approx(eager, rel=1e-5)
+    for a, b in zip(params, eager_params):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
