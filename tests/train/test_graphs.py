@@ -57,7 +57,7 @@ def test_the_plan_gives_the_plain_loss_and_gradients(make, capacity):
 
 def test_the_plan_pads_to_buckets_and_empty_sequences():
     plan = graph_plan(_padded(), capacity=8 * 64, scale=0.5)
-    # real tokens: each row up to its last trained target (6 + 3 + 4 = 13), in a bucket of 512 / 8 = 64
+    # real tokens: each row up to its last trained target (6 + 3 + 4 = 13), in the first bucket (64)
     assert plan.key == (64, MIN_SEQUENCES + 1)  # 3 examples + the padding's sequence, then empty ones
     assert plan.cu_seqlens.tolist() == [0, 6, 9, 13, *[64] * (MIN_SEQUENCES - 3)]
     assert plan.position_ids[:16].tolist() == [*range(6), *range(3), *range(4), 0, 1, 2]
@@ -71,7 +71,9 @@ def test_the_plan_pads_to_buckets_and_empty_sequences():
     # a batch of the same bucket gets the same shape: one graph serves both
     other = {key: value[:2] for key, value in _padded().items()}
     assert graph_plan(other, capacity=8 * 64, scale=1.0).key[0] == 64
-    assert [bucket(n, 4096) for n in (1, 512, 513, 2400, 4096, 5000)] == [512, 512, 1024, 2560, 4096, 5120]
+    assert [bucket(n, 4096) for n in (1, 64, 65, 200, 512, 513, 2400, 3800, 4096)] == [
+        64, 64, 128, 256, 512, 640, 2560, 4096, 4096]  # 64 · 2^(k/4) rounded up to 64, capped at the capacity
+    assert bucket(2048, 2048) == 2048  # packed rows: one bucket
 
 
 def test_empty_sequences_are_skipped():

@@ -9,8 +9,8 @@ What a graph needs is a batch of fixed shape with no host decision inside it, so
 on the host as one row of fixed size (``graph_plan``):
 
     tokens     every example's real tokens end to end (the ``varlen`` layout's row), then padding up to a
-               bucket: the micro-batch's largest possible size (micro_batch_size × max_length, or the packed
-               rows) in ``BUCKETS`` steps, so a run captures a few graphs, not one per batch
+               bucket (sizes growing by ``GROWTH``, capped at the micro-batch's largest size: micro_batch_size
+               × max_length, or the packed rows), so a run captures a few graphs, not one per batch
     sequences  where each example starts (``cu_seqlens`` for PyTorch's variable-length flash kernel), padded
                with empty sequences to a power of two, at least ``MIN_SEQUENCES``; the padding tokens are one
                sequence of their own
@@ -41,8 +41,9 @@ from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.head import linear_cross_entropy
 from tunesmith.train.varlen import PLAN, varlen_plan
 
-BUCKETS = 8
-"""Token buckets per micro-batch: the largest size in eighths (a batch pads to the next eighth)."""
+GROWTH = 2 ** 0.25
+"""Token buckets grow by this factor (rounded up to ``ALIGN``): a batch pads by under a fifth, and batches of
+one run fall into a few buckets (three graphs in a 20-step TinyLlama run, BENCHMARKS.md)."""
 ALIGN = 64
 MIN_SEQUENCES = 32
 """Sequences per plan at least (empty ones cost the kernel nothing measurable): packed rows of short examples
@@ -69,11 +70,17 @@ class GraphPlan:
                 "targets": self.targets, "scales": self.scales}
 
 
+def _aligned(n: float) -> int:
+    return -(-int(n) // ALIGN) * ALIGN
+
+
 def bucket(tokens: int, capacity: int) -> int:
-    """The padded size for ``tokens`` real tokens: the smallest of ``capacity``'s ``BUCKETS`` steps that holds them
-    (rounded up to ``ALIGN``); beyond ``capacity``, the next multiple of its step."""
-    step = -(-capacity // BUCKETS // ALIGN) * ALIGN
-    return max(step, -(-tokens // step) * step)
+    """The padded size for ``tokens`` real tokens: the smallest bucket (``ALIGN``, then × ``GROWTH`` each) that
+    holds them, and never more than ``capacity`` (the micro-batch's largest size, itself a bucket)."""
+    size = ALIGN
+    while size < tokens:
+        size = max(_aligned(size * GROWTH), size + ALIGN)
+    return max(min(size, _aligned(capacity)), _aligned(tokens))
 
 
 def graph_plan(host: dict, *, capacity: int, scale: float) -> GraphPlan:
