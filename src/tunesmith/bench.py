@@ -8,8 +8,9 @@ Runs (``--runs``; default: every run whose stack is installed):
 
     ts_recipe   tunesmith, the tutorial's recipe as written: micro-batch 2 × accumulation 4, gradient
                 checkpointing, paged AdamW 32-bit, LoRA r64 / alpha 32 / dropout 0.1 on seven projections, len 512
-    ts_fast     tunesmith, the same 8 examples per step as one micro-batch, no checkpointing, fused AdamW
-    ts_graphs   ts_fast with CUDA graphs (``train.graphs=true``; on a GPU only; ``ts_pack_graphs`` at 8B)
+    ts_fast     tunesmith, the same 8 examples per step as one micro-batch, no checkpointing, fused AdamW, and
+                CUDA graphs on a GPU (``train.graphs``' default, ``auto``)
+    ts_eager    ts_fast without CUDA graphs (``train.graphs=false``; ``ts_pack_eager`` at 8B)
     trl         TRL + PEFT + bitsandbytes as the tutorial writes it (``trl_baseline.py`` in ``--baselines``)
     unsloth     Unsloth's fast path, dropout 0 (``unsloth_probe.py`` in ``--baselines``)
 
@@ -193,11 +194,9 @@ def run_bench(*, tokenizer_dir: str, shape: str = "tinyllama", method: str = "ql
     tunesmith = ({"ts_pack": ["method.name=lora", *PACKED_8B]} if big else
                  {"ts_recipe": [*(QLORA if method == "qlora" else ["method.name=lora"]), *RECIPE_LORA, *RECIPE_STEP],
                   "ts_fast": [*(QLORA if method == "qlora" else ["method.name=lora"]), *RECIPE_LORA, *FAST_STEP]})
-    if torch.cuda.is_available():  # the GPU fast path (train/graphs.py), beside the eager runs
-        if big:
-            tunesmith["ts_pack_graphs"] = [*tunesmith["ts_pack"], "train.graphs=true"]
-        else:
-            tunesmith["ts_graphs"] = [*tunesmith["ts_fast"], "train.graphs=true"]
+    # the fast runs take train.graphs' default (auto: CUDA graphs on a GPU); *_eager runs the same without them
+    tunesmith["ts_pack_eager" if big else "ts_eager"] = [*tunesmith["ts_pack" if big else "ts_fast"],
+                                                         "train.graphs=false"]
     for name, overrides in (extra or {}).items():  # on ts_recipe when the name says so, else ts_fast / ts_pack
         base = "ts_pack" if big else "ts_recipe" if name.startswith("ts_recipe") else "ts_fast"
         tunesmith[name] = [*tunesmith[base], *overrides]

@@ -199,10 +199,11 @@ class TrainConfig(_Section):
     kernels: Literal["torch", "liger"] = "torch"
     """The decoder's RMSNorm, rotary embedding and SwiGLU: the model's own modules (torch), or Liger's fused
     Triton kernels (liger: CUDA, needs the liger-kernel package; fewer kernel launches a step)."""
-    graphs: bool = False
+    graphs: bool | Literal["auto"] = "auto"
     """CUDA graphs: each micro-batch's forward and backward is recorded once per padded shape and replayed, so
-    the host no longer launches every kernel (CUDA, supervised training, no gradient checkpointing; README
-    "CUDA graphs")."""
+    the host no longer launches every kernel. auto: wherever they can run (CUDA, supervised training, no
+    gradient checkpointing, one process, plain causal attention); true: refuse a run where they cannot;
+    false: never (README "CUDA graphs")."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
     holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""

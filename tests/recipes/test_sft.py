@@ -232,6 +232,8 @@ def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
     recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())
     assert recorded["layout"] == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True}
     assert recorded["kernels"] == {"name": "torch"}
+    assert recorded["graphs"] == {"used": False,
+                                  "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
     for name in ("flat", "varlen", "cache", "plain"):
         forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}"))
         assert forced["layout"]["name"] == name

@@ -10,7 +10,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.batching import pack_collate
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters
-from tunesmith.train.graphs import MIN_SEQUENCES, bucket, check_graphs, graph_plan, plan_loss
+from tunesmith.train.graphs import MIN_SEQUENCES, bucket, choose_graphs, graph_plan, plan_loss
 from tunesmith.train.layout import choose_layout, install_layout
 from tunesmith.train.loop import supervised_loss_sum
 
@@ -87,58 +87,95 @@ def test_empty_sequences_are_skipped():
         torch.testing.assert_close(plan_loss(model, **more), plan_loss(model, **fewer))
 
 
-def test_refused_on_the_cpu():
-    config = RunConfig.model_validate({"train": {"graphs": True}})
-    with pytest.raises(TunesmithError, match="a CUDA GPU; this run is on cpu"):
-        check_graphs(config, build_adapted_tiny_llama(), CPU)
+def test_auto_trains_eagerly_on_the_cpu_and_true_is_refused():
+    model = build_adapted_tiny_llama()
+    auto = choose_graphs(RunConfig(), model, CPU)
+    assert auto == {"used": False, "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
+    assert choose_graphs(RunConfig.model_validate({"train": {"graphs": False}}), model, CPU)["used"] is False
+    with pytest.raises(TunesmithError, match="train.graphs=true needs a CUDA GPU; this run is on cpu"):
+        choose_graphs(RunConfig.model_validate({"train": {"graphs": True}}), model, CPU)
 
 
 @pytest.mark.parametrize("train, method, world, why", [
     ({"gradient_checkpointing": True}, {}, 1, "no gradient checkpointing"),
     ({}, {"objective": "dpo"}, 1, "the supervised objective"),
     ({}, {}, 2, "one process"),
+    ({"layout": "plain"}, {}, 1, "train.layout=auto"),
+    ({"graphs": True, "layout": "varlen"}, {}, 1, None),
 ])
-def test_refused_where_a_graph_cannot_run(monkeypatch, train, method, world, why):
+def test_where_graphs_can_run_on_cuda(monkeypatch, train, method, world, why):
     from tunesmith.train import varlen
 
     monkeypatch.setattr(varlen, "available", lambda: True)
-    config = RunConfig.model_validate({"train": {"graphs": True, **train}, "method": method})
+    cuda, model = torch.device("cuda"), build_adapted_tiny_llama()
+    auto = choose_graphs(RunConfig.model_validate({"train": train, "method": method}), model, cuda, world)
+    if why is None:
+        assert auto["used"] and auto["reason"].startswith("train.graphs=true")
+        return
+    assert not auto["used"] and why in auto["reason"]
     with pytest.raises(TunesmithError, match=why):
-        check_graphs(config, build_adapted_tiny_llama(), torch.device("cuda"), world)
-    check_graphs(RunConfig(), build_adapted_tiny_llama(), torch.device("cuda"), world)  # off: nothing to check
+        choose_graphs(RunConfig.model_validate({"train": {**train, "graphs": True}, "method": method}), model, cuda,
+                      world)
+    assert choose_graphs(RunConfig(), model, cuda, 1)["used"]  # the defaults can
+
+
+def _train_tiny_on_cuda(graphed: bool, steps: int = 4):
+    """``steps`` SGD steps of the tiny bf16 model over the padded batch (the flash kernel is bf16 only), through
+    ``GraphedSteps`` or the same plan eagerly: (losses, adapter weights, the runner)."""
+    from tunesmith.train.graphs import GraphedSteps
+
+    model = build_adapted_tiny_llama().to("cuda", torch.bfloat16).train()
+    install_layout(model, choose_layout(model, torch.device("cuda"), requested="varlen", batching="pad"))
+    params = list(adapter_parameters(model).values())
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    runner = GraphedSteps(model, params, torch.device("cuda"), torch.bfloat16, capacity=8 * 7)
+    losses = []
+    for _ in range(steps):
+        batch = _padded()
+        scale = 1.0 / int((batch["labels"][:, 1:] != -100).sum())
+        if graphed:
+            loss = runner.run(batch, scale)
+        else:
+            plan = graph_plan(batch, capacity=8 * 7, scale=scale)
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = plan_loss(model, **{k: v.cuda() for k, v in plan.tensors().items()})
+            loss.backward()
+        losses.append(float(loss))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not graphed)
+    return losses, [p.detach().clone() for p in params], runner
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_training_matches_eager_on_cuda():
-    """Four optimizer steps of the tiny bf16 model with and without graphs, the same kernels either way: the same
-    losses and adapter weights."""
-    from tunesmith.train.graphs import GraphedSteps
+    """The same kernels either way: the same losses and adapter weights; one graph for the one shape."""
+    eager, eager_params, _ = _train_tiny_on_cuda(False)
+    ours, params, runner = _train_tiny_on_cuda(True)
+    assert runner.summary() == {"graphs": 1, "shapes": [[64, MIN_SEQUENCES + 1]]}
+    assert ours == pytest.approx(eager, rel=1e-5)
+    for a, b in zip(params, eager_params):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
-    results = []
-    for graphed in (False, True):
-        model = build_adapted_tiny_llama().to("cuda", torch.bfloat16).train()  # the flash kernel is bf16 only
-        install_layout(model, choose_layout(model, torch.device("cuda"), requested="varlen", batching="pad"))
-        params = list(adapter_parameters(model).values())
-        optimizer = torch.optim.SGD(params, lr=0.1)
-        steps = GraphedSteps(model, params, torch.device("cuda"), torch.bfloat16, capacity=8 * 7)
-        losses = []
-        for _ in range(4):
-            batch = _padded()
-            scale = 1.0 / int((batch["labels"][:, 1:] != -100).sum())
-            if graphed:
-                loss = steps.run(batch, scale)
-            else:
-                plan = graph_plan(batch, capacity=8 * 7, scale=scale)
-                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    loss = plan_loss(model, **{k: v.cuda() for k, v in plan.tensors().items()})
-                loss.backward()
-            losses.append(float(loss))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=not graphed)
-        results.append((losses, [p.detach().clone() for p in params]))
-        if graphed:
-            assert steps.summary()["graphs"] == 1
-    (eager, eager_params), (ours, params) = results
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_failed_recording_goes_on_eagerly(monkeypatch, capsys):
+    """A forward that reads a device value on the host cannot be recorded: the run warns, trains on eagerly and
+    ends where the eager run ends."""
+    from tunesmith.train import graphs
+
+    eager, eager_params, _ = _train_tiny_on_cuda(False)
+    plain = graphs.plan_loss
+
+    def reads_on_the_host(model, **tensors):
+        loss = plain(model, **tensors)
+        float(loss)  # a host read: not allowed while a graph records
+        return loss
+
+    monkeypatch.setattr(graphs, "plan_loss", reads_on_the_host)
+    ours, params, runner = _train_tiny_on_cuda(True)
+    summary = runner.summary()
+    assert summary["graphs"] == 0 and summary["failed"]
+    assert "recording a CUDA graph failed" in capsys.readouterr().err
     assert ours == pytest.approx(eager, rel=1e-5)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -24,7 +24,7 @@ from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_l
 from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
 from tunesmith.train.dist import current
-from tunesmith.train.graphs import check_graphs
+from tunesmith.train.graphs import choose_graphs
 from tunesmith.train.kernels import check_kernels
 from tunesmith.train.layout import Layout, choose_layout
 
@@ -47,7 +47,7 @@ class RunSetup:
     quantization: QuantizedModel | None = None
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
     kernels: dict | None = None  # what train/kernels.py installed (summary.json's "kernels")
-    graphs: object | None = None  # train/graphs.py's GraphedSteps under train.graphs (summary.json's "graphs")
+    graphs: dict | None = None  # train/graphs.py's choice, then what it recorded (summary.json's "graphs")
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -126,7 +126,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     layout = choose_layout(built.model, built.device, requested=config.train.layout, batching=config.data.batching,
                            max_length=config.data.max_length, checkpointing=config.train.gradient_checkpointing)
     check_kernels(config.train.kernels, built.model, built.device)
-    check_graphs(config, built.model, built.device, current().size)
+    graphs = choose_graphs(config, built.model, built.device, current().size)
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)
@@ -134,7 +134,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=built.model, device=built.device,
                     dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
                     resume=resume, lock=lock, drops=drops, quantization=built.quantization,
-                    layout=layout)
+                    layout=layout, graphs=graphs)
 
 
 def trainable_parameters(setup: RunSetup, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:

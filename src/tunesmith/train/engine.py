@@ -168,8 +168,9 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     setup.kernels = install_kernels(model, config.train.kernels)  # once, before any training forward
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if config.train.graphs:  # graphs lay every micro-batch out as one varlen row (train/graphs.py)
-        setup.layout = Layout("varlen", "train.graphs")
+    use_graphs = bool(setup.graphs and setup.graphs["used"])
+    if use_graphs:  # graphs lay every micro-batch out as one varlen row (train/graphs.py)
+        setup.layout = Layout("varlen", "CUDA graphs: every micro-batch as one row of fixed size")
     setup.layout = install_layout(model, setup.layout)  # once, before any forward
     module = wrap_for(TrainingModule(model, objective.loss, setup.layout.name), world, device,
                       parallel=parallel, dtype=setup.dtype)
@@ -177,11 +178,10 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
         params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config.optim, params)
     graphs = None
-    if config.train.graphs:
+    if use_graphs:
         width = (config.data.token_budget or config.data.max_length) if config.data.batching == "pack" else \
             config.data.max_length
-        graphs = setup.graphs = GraphedSteps(model, params, device, setup.dtype,
-                                             capacity=config.train.micro_batch_size * width)
+        graphs = GraphedSteps(model, params, device, setup.dtype, capacity=config.train.micro_batch_size * width)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
     per_step = config.train.grad_accum * world.size
@@ -266,6 +266,8 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
         if log is not None:
             log.close()
         progress.close()
+        if graphs is not None:
+            setup.graphs = {**setup.graphs, **graphs.summary()}
     model.eval()
     if sharded(model):  # rank 0 saves and evaluates the result: the whole model, gathered (every rank joins)
         setup.model = gathered_model(model, world, device)

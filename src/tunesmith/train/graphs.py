@@ -1,4 +1,4 @@
-"""CUDA graphs of a micro-batch's forward and backward (``train.graphs=true``): the host records a step's
+"""CUDA graphs of a micro-batch's forward and backward (``train.graphs``, on by default where they can run): the host records a step's
 kernels once and the GPU replays them, instead of the host launching each of them every micro-batch.
 
 Why: a LoRA step on a 1B model launches ~5,000 kernels, and on an H200 the host takes longer to launch them
@@ -26,11 +26,17 @@ captures a graph the first time each (tokens, sequences) shape is seen and repla
 share one memory pool: a graph's memory is live only while it replays, and micro-batches run one after
 another. The backward inside a graph adds into the parameters' ``.grad`` tensors, which must therefore stay
 the same tensors for the whole run: the engine zeroes them after a step instead of freeing them.
+
+``train.graphs=auto`` (the default) uses graphs wherever ``choose_graphs`` finds they can run (CUDA, the
+supervised objective, no gradient checkpointing, one process, plain causal attention); ``true`` refuses a run
+where they cannot. Should recording a graph still fail (a model family whose forward reads a device value on
+the host), the run warns and goes on eagerly over the same plan, and ``summary.json`` says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -132,29 +138,42 @@ def plan_loss(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seq
     return (F.cross_entropy(logits, targets, reduction="none") * scales).sum()
 
 
-def check_graphs(config, model, device: torch.device, world_size: int = 1) -> None:
-    """Refuse ``train.graphs=true`` where it cannot run, before the run dir is made."""
-    if not config.train.graphs:
-        return
+def choose_graphs(config, model, device: torch.device, world_size: int = 1) -> dict:
+    """Whether this run's micro-batches go through CUDA graphs, and why: ``{"used": bool, "reason": str}``
+    (``summary.json``'s ``"graphs"``). ``train.graphs=auto`` uses them wherever they can run; ``true`` refuses a
+    run where they cannot, before the run dir is made; ``false`` never uses them."""
+    requested = config.train.graphs
+    if requested is False:
+        return {"used": False, "reason": "train.graphs=false"}
+    why = _blocker(config, model, device, world_size)
+    if why is None:
+        return {"used": True, "reason": f"train.graphs={str(requested).lower()}: CUDA, supervised, one process, "
+                                        "plain causal attention"}
+    if requested == "auto":
+        return {"used": False, "reason": f"train.graphs=auto: graphs need {why}"}
+    raise TunesmithError(f"train.graphs=true needs {why}; set train.graphs=auto or false")
+
+
+def _blocker(config, model, device: torch.device, world_size: int) -> str | None:
     from tunesmith.train import varlen
     from tunesmith.train.layout import attention_implementation, plain_causal_attention
 
-    why = None
     if device.type != "cuda":
-        why = f"a CUDA GPU; this run is on {device.type}"
-    elif not varlen.available():
-        why = "PyTorch's variable-length attention (torch.nn.attention.varlen, torch ≥ 2.10)"
-    elif config.method.objective != "sft":
-        why = "the supervised objective (method.objective=sft); preference training runs eager"
-    elif config.train.gradient_checkpointing:
-        why = "no gradient checkpointing (its recomputation reads the random state on the host)"
-    elif world_size > 1:
-        why = "one process (DDP and FSDP2 communicate between micro-batches)"
-    elif attention_implementation(model) not in ("sdpa", "eager") or not plain_causal_attention(
+        return f"a CUDA GPU; this run is on {device.type}"
+    if not varlen.available():
+        return "PyTorch's variable-length attention (torch.nn.attention.varlen, torch ≥ 2.10)"
+    if config.method.objective != "sft":
+        return "the supervised objective (method.objective=sft); preference training runs eager"
+    if config.train.layout not in ("auto", "varlen"):
+        return f"train.layout=auto (graphs lay every batch out as one varlen row; this run forces {config.train.layout})"
+    if config.train.gradient_checkpointing:
+        return "no gradient checkpointing (its recomputation reads the random state on the host)"
+    if world_size > 1:
+        return "one process (DDP and FSDP2 communicate between micro-batches)"
+    if attention_implementation(model) not in ("sdpa", "eager") or not plain_causal_attention(
             model.config, config.data.max_length) or getattr(model.config, "attention_dropout", 0.0):
-        why = "plain causal attention (SDPA or eager; no sliding window, soft-capping or attention dropout)"
-    if why:
-        raise TunesmithError(f"train.graphs=true needs {why}; set train.graphs=false")
+        return "plain causal attention (SDPA or eager; no sliding window, soft-capping or attention dropout)"
+    return None
 
 
 class GraphedSteps:
@@ -167,6 +186,7 @@ class GraphedSteps:
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
         self.warm = False
+        self.failed: str | None = None  # why recording a graph failed; every micro-batch then runs eagerly
 
     def _autocast(self):
         if self.dtype in (torch.bfloat16, torch.float16):
@@ -177,20 +197,31 @@ class GraphedSteps:
     def run(self, host: dict, scale: float) -> torch.Tensor:
         plan = graph_plan(host, capacity=self.capacity, scale=scale)
         inputs = {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in plan.tensors().items()}
-        if not self.warm:  # the first micro-batch runs eagerly: lazy initialisation stays out of any graph
+        if not self.warm or self.failed:  # the first micro-batch runs eagerly: lazy initialisation stays out
             self.warm = True
-            with self._autocast():
-                loss = plan_loss(self.model, **inputs)
-            loss.backward()
-            return loss.detach()
+            return self._eager(inputs)
         entry = self.graphs.get(plan.key)
         if entry is None:
-            entry = self.graphs[plan.key] = self._capture(inputs)
+            try:
+                entry = self._capture(inputs)
+            except Exception as error:  # e.g. a model family whose forward reads a device value on the host
+                self.failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                print(f"warning: recording a CUDA graph failed ({self.failed}); the run goes on without graphs",
+                      file=sys.stderr)
+                torch.cuda.synchronize(self.device)
+                return self._eager(inputs)
+            self.graphs[plan.key] = entry
         graph, static, loss = entry
         for name, tensor in inputs.items():
             static[name].copy_(tensor, non_blocking=True)
         graph.replay()
         return loss
+
+    def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            loss = plan_loss(self.model, **inputs)
+        loss.backward()
+        return loss.detach()
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
         # the graph adds into these gradient tensors on every replay: they exist before it and are never freed
@@ -200,6 +231,9 @@ class GraphedSteps:
         static = {name: tensor.clone() for name, tensor in inputs.items()}
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+            # the eager micro-batch's activations are cached by the allocator; the graphs' pool would sit beside
+            # them: hand them back first
+            torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(graph, pool=self.pool):
@@ -209,4 +243,5 @@ class GraphedSteps:
         return graph, static, loss.detach()
 
     def summary(self) -> dict:
-        return {"graphs": len(self.graphs), "shapes": [list(key) for key in sorted(self.graphs)]}
+        return {"graphs": len(self.graphs), "shapes": [list(key) for key in sorted(self.graphs)],
+                **({"failed": self.failed} if self.failed else {})}
