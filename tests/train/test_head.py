@@ -7,23 +7,28 @@ import torch.nn.functional as F
 from tunesmith.train.head import linear_cross_entropy
 
 
-def _plain(hidden, weight, targets, softcap):
+def _plain(hidden, weight, targets, softcap, scales=None):
     logits = (hidden @ weight.t()).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
+    if scales is not None:
+        return (F.cross_entropy(logits, targets, reduction="none") * scales).sum()
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("chunk", [3, 7, 256])
-def test_matches_plain_loss_and_gradients(softcap, chunk):
+def test_matches_plain_loss_and_gradients(softcap, chunk, scaled):
     torch.manual_seed(0)
     hidden = torch.randn(10, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (10,))
+    # per-position scales as train.graphs uses them: some positions weigh nothing
+    scales = torch.tensor([0.0, 0.5, 0.5, 0.0, 2.0, 0.5, 0.0, 1.0, 0.5, 0.25]) if scaled else None
     grads = []
-    for fn in (lambda: linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk=chunk),
-               lambda: _plain(hidden, weight, targets, softcap)):
+    for fn in (lambda: linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk=chunk, scales=scales),
+               lambda: _plain(hidden, weight, targets, softcap, scales)):
         loss = fn() * 0.37  # a non-unit upstream gradient
         hidden.grad = weight.grad = None
         loss.backward()

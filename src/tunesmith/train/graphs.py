@@ -1,5 +1,5 @@
-"""CUDA graphs of a micro-batch's forward and backward (``train.graphs``, on by default where they can run): the host records a step's
-kernels once and the GPU replays them, instead of the host launching each of them every micro-batch.
+"""CUDA graphs of a micro-batch's forward and backward (``train.graphs``, on by default where they can run): the
+host records a step's kernels once and the GPU replays them, instead of launching each of them every micro-batch.
 
 Why: a LoRA step on a 1B model launches ~5,000 kernels, and on an H200 the host takes longer to launch them
 than the GPU takes to run them (the GPU measured busy 30% of a step, BENCHMARKS.md). A replayed graph costs
@@ -40,16 +40,15 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.head import linear_cross_entropy
+from tunesmith.train.loop import head_loss
 from tunesmith.train.varlen import PLAN, varlen_plan
 
 GROWTH = 2 ** 0.25
 """Token buckets grow by this factor (rounded up to ``ALIGN``): a batch pads by under a fifth, and batches of
-one run fall into a few buckets (three graphs in a 20-step TinyLlama run, BENCHMARKS.md)."""
+one run fall into a few buckets (four graphs in a 20-step TinyLlama run, BENCHMARKS.md)."""
 ALIGN = 64
 MIN_SEQUENCES = 32
 """Sequences per plan at least (empty ones cost the kernel nothing measurable): packed rows of short examples
@@ -128,14 +127,7 @@ def plan_loss(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seq
     empty = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
     hidden = decoder(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=empty,
                      use_cache=False, **{PLAN: (cu_seqlens, size)}).last_hidden_state[0]
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap, scales=scales)
-    logits = head(hidden).float()
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return (F.cross_entropy(logits, targets, reduction="none") * scales).sum()
+    return head_loss(model, hidden, targets, scales)
 
 
 def choose_graphs(config, model, device: torch.device, world_size: int = 1) -> dict:
