@@ -22,12 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, tie_word_embeddings=False),
-}
+# this script's shape names (the commands BENCHMARKS.md records) → ``tunesmith bench``'s shapes
+SHAPES = {"smollm2-135m": "smollm2", "tinyllama-1.1b": "tinyllama"}
 RUNS = {
     "full": ["method.name=full"],
     "lora": ["method.name=lora"],
@@ -39,16 +35,10 @@ RUNS = {
 
 
 def build_model(shape: str, tok_dir: str, out: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The random-init model of ``shape`` saved with the tokenizer (``tunesmith bench``'s builder)."""
+    from tunesmith.bench import build_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    build_model_dir(SHAPES[shape], tok_dir, out)
 
 
 def one_run(model_dir: Path, run: str, steps: int, workdir: Path) -> dict:

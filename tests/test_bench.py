@@ -19,6 +19,7 @@ def test_bench_runs_tunesmith_and_reports_each_run(tmp_path, capsys):
         assert 0 < row["trained_tokens_per_s"] < row["tokens_per_s"]
         assert len(row["losses"]) == 3 and round(row["final_loss"], 4) == row["losses"][-1]
         assert row["steady_tokens_per_s"] > 0 and row["kernels"] == {"name": "torch"}
+        assert row["graphs"] == {"used": False, "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
         assert row["mfu_formula"].startswith("tokens/s × (4N + 12·L·d·ctx)")
         assert row["N"] == parameter_count(SHAPES["tiny"], 49152)
     assert fast["layout"]["name"] == "rows" and plain["layout"]["name"] == "plain"
@@ -40,3 +41,10 @@ def test_bench_without_a_gpu_is_one_error_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--shape", "tinyllama"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_smollm2_shape_is_the_embedded_models(embedded_dir):
+    """The benchmarks' SmolLM2 shape (``benchmarks/gpu_memory.py`` builds it) against the embedded model's own config."""
+    config = json.loads((embedded_dir / "config.json").read_text())
+    config["rope_theta"] = config.get("rope_theta") or config["rope_parameters"]["rope_theta"]  # transformers 5 nests it
+    assert {key: config[key] for key in SHAPES["smollm2"]} == SHAPES["smollm2"]

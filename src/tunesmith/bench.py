@@ -40,6 +40,8 @@ SHAPES = {
                       num_key_value_heads=4, tie_word_embeddings=False),
     "smol3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                    num_key_value_heads=4, tie_word_embeddings=True),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0),  # the embedded model's
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False),  # a CPU smoke test of the harness
     "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -100,7 +102,9 @@ def build_model_dir(shape: str, tokenizer_dir: str, out: Path) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if not (out / "config.json").exists():
-        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, **SHAPES[shape])
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = LlamaForCausalLM(config).to(torch.bfloat16)
