@@ -8,9 +8,10 @@ Layouts (all give the plain forward's loss and gradients; tested):
             trained positions only (``train.trim``)
     flat    the same flat sequence, attention masked by the model's     SDPA or eager attention otherwise
             own SDPA / eager kernel; last block trimmed too
-    varlen  every example's real tokens in one row (packed rows end     never (slower than plain on an H200;
-            to end), PyTorch's variable-length flash kernel, no mask;   forced with train.layout=varlen)
-            last block trimmed
+    varlen  every example's real tokens in one row (packed rows end     under CUDA graphs (the engine installs it
+            to end), PyTorch's variable-length flash kernel, no mask;   for ``train/graphs.py``); eager: never
+            last block trimmed                                          (slower than plain on an H200; forced
+                                                                        with train.layout=varlen)
     cache   the prefix once, its key/value cache repeated over the      flash attention (transformers')
             batch, the rows' suffixes at full batch size
     plain   the batch as given (packed rows with per-row positions,     GPUs; packed batches; sliding-window
