@@ -145,7 +145,8 @@ def tunesmith_run(name: str, overrides: list[str], *, model_dir: Path, data: Pat
             "peak_reserved_gib": round(max(m.get("peak_reserved_gib", 0.0) for m in metrics), 2),
             "steady_tokens_per_s": _steady(metrics),
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"], "layout": summary.get("layout"),
-            "kernels": summary.get("kernels"), "graphs": summary.get("graphs"), "losses": [round(m["loss"], 4) for m in metrics]}
+            "kernels": summary.get("kernels"), "graphs": summary.get("graphs"),
+            "losses": [round(m["loss"], 4) for m in metrics]}
 
 
 def _steady(metrics: list[dict]) -> int | None:

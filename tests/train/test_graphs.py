@@ -146,6 +146,24 @@ def _train_tiny_on_cuda(graphed: bool, steps: int = 4):
     return losses, [p.detach().clone() for p in params], runner
 
 
+def test_auto_steps_aside_for_attention_the_varlen_row_cannot_carry(monkeypatch):
+    """The graphs' row needs what the varlen layout needs: a decoder that hands the sequence plan to its blocks
+    (without it the row would attend across examples), and plain causal softmax."""
+    from tunesmith.train import varlen
+
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    cuda = torch.device("cuda")
+    model = build_adapted_tiny_llama()
+    decoder = model.get_decoder()
+    plain_forward = decoder.forward
+    decoder.forward = lambda input_ids=None, position_ids=None, attention_mask=None, use_cache=None: plain_forward(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache)
+    assert "keyword arguments to its blocks" in choose_graphs(RunConfig(), model, cuda)["reason"]
+    windowed = build_adapted_tiny_llama()
+    windowed.config.sliding_window = 64
+    assert not choose_graphs(RunConfig(), windowed, cuda)["used"]  # data.max_length 512 > the window
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graphed_training_matches_eager_on_cuda():
     """The same kernels either way: the same losses and adapter weights; one graph for the one shape."""

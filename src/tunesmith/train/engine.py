@@ -179,8 +179,7 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     optimizer = build_optimizer(config.optim, params)
     graphs = None
     if use_graphs:
-        width = (config.data.token_budget or config.data.max_length) if config.data.batching == "pack" else \
-            config.data.max_length
+        width = objective.token_budget if config.data.batching == "pack" else config.data.max_length
         graphs = GraphedSteps(model, params, device, setup.dtype, capacity=config.train.micro_batch_size * width)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)

@@ -35,7 +35,6 @@ the host), the run warns and goes on eagerly over the same plan, and ``summary.j
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -43,8 +42,8 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import head_loss
-from tunesmith.train.varlen import PLAN, varlen_plan
+from tunesmith.train.loop import autocast_for, head_loss
+from tunesmith.train.varlen import varlen_plan, varlen_states
 
 GROWTH = 2 ** 0.25
 """Token buckets grow by this factor (rounded up to ``ALIGN``): a batch pads by under a fifth, and batches of
@@ -121,12 +120,7 @@ def graph_plan(host: dict, *, capacity: int, scale: float) -> GraphPlan:
 def plan_loss(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
               targets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The micro-batch's loss from a plan's tensors (on the model's device): what a graph records."""
-    decoder = model.get_decoder()
-    size = input_ids.shape[0]
-    # the kernel reads the plan, not a mask: a prepared (here empty) 4-D mask keeps transformers from building one
-    empty = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-    hidden = decoder(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=empty,
-                     use_cache=False, **{PLAN: (cu_seqlens, size)}).last_hidden_state[0]
+    hidden = varlen_states(model.get_decoder(), input_ids[None], position_ids[None], cu_seqlens, len(input_ids))
     return head_loss(model, hidden, targets, scales)
 
 
@@ -148,7 +142,7 @@ def choose_graphs(config, model, device: torch.device, world_size: int = 1) -> d
 
 def _blocker(config, model, device: torch.device, world_size: int) -> str | None:
     from tunesmith.train import varlen
-    from tunesmith.train.layout import attention_implementation, plain_causal_attention
+    from tunesmith.train.layout import runs_varlen
 
     if device.type != "cuda":
         return f"a CUDA GPU; this run is on {device.type}"
@@ -162,9 +156,9 @@ def _blocker(config, model, device: torch.device, world_size: int) -> str | None
         return "no gradient checkpointing (its recomputation reads the random state on the host)"
     if world_size > 1:
         return "one process (DDP and FSDP2 communicate between micro-batches)"
-    if attention_implementation(model) not in ("sdpa", "eager") or not plain_causal_attention(
-            model.config, config.data.max_length) or getattr(model.config, "attention_dropout", 0.0):
-        return "plain causal attention (SDPA or eager; no sliding window, soft-capping or attention dropout)"
+    if not runs_varlen(model, device, config.data.max_length):
+        return ("attention the varlen layout can run: SDPA or eager, plain causal softmax (no sliding window, "
+                "soft-capping or attention dropout), a decoder that hands keyword arguments to its blocks")
     return None
 
 
@@ -179,12 +173,6 @@ class GraphedSteps:
         self.pool = None
         self.warm = False
         self.failed: str | None = None  # why recording a graph failed; every micro-batch then runs eagerly
-
-    def _autocast(self):
-        if self.dtype in (torch.bfloat16, torch.float16):
-            # a graph cannot keep autocast's cast-weight cache between replays
-            return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
-        return contextlib.nullcontext()
 
     def run(self, host: dict, scale: float) -> torch.Tensor:
         plan = graph_plan(host, capacity=self.capacity, scale=scale)
@@ -210,7 +198,7 @@ class GraphedSteps:
         return loss
 
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._autocast():
+        with autocast_for(self.device, self.dtype, cache=False):
             loss = plan_loss(self.model, **inputs)
         loss.backward()
         return loss.detach()
@@ -229,7 +217,7 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(graph, pool=self.pool):
-            with self._autocast():
+            with autocast_for(self.device, self.dtype, cache=False):
                 loss = plan_loss(self.model, **static)
             loss.backward()
         return graph, static, loss.detach()

@@ -70,22 +70,38 @@ def _passes_keywords(model) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(decoder.forward).parameters.values())
 
 
+def _underlying_attention(model) -> str:
+    """The model's attention implementation, with ``rows`` / ``varlen`` (installed by an earlier run on this
+    model object) read as the SDPA they run underneath."""
+    from tunesmith.train import rows, varlen
+
+    implementation = attention_implementation(model)
+    return "sdpa" if implementation in (rows.NAME, varlen.NAME) else implementation
+
+
+def _plain(model, max_length: int) -> bool:
+    """SDPA or eager attention, plain causal softmax, and a decoder that hands per-call plans to its blocks."""
+    return (_underlying_attention(model) in ("sdpa", "eager") and plain_causal_attention(model.config, max_length)
+            and _passes_keywords(model))
+
+
+def runs_varlen(model, device: torch.device, max_length: int) -> bool:
+    """Whether the ``varlen`` layout can run this model (``train/graphs.py`` lays every batch out in it)."""
+    from tunesmith.train import varlen
+
+    return _plain(model, max_length) and not getattr(model.config, "attention_dropout", 0.0) and (
+        device.type != "cuda" or varlen.available())
+
+
 def choose_layout(model, device: torch.device, *, requested: str = "auto", batching: str = "pad",
                   max_length: int = 512, checkpointing: bool = False) -> Layout:
     """The layout for training ``model`` on ``device`` (see the module docstring); ``requested`` forces one
     (``train.layout``), refused when the model or the batching cannot run it."""
-    from tunesmith.train import rows, varlen
-
-    implementation = attention_implementation(model)
-    if implementation in (rows.NAME, varlen.NAME):
-        implementation = "sdpa"  # installed by an earlier run on this model object: SDPA underneath
-    plain = (implementation in ("sdpa", "eager") and plain_causal_attention(model.config, max_length)
-             and _passes_keywords(model))
-    flat_ok = plain and batching != "pack"
+    implementation = _underlying_attention(model)
+    flat_ok = _plain(model, max_length) and batching != "pack"
     # On a GPU auto takes the padded batch: measured on an H200 (BENCHMARKS.md), it beat the masked flat row by
     # 18% and the varlen kernel by 9-33% (tutorial shape, 8 chats per step); varlen stays forceable
-    varlen_ok = plain and not getattr(model.config, "attention_dropout", 0.0) and (
-        device.type != "cuda" or varlen.available())
+    varlen_ok = runs_varlen(model, device, max_length)
     trim = not checkpointing  # checkpointed blocks recompute after the call: keep the last block whole
     if requested != "auto":
         why = {"rows": None if flat_ok and implementation == "sdpa" else

@@ -16,7 +16,7 @@ from tunesmith.train.head import linear_cross_entropy
 from tunesmith.train.layout import attention_implementation, plain_causal_attention, resolve
 from tunesmith.train.rows import NAME as ROWS, Rows
 from tunesmith.train.trim import READ
-from tunesmith.train.varlen import PLAN, varlen_plan
+from tunesmith.train.varlen import varlen_plan, varlen_states
 
 
 def trained_tokens(batch: dict) -> int:
@@ -24,10 +24,11 @@ def trained_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast on CUDA; nothing on CPU, where training runs in fp32."""
+def autocast_for(device: torch.device, dtype: torch.dtype, *, cache: bool = True):
+    """bf16/fp16 autocast on CUDA; nothing on CPU, where training runs in fp32. ``cache=False``: no cast-weight
+    cache (a CUDA graph cannot keep it between replays)."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -144,14 +145,10 @@ def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
             ids, positions, index, cu, longest = plan
             read = index[:, :-1][host["labels"][:, 1:] != IGNORE_INDEX].to(device, non_blocking=True)
             ids, positions = (t.to(device, non_blocking=True) for t in (ids, positions))
-            extra = {PLAN: (cu.to(device, torch.int32, non_blocking=True), longest)}
-            if not _checkpointing(decoder):
-                extra[READ] = read
-            # the kernel reads the plan, not a mask: a prepared (here empty) 4-D mask stops transformers from
-            # building an N × N one for the long row
-            empty = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-            hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=empty, use_cache=False, **extra)
-            return hidden.last_hidden_state[0], read, 0
+            extra = {READ: read} if not _checkpointing(decoder) else {}
+            hidden = varlen_states(decoder, ids, positions, cu.to(device, torch.int32, non_blocking=True), longest,
+                                   **extra)
+            return hidden, read, 0
     if layout == "plain" or "position_ids" in batch:
         return decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state, None, 0
     # Everything that decides the layout is read from the host copy: on a GPU, reading the device batch would

@@ -102,6 +102,17 @@ def install_varlen_attention(model) -> None:
     install_attention(model, NAME, _varlen)
 
 
+def varlen_states(decoder, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                  longest: int, **extra) -> torch.Tensor:
+    """The decoder's final states (N × d) over one varlen row ((1, N) ids and positions), attention reading
+    ``cu_seqlens`` (int32, on the device) through the installed kernel."""
+    # the kernel reads the plan, not a mask: a prepared (here empty) 4-D mask stops transformers from building
+    # an N × N one for the long row
+    empty = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+    return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=empty, use_cache=False,
+                   **{PLAN: (cu_seqlens, longest)}, **extra).last_hidden_state[0]
+
+
 def varlen_plan(host: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """``(input_ids, position_ids, index, cu_seqlens, longest)`` for one row of every example's tokens, planned on
     the host: ``index[i, t]`` is where row ``i``'s token ``t`` sits in it. Padded batches keep each row's real
