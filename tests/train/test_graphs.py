@@ -9,10 +9,11 @@ from tinymodels import build_adapted_tiny_llama
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import pack_collate
 from tunesmith.errors import TunesmithError
-from tunesmith.peft import adapter_parameters
-from tunesmith.train.graphs import MIN_SEQUENCES, bucket, choose_graphs, graph_plan, plan_loss
+from tunesmith.peft import adapter_parameters, lora_modules
+from tunesmith.train.graphs import (MIN_SEQUENCES, BlockDraws, bucket, checkpointed_blocks, choose_graphs,
+                                    graph_plan, plan_loss)
 from tunesmith.train.layout import choose_layout, install_layout
-from tunesmith.train.loop import supervised_loss_sum
+from tunesmith.train.loop import enable_gradient_checkpointing, supervised_loss_sum
 
 CPU = torch.device("cpu")
 
@@ -97,7 +98,7 @@ def test_auto_trains_eagerly_on_the_cpu_and_true_is_refused():
 
 
 @pytest.mark.parametrize("train, method, world, why", [
-    ({"gradient_checkpointing": True}, {}, 1, "no gradient checkpointing"),
+    ({"gradient_checkpointing": True, "graphs": True}, {}, 1, None),
     ({}, {"objective": "dpo"}, 1, "the supervised objective"),
     ({}, {}, 2, "one process"),
     ({"layout": "plain"}, {}, 1, "train.layout=auto"),
@@ -111,6 +112,7 @@ def test_where_graphs_can_run_on_cuda(monkeypatch, train, method, world, why):
     auto = choose_graphs(RunConfig.model_validate({"train": train, "method": method}), model, cuda, world)
     if why is None:
         assert auto["used"] and auto["reason"].startswith("train.graphs=true")
+        assert auto["reason"].endswith("graph-safe checkpointing") == bool(train.get("gradient_checkpointing"))
         return
     assert not auto["used"] and why in auto["reason"]
     with pytest.raises(TunesmithError, match=why):
@@ -119,23 +121,103 @@ def test_where_graphs_can_run_on_cuda(monkeypatch, train, method, world, why):
     assert choose_graphs(RunConfig(), model, cuda, 1)["used"]  # the defaults can
 
 
-def _train_tiny_on_cuda(graphed: bool, steps: int = 4):
+def _with_dropout(model, p: float = 0.3):
+    for module in lora_modules(model).values():
+        module.lora_dropout = torch.nn.Dropout(p)
+    return model.train()
+
+
+def _checkpointed_loss_and_grads(model, batch, tokens, draws=None, draw=(0, 0)):
+    if draws is not None:
+        draws.reseed(draw)
+    plan = graph_plan(batch, capacity=8 * 7, scale=1.0 / tokens)
+    return _loss_and_grads(model, lambda: plan_loss(model, **plan.tensors()))
+
+
+def test_checkpointed_blocks_recompute_the_forwards_draws(monkeypatch):
+    """Under graphs a checkpointed block draws its dropout masks from its own generators (``BlockDraws``), seeded
+    on the host: its recomputation in the backward draws the forward's masks, so the gradients are those of the
+    same masks without checkpointing. PyTorch's checkpoint without its host-side state handling (the only form a
+    graph could record) draws new masks in the recomputation, and its gradients are wrong."""
+    batch = _padded()
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    model = _with_dropout(build_adapted_tiny_llama())
+    install_layout(model, choose_layout(model, CPU, requested="varlen", batching="pad"))
+    enable_gradient_checkpointing(model)
+    blocks = checkpointed_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers
+    draws = BlockDraws(blocks, CPU, seed=3)
+    loss, grads = _checkpointed_loss_and_grads(model, batch, tokens, draws)
+
+    # the reference: the same draws, each block run once (no recomputation)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, *args, **_: function(*args))
+        once, once_grads = _checkpointed_loss_and_grads(model, batch, tokens, draws)
+    assert once == loss
+    for key in grads:
+        torch.testing.assert_close(grads[key], once_grads[key], atol=1e-7, rtol=1e-6)
+
+    # the same (step, micro-batch) draws the same masks; another draws others
+    again, _ = _checkpointed_loss_and_grads(model, batch, tokens, draws)
+    other, _ = _checkpointed_loss_and_grads(model, batch, tokens, draws, draw=(0, 1))
+    assert again == loss and other != loss
+
+    # checkpointing that leaves the random state alone recomputes with other masks: gradients differ
+    for block in blocks:
+        block._gradient_checkpointing_func = lambda function, *args: torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=False)
+    torch.manual_seed(0)
+    _, naive = _checkpointed_loss_and_grads(model, batch, tokens)
+    assert any(not torch.allclose(naive[key], grads[key], atol=1e-4) for key in grads)
+
+
+class _PlainBlock(torch.nn.Module):
+    """A block that is not transformers' checkpointed layer (no per-block checkpoint function to set)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_graphs_refuse_checkpointing_without_checkpointed_blocks(monkeypatch):
+    from tunesmith.train import varlen
+
+    monkeypatch.setattr(varlen, "available", lambda: True)
+    model = build_adapted_tiny_llama()
+    decoder = model.get_decoder()
+    decoder.layers = torch.nn.ModuleList(_PlainBlock(block) for block in decoder.layers)
+    config = RunConfig.model_validate({"train": {"gradient_checkpointing": True}})
+    auto = choose_graphs(config, model, torch.device("cuda"))
+    assert not auto["used"] and "GradientCheckpointingLayer" in auto["reason"]
+    assert choose_graphs(RunConfig(), model, torch.device("cuda"))["used"]  # without checkpointing they run
+
+
+def _train_tiny_on_cuda(graphed: bool, steps: int = 4, checkpointing: bool = False):
     """``steps`` SGD steps of the tiny bf16 model over the padded batch (the flash kernel is bf16 only), through
-    ``GraphedSteps`` or the same plan eagerly: (losses, adapter weights, the runner)."""
+    ``GraphedSteps`` or the same plan eagerly: (losses, adapter weights, the runner). ``checkpointing``: with
+    checkpointed blocks and LoRA dropout, their draws from ``BlockDraws`` either way."""
     from tunesmith.train.graphs import GraphedSteps
 
-    model = build_adapted_tiny_llama().to("cuda", torch.bfloat16).train()
-    install_layout(model, choose_layout(model, torch.device("cuda"), requested="varlen", batching="pad"))
+    cuda = torch.device("cuda")
+    model = build_adapted_tiny_llama().to(cuda, torch.bfloat16).train()
+    install_layout(model, choose_layout(model, cuda, requested="varlen", batching="pad"))
+    if checkpointing:
+        enable_gradient_checkpointing(_with_dropout(model))
     params = list(adapter_parameters(model).values())
     optimizer = torch.optim.SGD(params, lr=0.1)
-    runner = GraphedSteps(model, params, torch.device("cuda"), torch.bfloat16, capacity=8 * 7)
+    runner = GraphedSteps(model, params, cuda, torch.bfloat16, capacity=8 * 7, checkpointing=checkpointing, seed=5)
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
         batch = _padded()
         scale = 1.0 / int((batch["labels"][:, 1:] != -100).sum())
         if graphed:
-            loss = runner.run(batch, scale)
+            loss = runner.run(batch, scale, (step, 0))
         else:
+            if runner.draws is not None:
+                runner.draws.reseed((step, 0))
             plan = graph_plan(batch, capacity=8 * 7, scale=scale)
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 loss = plan_loss(model, **{k: v.cuda() for k, v in plan.tensors().items()})
@@ -173,6 +255,21 @@ def test_graphed_training_matches_eager_on_cuda():
     assert ours == pytest.approx(eager, rel=1e-5)
     for a, b in zip(params, eager_params):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_checkpointed_training_with_dropout_matches_eager_on_cuda():
+    """Checkpointed blocks with LoRA dropout inside graphs: the graph's forward and recomputation draw what the
+    eager run's draw (``BlockDraws``, reseeded every micro-batch), so losses and weights match; and the dropout
+    does draw (a run without it ends elsewhere)."""
+    eager, eager_params, _ = _train_tiny_on_cuda(False, checkpointing=True)
+    ours, params, runner = _train_tiny_on_cuda(True, checkpointing=True)
+    assert runner.summary() == {"graphs": 1, "shapes": [[64, MIN_SEQUENCES + 1]]}
+    assert ours == pytest.approx(eager, rel=1e-5)
+    for a, b in zip(params, eager_params):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    plain, _, _ = _train_tiny_on_cuda(True)
+    assert plain[1:] != pytest.approx(ours[1:], rel=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

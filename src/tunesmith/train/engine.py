@@ -73,7 +73,7 @@ class StepResult:
 def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, micro_batches: list[MicroBatch], *,
                lr: float, max_grad_norm: float | None, device: torch.device, dtype: torch.dtype,
                on_micro_batch=None, world: World = SINGLE, idle: bool = False,
-               graphs: GraphedSteps | None = None) -> StepResult:
+               graphs: GraphedSteps | None = None, step: int = 0) -> StepResult:
     """One optimizer step over ``micro_batches`` (this rank's share of the step): forward and backward of each
     through ``module`` (a ``TrainingModule``, under DDP with several processes), then clip and step.
 
@@ -83,7 +83,8 @@ def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, mic
     over ranks. ``idle``: this rank has no micro-batch left in the epoch's last step; it runs its one given
     micro-batch with weight 0 so the all-reduce still meets every rank. A non-finite loss or gradient leaves
     parameters and optimizer state untouched (``skipped``). ``graphs``: micro-batches run through CUDA graphs
-    (``train/graphs.py``; supervised loss, one process).
+    (``train/graphs.py``; supervised loss, one process); ``step`` (the step's number) seeds their checkpointed
+    blocks' random draws.
     """
     totals = Counter()
     for micro in micro_batches:
@@ -97,7 +98,7 @@ def train_step(module, optimizer, params: list[torch.nn.Parameter], loss_fn, mic
         if on_micro_batch is not None and not idle:
             on_micro_batch(index)
         if graphs is not None:
-            loss_sum = loss_sum + graphs.run(micro.batch, 1.0 / max(totals["tokens"], 1)).float()
+            loss_sum = loss_sum + graphs.run(micro.batch, 1.0 / max(totals["tokens"], 1), (step, index)).float()
             continue
         batch = {key: _to_device(value, device) for key, value in micro.batch.items()}
         last = index == len(micro_batches) - 1
@@ -180,7 +181,8 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     graphs = None
     if use_graphs:
         width = objective.token_budget if config.data.batching == "pack" else config.data.max_length
-        graphs = GraphedSteps(model, params, device, setup.dtype, capacity=config.train.micro_batch_size * width)
+        graphs = GraphedSteps(model, params, device, setup.dtype, capacity=config.train.micro_batch_size * width,
+                              checkpointing=config.train.gradient_checkpointing, seed=config.seed)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
     per_step = config.train.grad_accum * world.size
@@ -225,7 +227,7 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
             step_start = time.time()
             result = train_step(module, optimizer, params, objective.loss, micro_batches, lr=lr,
                                 max_grad_norm=config.optim.max_grad_norm, device=device, dtype=setup.dtype,
-                                on_micro_batch=hook, world=world, idle=not mine, graphs=graphs)
+                                on_micro_batch=hook, world=world, idle=not mine, graphs=graphs, step=step)
             # One token count for every objective: the examples' own tokens, without padding
             tokens = sum(objective.lengths[i] for batch in chunk for i in _indices(batch))
             state.train_seconds += time.time() - step_start

@@ -27,22 +27,32 @@ share one memory pool: a graph's memory is live only while it replays, and micro
 another. The backward inside a graph adds into the parameters' ``.grad`` tensors, which must therefore stay
 the same tensors for the whole run: the engine zeroes them after a step instead of freeing them.
 
+Gradient checkpointing: a checkpointed block runs its forward twice, the second time inside the backward, and
+its random draws (LoRA dropout) must be the same both times. PyTorch's checkpoint ensures that by reading and
+setting the generator's state on the host, which a graph cannot record. Under graphs each block instead draws
+from generators of its own (``BlockDraws``): one for its forward, one for its recomputation, both seeded from
+(run seed, step, micro-batch, block) on the host before every micro-batch, so the recomputation draws what the
+forward drew. The graph reads the seeds when it replays (the generators are registered with it).
+
 ``train.graphs=auto`` (the default) uses graphs wherever ``choose_graphs`` finds they can run (CUDA, the
-supervised objective, no gradient checkpointing, one process, plain causal attention); ``true`` refuses a run
-where they cannot. Should recording a graph still fail (a model family whose forward reads a device value on
+supervised objective, one process, plain causal attention, checkpointing only through transformers' checkpointed
+blocks); ``true`` refuses a run where they cannot. Should recording a graph still fail (a model family whose forward reads a device value on
 the host), the run warns and goes on eagerly over the same plan, and ``summary.json`` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import autocast_for, head_loss
+from tunesmith.train.loop import autocast_for, decoder_layers, head_loss
 from tunesmith.train.varlen import varlen_plan, varlen_states
 
 GROWTH = 2 ** 0.25
@@ -134,7 +144,8 @@ def choose_graphs(config, model, device: torch.device, world_size: int = 1) -> d
     why = _blocker(config, model, device, world_size)
     if why is None:
         return {"used": True, "reason": f"train.graphs={str(requested).lower()}: CUDA, supervised, one process, "
-                                        "plain causal attention"}
+                                        "plain causal attention"
+                                        + (", graph-safe checkpointing" if config.train.gradient_checkpointing else "")}
     if requested == "auto":
         return {"used": False, "reason": f"train.graphs=auto: graphs need {why}"}
     raise TunesmithError(f"train.graphs=true needs {why}; set train.graphs=auto or false")
@@ -152,8 +163,9 @@ def _blocker(config, model, device: torch.device, world_size: int) -> str | None
         return "the supervised objective (method.objective=sft); preference training runs eager"
     if config.train.layout not in ("auto", "varlen"):
         return f"train.layout=auto (graphs lay every batch out as one varlen row; this run forces {config.train.layout})"
-    if config.train.gradient_checkpointing:
-        return "no gradient checkpointing (its recomputation reads the random state on the host)"
+    if config.train.gradient_checkpointing and not checkpointed_blocks(model):
+        return ("gradient checkpointing through transformers' checkpointed blocks (GradientCheckpointingLayer), or "
+                "none: this model's blocks are not")
     if world_size > 1:
         return "one process (DDP and FSDP2 communicate between micro-batches)"
     if not runs_varlen(model, device, config.data.max_length):
@@ -162,20 +174,91 @@ def _blocker(config, model, device: torch.device, world_size: int) -> str | None
     return None
 
 
+def checkpointed_blocks(model) -> list[torch.nn.Module]:
+    """The decoder's blocks if gradient checkpointing can run through them under graphs: transformers' checkpointed
+    blocks, which call a per-block ``_gradient_checkpointing_func`` (``BlockDraws`` sets it); else []."""
+    blocks = decoder_layers(model)
+    return blocks if blocks and all(hasattr(b, "gradient_checkpointing") for b in blocks) else []
+
+
+class BlockDraws:
+    """Graph-safe random draws for checkpointed blocks (module docstring): block ``i`` runs its forward drawing
+    from ``forward[i]`` and its recomputation from ``recompute[i]``; ``reseed`` sets both to the same seed before
+    each micro-batch, so the recomputation repeats the forward's draws (LoRA dropout masks) exactly, and a run
+    (or a resumed one) draws the same masks for the same (seed, step, micro-batch)."""
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, seed: int):
+        self.device, self.seed = device, seed
+        self.default = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" \
+            else torch.default_generator
+        self.forward = [torch.Generator(device=device) for _ in blocks]
+        self.recompute = [torch.Generator(device=device) for _ in blocks]
+        for index, block in enumerate(blocks):
+            block._gradient_checkpointing_func = partial(self._checkpoint, index)
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        return self.forward + self.recompute
+
+    def reseed(self, draw: tuple[int, int]) -> None:
+        """Before micro-batch ``draw`` = (step, index in the step): on the host, outside any graph."""
+        for index, (forward, recompute) in enumerate(zip(self.forward, self.recompute)):
+            key = f"{self.seed}:{draw[0]}:{draw[1]}:{index}".encode()
+            seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+            forward.manual_seed(seed)
+            recompute.manual_seed(seed)
+
+    def _checkpoint(self, index: int, function, *args):
+        calls = []
+
+        def run(*inner):  # first call: the forward; second: the recomputation inside the backward
+            generator = self.forward[index] if not calls else self.recompute[index]
+            calls.append(1)
+            with _drawing_from(self.default, generator):
+                return function(*inner)
+
+        # the states are ours: PyTorch's own preservation reads the generator on the host, which a graph cannot
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+@contextlib.contextmanager
+def _drawing_from(default: torch.Generator, generator: torch.Generator):
+    """Draws made through ``default`` (what dropout uses) come from ``generator`` and advance it."""
+    if default.device.type == "cuda":  # swapped in by reference: recordable in a graph
+        previous = default.graphsafe_get_state()
+        default.graphsafe_set_state(generator)
+        try:
+            yield
+        finally:
+            default.graphsafe_set_state(previous)
+        return
+    previous = default.get_state()  # the CPU generator has no graph-safe form: copy the state in and out
+    default.set_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(default.get_state())
+        default.set_state(previous)
+
+
 class GraphedSteps:
     """Runs micro-batches (forward and backward) through CUDA graphs (module docstring); ``run`` returns the
     micro-batch's loss, already back-propagated into the parameters' ``.grad``."""
 
     def __init__(self, model, params: list[torch.nn.Parameter], device: torch.device, dtype: torch.dtype,
-                 capacity: int):
+                 capacity: int, *, checkpointing: bool = False, seed: int = 0):
         self.model, self.params, self.device, self.dtype, self.capacity = model, params, device, dtype, capacity
+        self.draws = BlockDraws(checkpointed_blocks(model), device, seed) if checkpointing else None
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
         self.warm = False
         self.failed: str | None = None  # why recording a graph failed; every micro-batch then runs eagerly
 
-    def run(self, host: dict, scale: float) -> torch.Tensor:
+    def run(self, host: dict, scale: float, draw: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """``draw``: (step, index in the step), which seeds checkpointed blocks' random draws."""
         plan = graph_plan(host, capacity=self.capacity, scale=scale)
+        if self.draws is not None:
+            self.draws.reseed(draw)
         inputs = {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in plan.tensors().items()}
         if not self.warm or self.failed:  # the first micro-batch runs eagerly: lazy initialisation stays out
             self.warm = True
@@ -215,6 +298,8 @@ class GraphedSteps:
             # them: hand them back first
             torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
+        for generator in self.draws.generators if self.draws is not None else ():
+            graph.register_generator_state(generator)  # the replay reads their seeds from the host
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(graph, pool=self.pool):
             with autocast_for(self.device, self.dtype, cache=False):
