@@ -201,13 +201,23 @@ class TrainConfig(_Section):
     Triton kernels (liger: CUDA, needs the liger-kernel package; fewer kernel launches a step)."""
     graphs: bool | Literal["auto"] = "auto"
     """CUDA graphs: each micro-batch's forward and backward is recorded once per padded shape and replayed, so
-    the host no longer launches every kernel. auto: wherever they can run (CUDA, supervised training, no
-    gradient checkpointing, one process, plain causal attention); true: refuse a run where they cannot;
+    the host no longer launches every kernel. auto: wherever they can run (CUDA, supervised training, one
+    process, plain causal attention; with gradient checkpointing too); true: refuse a run where they cannot;
     false: never (README "CUDA graphs")."""
+    blas_workspace_mib: int | Literal["auto"] = "auto"
+    """cuBLAS's workspace per thread and stream, in MiB (CUDA): auto is 4 under gradient checkpointing (the run
+    chose memory over speed) and PyTorch's default otherwise (32 on an H200)."""
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
     holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""
 
+
+    @field_validator("blas_workspace_mib")
+    @classmethod
+    def _workspace_size(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("train.blas_workspace_mib must be auto or a size in MiB ≥ 0")
+        return value
 
     @field_validator("compile")
     @classmethod

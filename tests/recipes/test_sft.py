@@ -234,6 +234,7 @@ def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
     assert recorded["kernels"] == {"name": "torch"}
     assert recorded["graphs"] == {"used": False,
                                   "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
+    assert recorded["blas_workspace"] == {"mib": None, "reason": "no CUDA device"}
     for name in ("flat", "varlen", "cache", "plain"):
         forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}"))
         assert forced["layout"]["name"] == name

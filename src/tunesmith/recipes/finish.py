@@ -86,7 +86,8 @@ def finish_run(setup: RunSetup, state: TrainState, started: float, *, evaluate, 
                "train_seconds": round(state.train_seconds, 2), "eval_seconds": round(time.time() - eval_start, 2),
                "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
                "dropped": setup.drops, "layout": setup.layout.summary() if setup.layout else None,
-               "kernels": setup.kernels, "graphs": setup.graphs}
+               "kernels": setup.kernels, "graphs": setup.graphs,
+               "blas_workspace": setup.blas_workspace}
     write_json(setup.run_dir / "summary.json", summary)
     examples = []
     if after and after["predictions"]:

@@ -25,7 +25,7 @@ from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
 from tunesmith.train.dist import current
 from tunesmith.train.graphs import choose_graphs
-from tunesmith.train.kernels import check_kernels
+from tunesmith.train.kernels import check_kernels, set_blas_workspace
 from tunesmith.train.layout import Layout, choose_layout
 
 
@@ -48,6 +48,7 @@ class RunSetup:
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
     kernels: dict | None = None  # what train/kernels.py installed (summary.json's "kernels")
     graphs: dict | None = None  # train/graphs.py's choice, then what it recorded (summary.json's "graphs")
+    blas_workspace: dict | None = None  # train/kernels.py's set_blas_workspace (summary.json's "blas_workspace")
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -121,6 +122,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
             heldout.tokenized.examples = heldout.tokenized.examples[:config.eval.loss_rows]
         rows = generation_rows(config)
     drops = {"train": report_drops(train), "eval": report_drops(heldout) if heldout is not None else None}
+    blas = set_blas_workspace(config.train)  # before the model's first matrix product
     built = build_model(config.model, quant=config.quant if config.method.name == "qlora" else None,
                         adjust=adjust_model, tokenizer=tokenizer)
     layout = choose_layout(built.model, built.device, requested=config.train.layout, batching=config.data.batching,
@@ -134,7 +136,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=built.model, device=built.device,
                     dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
                     resume=resume, lock=lock, drops=drops, quantization=built.quantization,
-                    layout=layout, graphs=graphs)
+                    layout=layout, graphs=graphs, blas_workspace=blas)
 
 
 def trainable_parameters(setup: RunSetup, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:

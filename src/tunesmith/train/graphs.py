@@ -221,6 +221,14 @@ class BlockDraws:
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
 
 
+def _release_blas_workspaces() -> None:
+    """Free cuBLAS's workspaces (32 MiB each on an H200); the next matrix product on a stream makes its own."""
+    release = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if release is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        release()
+
+
 @contextlib.contextmanager
 def _drawing_from(default: torch.Generator, generator: torch.Generator):
     """Draws made through ``default`` (what dropout uses) come from ``generator`` and advance it."""
@@ -251,6 +259,9 @@ class GraphedSteps:
         self.draws = BlockDraws(checkpointed_blocks(model), device, seed) if checkpointing else None
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
+        # eager micro-batches and recordings share one side stream: cuBLAS keeps a workspace per (thread, stream),
+        # so one stream holds two (forward and backward thread) instead of four
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.warm = False
         self.failed: str | None = None  # why recording a graph failed; every micro-batch then runs eagerly
 
@@ -261,6 +272,8 @@ class GraphedSteps:
             self.draws.reseed(draw)
         inputs = {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in plan.tensors().items()}
         if not self.warm or self.failed:  # the first micro-batch runs eagerly: lazy initialisation stays out
+            if not self.warm:
+                _release_blas_workspaces()  # the default stream's (evaluation, loading): not used again here
             self.warm = True
             return self._eager(inputs)
         entry = self.graphs.get(plan.key)
@@ -281,10 +294,22 @@ class GraphedSteps:
         return loss
 
     def _eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast_for(self.device, self.dtype, cache=False):
-            loss = plan_loss(self.model, **inputs)
-        loss.backward()
+        with self._on_side_stream():
+            with autocast_for(self.device, self.dtype, cache=False):
+                loss = plan_loss(self.model, **inputs)
+            loss.backward()
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _on_side_stream(self):
+        if self.stream is None:
+            yield
+            return
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)  # the inputs' copies, the last step's zeroed gradients
+        with torch.cuda.stream(self.stream):
+            yield
+        main.wait_stream(self.stream)  # the optimizer step reads the gradients
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> tuple:
         # the graph adds into these gradient tensors on every replay: they exist before it and are never freed
@@ -301,7 +326,7 @@ class GraphedSteps:
         for generator in self.draws.generators if self.draws is not None else ():
             graph.register_generator_state(generator)  # the replay reads their seeds from the host
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             with autocast_for(self.device, self.dtype, cache=False):
                 loss = plan_loss(self.model, **static)
             loss.backward()
