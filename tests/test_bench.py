@@ -20,6 +20,7 @@ def test_bench_runs_tunesmith_and_reports_each_run(tmp_path, capsys):
         assert len(row["losses"]) == 3 and round(row["final_loss"], 4) == row["losses"][-1]
         assert row["steady_tokens_per_s"] > 0 and row["kernels"] == {"name": "torch"}
         assert row["graphs"] == {"used": False, "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
+        assert row["blas_workspace"] == {"mib": None, "reason": "no CUDA device"}
         assert row["mfu_formula"].startswith("tokens/s × (4N + 12·L·d·ctx)")
         assert row["N"] == parameter_count(SHAPES["tiny"], 49152)
     assert fast["layout"]["name"] == "rows" and plain["layout"]["name"] == "plain"

@@ -146,6 +146,7 @@ def tunesmith_run(name: str, overrides: list[str], *, model_dir: Path, data: Pat
             "steady_tokens_per_s": _steady(metrics),
             "first_loss": metrics[0]["loss"], "final_loss": metrics[-1]["loss"], "layout": summary.get("layout"),
             "kernels": summary.get("kernels"), "graphs": summary.get("graphs"),
+            "blas_workspace": summary.get("blas_workspace"),
             "losses": [round(m["loss"], 4) for m in metrics]}
 
 
