@@ -36,8 +36,9 @@ forward drew. The graph reads the seeds when it replays (the generators are regi
 
 ``train.graphs=auto`` (the default) uses graphs wherever ``choose_graphs`` finds they can run (CUDA, the
 supervised objective, one process, plain causal attention, checkpointing only through transformers' checkpointed
-blocks); ``true`` refuses a run where they cannot. Should recording a graph still fail (a model family whose forward reads a device value on
-the host), the run warns and goes on eagerly over the same plan, and ``summary.json`` says why.
+blocks); ``true`` refuses a run where they cannot. Should recording a graph still fail (a model family whose
+forward reads a device value on the host), the run warns and goes on eagerly over the same plan, and
+``summary.json`` says why.
 """
 
 from __future__ import annotations
@@ -189,8 +190,11 @@ class BlockDraws:
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device, seed: int):
         self.device, self.seed = device, seed
-        self.default = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" \
-            else torch.default_generator
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            self.default = torch.cuda.default_generators[index]
+        else:
+            self.default = torch.default_generator
         self.forward = [torch.Generator(device=device) for _ in blocks]
         self.recompute = [torch.Generator(device=device) for _ in blocks]
         for index, block in enumerate(blocks):
