@@ -10,10 +10,9 @@ from tunesmith.config import RunConfig
 from tunesmith.data.batching import pack_collate
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters, lora_modules
-from tunesmith.train.graphs import (MIN_SEQUENCES, BlockDraws, bucket, checkpointed_blocks, choose_graphs,
-                                    graph_plan, plan_loss)
+from tunesmith.train.graphs import MIN_SEQUENCES, BlockDraws, bucket, choose_graphs, graph_plan, plan_loss
 from tunesmith.train.layout import choose_layout, install_layout
-from tunesmith.train.loop import enable_gradient_checkpointing, supervised_loss_sum
+from tunesmith.train.loop import decoder_layers, enable_gradient_checkpointing, supervised_loss_sum
 
 CPU = torch.device("cpu")
 
@@ -134,25 +133,44 @@ def _checkpointed_loss_and_grads(model, batch, tokens, draws=None, draw=(0, 0)):
     return _loss_and_grads(model, lambda: plan_loss(model, **plan.tensors()))
 
 
-def test_checkpointed_blocks_recompute_the_forwards_draws(monkeypatch):
-    """Under graphs a checkpointed block draws its dropout masks from its own generators (``BlockDraws``), seeded
-    on the host: its recomputation in the backward draws the forward's masks, so the gradients are those of the
-    same masks without checkpointing. PyTorch's checkpoint without its host-side state handling (the only form a
-    graph could record) draws new masks in the recomputation, and its gradients are wrong."""
+def _each_block_once_under(draws, model):
+    """The reference: no checkpointing, each block's forward run once under the context ``draws`` gives a
+    checkpointed forward (the same generator, the same masks). Returns the hooks' handles."""
+    entered = []
+
+    def enter(module, args):
+        forward, _ = draws.contexts()
+        forward.__enter__()
+        entered.append(forward)
+
+    def leave(module, args, output):
+        entered.pop().__exit__(None, None, None)
+
+    return [handle for block in decoder_layers(model)
+            for handle in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
+
+
+def test_checkpointed_blocks_recompute_the_forwards_draws():
+    """Under graphs a checkpointed block draws its dropout masks from its own generators (``BlockDraws``, the
+    checkpoint's ``context_fn``), seeded on the host: its recomputation in the backward draws the forward's masks,
+    so the gradients are those of the same masks without checkpointing. PyTorch's checkpoint without its
+    host-side state handling (the only form a graph could record) draws new masks in the recomputation, and its
+    gradients are wrong."""
     batch = _padded()
     tokens = int((batch["labels"][:, 1:] != -100).sum())
     model = _with_dropout(build_adapted_tiny_llama())
     install_layout(model, choose_layout(model, CPU, requested="varlen", batching="pad"))
-    enable_gradient_checkpointing(model)
-    blocks = checkpointed_blocks(model)
-    assert len(blocks) == model.config.num_hidden_layers
-    draws = BlockDraws(blocks, CPU, seed=3)
-    loss, grads = _checkpointed_loss_and_grads(model, batch, tokens, draws)
+    draws = BlockDraws(CPU, seed=3)
 
     # the reference: the same draws, each block run once (no recomputation)
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, *args, **_: function(*args))
-        once, once_grads = _checkpointed_loss_and_grads(model, batch, tokens, draws)
+    handles = _each_block_once_under(draws, model)
+    once, once_grads = _checkpointed_loss_and_grads(model, batch, tokens, draws)
+    for handle in handles:
+        handle.remove()
+    assert len(draws.pairs) == model.config.num_hidden_layers
+
+    enable_gradient_checkpointing(model, **draws.checkpoint_options())
+    loss, grads = _checkpointed_loss_and_grads(model, batch, tokens, draws)
     assert once == loss
     for key in grads:
         torch.testing.assert_close(grads[key], once_grads[key], atol=1e-7, rtol=1e-6)
@@ -163,35 +181,21 @@ def test_checkpointed_blocks_recompute_the_forwards_draws(monkeypatch):
     assert again == loss and other != loss
 
     # checkpointing that leaves the random state alone recomputes with other masks: gradients differ
-    for block in blocks:
-        block._gradient_checkpointing_func = lambda function, *args: torch.utils.checkpoint.checkpoint(
-            function, *args, use_reentrant=False, preserve_rng_state=False)
+    enable_gradient_checkpointing(model, preserve_rng_state=False)
     torch.manual_seed(0)
     _, naive = _checkpointed_loss_and_grads(model, batch, tokens)
     assert any(not torch.allclose(naive[key], grads[key], atol=1e-4) for key in grads)
 
 
-class _PlainBlock(torch.nn.Module):
-    """A block that is not transformers' checkpointed layer (no per-block checkpoint function to set)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
-
-
-def test_graphs_refuse_checkpointing_without_checkpointed_blocks(monkeypatch):
+def test_graphs_refuse_checkpointing_a_model_transformers_cannot_checkpoint(monkeypatch):
     from tunesmith.train import varlen
 
     monkeypatch.setattr(varlen, "available", lambda: True)
     model = build_adapted_tiny_llama()
-    decoder = model.get_decoder()
-    decoder.layers = torch.nn.ModuleList(_PlainBlock(block) for block in decoder.layers)
+    monkeypatch.setattr(model, "supports_gradient_checkpointing", False)
     config = RunConfig.model_validate({"train": {"gradient_checkpointing": True}})
     auto = choose_graphs(config, model, torch.device("cuda"))
-    assert not auto["used"] and "GradientCheckpointingLayer" in auto["reason"]
+    assert not auto["used"] and "supports transformers' gradient checkpointing" in auto["reason"]
     assert choose_graphs(RunConfig(), model, torch.device("cuda"))["used"]  # without checkpointing they run
 
 
@@ -204,11 +208,12 @@ def _train_tiny_on_cuda(graphed: bool, steps: int = 4, checkpointing: bool = Fal
     cuda = torch.device("cuda")
     model = build_adapted_tiny_llama().to(cuda, torch.bfloat16).train()
     install_layout(model, choose_layout(model, cuda, requested="varlen", batching="pad"))
+    draws = BlockDraws(cuda, seed=5) if checkpointing else None
     if checkpointing:
-        enable_gradient_checkpointing(_with_dropout(model))
+        enable_gradient_checkpointing(_with_dropout(model), **draws.checkpoint_options())
     params = list(adapter_parameters(model).values())
     optimizer = torch.optim.SGD(params, lr=0.1)
-    runner = GraphedSteps(model, params, cuda, torch.bfloat16, capacity=8 * 7, checkpointing=checkpointing, seed=5)
+    runner = GraphedSteps(model, params, cuda, torch.bfloat16, capacity=8 * 7, draws=draws)
     losses = []
     for step in range(steps):
         batch = _padded()

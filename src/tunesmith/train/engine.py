@@ -22,7 +22,7 @@ import torch
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
 from tunesmith.recipes.resume import load_resume_state, save_training_checkpoint
-from tunesmith.train.graphs import GraphedSteps
+from tunesmith.train.graphs import BlockDraws, GraphedSteps
 from tunesmith.train.kernels import install_kernels
 from tunesmith.train.layout import Layout, install_layout
 from tunesmith.train.loop import autocast_for, enable_gradient_checkpointing
@@ -167,9 +167,11 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
         # before wrapping: rank 0 still holds the whole model (FSDP2 shards it next); the others wait at the wrap
         objective.evaluate("before")
     setup.kernels = install_kernels(model, config.train.kernels)  # once, before any training forward
-    if config.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     use_graphs = bool(setup.graphs and setup.graphs["used"])
+    # under graphs, checkpointed blocks draw from generators of their own (train/graphs.py)
+    draws = BlockDraws(device, config.seed) if use_graphs and config.train.gradient_checkpointing else None
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model, **(draws.checkpoint_options() if draws else {}))
     if use_graphs:  # graphs lay every micro-batch out as one varlen row (train/graphs.py)
         setup.layout = Layout("varlen", "CUDA graphs: every micro-batch as one row of fixed size")
     setup.layout = install_layout(model, setup.layout)  # once, before any forward
@@ -182,7 +184,7 @@ def train(setup: RunSetup, objective: Objective, params: list[torch.nn.Parameter
     if use_graphs:
         width = objective.token_budget if config.data.batching == "pack" else config.data.max_length
         graphs = GraphedSteps(model, params, device, setup.dtype, capacity=config.train.micro_batch_size * width,
-                              checkpointing=config.train.gradient_checkpointing, seed=config.seed)
+                              draws=draws)
     # A step takes grad_accum micro-batches on each rank: the next grad_accum × ranks of the epoch's one plan,
     # which every rank draws from the same seed, dealt out by rank (no example twice in an epoch)
     per_step = config.train.grad_accum * world.size

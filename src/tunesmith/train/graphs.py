@@ -30,13 +30,14 @@ the same tensors for the whole run: the engine zeroes them after a step instead 
 Gradient checkpointing: a checkpointed block runs its forward twice, the second time inside the backward, and
 its random draws (LoRA dropout) must be the same both times. PyTorch's checkpoint ensures that by reading and
 setting the generator's state on the host, which a graph cannot record. Under graphs each block instead draws
-from generators of its own (``BlockDraws``): one for its forward, one for its recomputation, both seeded from
-(run seed, step, micro-batch, block) on the host before every micro-batch, so the recomputation draws what the
-forward drew. The graph reads the seeds when it replays (the generators are registered with it).
+from generators of its own (``BlockDraws``, handed to the checkpoint function as its ``context_fn`` when
+checkpointing is enabled): one for its forward, one for its recomputation, both seeded from (run seed, step,
+micro-batch, block) on the host before every micro-batch, so the recomputation draws what the forward drew. The
+graph reads the seeds when it replays (the generators are registered with it).
 
 ``train.graphs=auto`` (the default) uses graphs wherever ``choose_graphs`` finds they can run (CUDA, the
-supervised objective, one process, plain causal attention, checkpointing only through transformers' checkpointed
-blocks); ``true`` refuses a run where they cannot. Should recording a graph still fail (a model family whose
+supervised objective, one process, plain causal attention, checkpointing where transformers supports it);
+``true`` refuses a run where they cannot. Should recording a graph still fail (a model family whose
 forward reads a device value on the host), the run warns and goes on eagerly over the same plan, and
 ``summary.json`` says why.
 """
@@ -47,13 +48,13 @@ import contextlib
 import hashlib
 import sys
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import autocast_for, decoder_layers, head_loss
+from tunesmith.train.kernels import release_blas_workspaces
+from tunesmith.train.loop import autocast_for, head_loss
 from tunesmith.train.varlen import varlen_plan, varlen_states
 
 GROWTH = 2 ** 0.25
@@ -164,9 +165,8 @@ def _blocker(config, model, device: torch.device, world_size: int) -> str | None
         return "the supervised objective (method.objective=sft); preference training runs eager"
     if config.train.layout not in ("auto", "varlen"):
         return f"train.layout=auto (graphs lay every batch out as one varlen row; this run forces {config.train.layout})"
-    if config.train.gradient_checkpointing and not checkpointed_blocks(model):
-        return ("gradient checkpointing through transformers' checkpointed blocks (GradientCheckpointingLayer), or "
-                "none: this model's blocks are not")
+    if config.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        return "no gradient checkpointing, or a model that supports transformers' gradient checkpointing"
     if world_size > 1:
         return "one process (DDP and FSDP2 communicate between micro-batches)"
     if not runs_varlen(model, device, config.data.max_length):
@@ -175,62 +175,53 @@ def _blocker(config, model, device: torch.device, world_size: int) -> str | None
     return None
 
 
-def checkpointed_blocks(model) -> list[torch.nn.Module]:
-    """The decoder's blocks if gradient checkpointing can run through them under graphs: transformers' checkpointed
-    blocks, which call a per-block ``_gradient_checkpointing_func`` (``BlockDraws`` sets it); else []."""
-    blocks = decoder_layers(model)
-    return blocks if blocks and all(hasattr(b, "gradient_checkpointing") for b in blocks) else []
-
-
 class BlockDraws:
-    """Graph-safe random draws for checkpointed blocks (module docstring): block ``i`` runs its forward drawing
-    from ``forward[i]`` and its recomputation from ``recompute[i]``; ``reseed`` sets both to the same seed before
-    each micro-batch, so the recomputation repeats the forward's draws (LoRA dropout masks) exactly, and a run
-    (or a resumed one) draws the same masks for the same (seed, step, micro-batch)."""
+    """Graph-safe random draws for checkpointed blocks (module docstring). Handed to the checkpoint function as
+    its ``context_fn`` (``checkpoint_options``), so PyTorch calls ``contexts`` once per checkpointed block, in
+    forward order: the micro-batch's ``k``-th block runs its forward drawing from ``pairs[k][0]`` and its
+    recomputation from ``pairs[k][1]``. ``reseed`` sets both to the same seed before each micro-batch, so the
+    recomputation repeats the forward's draws (LoRA dropout masks) exactly, and a run (or a resumed one) draws
+    the same masks for the same (seed, step, micro-batch)."""
 
-    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int):
         self.device, self.seed = device, seed
         if device.type == "cuda":
             index = torch.cuda.current_device() if device.index is None else device.index
             self.default = torch.cuda.default_generators[index]
         else:
             self.default = torch.default_generator
-        self.forward = [torch.Generator(device=device) for _ in blocks]
-        self.recompute = [torch.Generator(device=device) for _ in blocks]
-        for index, block in enumerate(blocks):
-            block._gradient_checkpointing_func = partial(self._checkpoint, index)
+        self.pairs: list[tuple[torch.Generator, torch.Generator]] = []
+        self.draw, self.blocks_seen = (0, 0), 0
+
+    def checkpoint_options(self) -> dict:
+        """Keyword arguments for PyTorch's checkpoint (``enable_gradient_checkpointing``): the states are ours, as
+        PyTorch's own preservation reads the generator on the host, which a graph cannot record."""
+        return {"preserve_rng_state": False, "context_fn": self.contexts}
 
     @property
     def generators(self) -> list[torch.Generator]:
-        return self.forward + self.recompute
+        return [generator for pair in self.pairs for generator in pair]
 
     def reseed(self, draw: tuple[int, int]) -> None:
         """Before micro-batch ``draw`` = (step, index in the step): on the host, outside any graph."""
-        for index, (forward, recompute) in enumerate(zip(self.forward, self.recompute)):
-            key = f"{self.seed}:{draw[0]}:{draw[1]}:{index}".encode()
-            seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-            forward.manual_seed(seed)
-            recompute.manual_seed(seed)
+        self.draw, self.blocks_seen = draw, 0
+        for block, pair in enumerate(self.pairs):
+            self._seed(pair, block)
 
-    def _checkpoint(self, index: int, function, *args):
-        calls = []
+    def contexts(self):
+        """(forward context, recomputation context) for the next checkpointed block of the micro-batch."""
+        block, self.blocks_seen = self.blocks_seen, self.blocks_seen + 1
+        if block == len(self.pairs):  # met for the first time: in the run's first micro-batch, which runs eagerly
+            self.pairs.append((torch.Generator(device=self.device), torch.Generator(device=self.device)))
+            self._seed(self.pairs[block], block)
+        forward, recompute = self.pairs[block]
+        return _drawing_from(self.default, forward), _drawing_from(self.default, recompute)
 
-        def run(*inner):  # first call: the forward; second: the recomputation inside the backward
-            generator = self.forward[index] if not calls else self.recompute[index]
-            calls.append(1)
-            with _drawing_from(self.default, generator):
-                return function(*inner)
-
-        # the states are ours: PyTorch's own preservation reads the generator on the host, which a graph cannot
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
-
-
-def _release_blas_workspaces() -> None:
-    """Free cuBLAS's workspaces (32 MiB each on an H200); the next matrix product on a stream makes its own."""
-    release = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if release is not None and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        release()
+    def _seed(self, pair: tuple[torch.Generator, torch.Generator], block: int) -> None:
+        key = f"{self.seed}:{self.draw[0]}:{self.draw[1]}:{block}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        for generator in pair:
+            generator.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -258,9 +249,10 @@ class GraphedSteps:
     micro-batch's loss, already back-propagated into the parameters' ``.grad``."""
 
     def __init__(self, model, params: list[torch.nn.Parameter], device: torch.device, dtype: torch.dtype,
-                 capacity: int, *, checkpointing: bool = False, seed: int = 0):
+                 capacity: int, *, draws: BlockDraws | None = None):
+        """``draws``: the checkpointed blocks' random draws, when the model checkpoints through them."""
         self.model, self.params, self.device, self.dtype, self.capacity = model, params, device, dtype, capacity
-        self.draws = BlockDraws(checkpointed_blocks(model), device, seed) if checkpointing else None
+        self.draws = draws
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
         # eager micro-batches and recordings share one side stream: cuBLAS keeps a workspace per (thread, stream),
@@ -277,7 +269,7 @@ class GraphedSteps:
         inputs = {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in plan.tensors().items()}
         if not self.warm or self.failed:  # the first micro-batch runs eagerly: lazy initialisation stays out
             if not self.warm:
-                _release_blas_workspaces()  # the default stream's (evaluation, loading): not used again here
+                release_blas_workspaces()  # the default stream's (evaluation, loading): not used again here
             self.warm = True
             return self._eager(inputs)
         entry = self.graphs.get(plan.key)

@@ -56,9 +56,9 @@ def install_kernels(model, requested: str) -> dict:
 
 
 LEAN_BLAS_WORKSPACE_MIB = 4
-"""cuBLAS's workspace under gradient checkpointing (``train.blas_workspace_mib=auto``): PyTorch's default is 32 MiB
-on an H200, and a training step holds two (the forward's thread and the backward's); 4 MiB each measured 1.58 →
-1.53 GiB peak on the tutorial's recipe with 3% fewer tokens/s in steady steps (BENCHMARKS.md)."""
+"""cuBLAS's workspace under gradient checkpointing (``train.blas_workspace_mib=auto``): a training step holds two
+(the forward's thread and the backward's), each PyTorch's default size unless set; what the smaller size saves
+and costs is in BENCHMARKS.md."""
 
 
 def set_blas_workspace(train, device_available: bool | None = None) -> dict:
@@ -84,8 +84,14 @@ def set_blas_workspace(train, device_available: bool | None = None) -> dict:
         setter(mib * 2 ** 20)
     else:  # read once, at the process's first cuBLAS call
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = f":{mib * 1024}:1"
-    release = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if release is not None and torch.cuda.is_initialized():
-        release()  # workspaces made before (another run in this process) are made again at the new size
+    release_blas_workspaces()  # workspaces made before (another run in this process) are made again at the new size
     how = "auto under gradient checkpointing" if requested == "auto" else "train.blas_workspace_mib"
     return {"mib": mib, "reason": how}
+
+
+def release_blas_workspaces() -> None:
+    """Free cuBLAS's workspaces; the next matrix product on a stream makes its own, at the size set now."""
+    release = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if release is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        release()

@@ -245,14 +245,16 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return []
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Recompute each decoder block in the backward pass (non-reentrant checkpointing).
+def enable_gradient_checkpointing(model, **options) -> None:
+    """Recompute each decoder block in the backward pass (non-reentrant checkpointing), through transformers'
+    own switch; ``options`` go to PyTorch's ``checkpoint`` (``train/graphs.py``'s ``BlockDraws`` hands its
+    random-state handling there).
 
     The non-reentrant form tracks gradients through the recomputation itself, so a frozen (or 4-bit)
     base whose inputs carry no gradient still passes gradients to the adapters inside the blocks — the
     reentrant form needs ``requires_grad`` inputs for that, which QLoRA recipes patch in by hand.
     """
-    options = {"use_reentrant": False}
+    options = {"use_reentrant": False, **options}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
