@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunesmith.config_yaml import read_config_file, set_dotted
 from tunesmith.errors import TunesmithError
 
 
@@ -305,65 +306,6 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key written twice in one mapping is an error (YAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        lines = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in lines:
-                raise _DuplicateKey(f"key {key!r} is written twice (lines {lines[key]} and {line}); keep one")
-            lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
-class _DuplicateKey(yaml.YAMLError):
-    pass
-
-
-def _parse_yaml(text: str, what: str):
-    """Parse YAML text; any problem becomes one line naming ``what`` (a file or an override) and the line."""
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
-    except _DuplicateKey as exc:
-        raise TunesmithError(f"{what}: {exc}") from None
-    except yaml.MarkedYAMLError as exc:
-        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
-        raise TunesmithError(f"{what} is not valid YAML{where}: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise TunesmithError(f"{what} is not valid YAML: {exc}") from None
-
-
-def _read_config_file(path: str | Path) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TunesmithError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise TunesmithError(f"config file {path} is a directory; pass a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise TunesmithError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                             f"{exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise TunesmithError(f"cannot read config file {path}: {exc.strerror}") from None
-    tree = _parse_yaml(text, f"config file {path}") or {}
-    if not isinstance(tree, dict):
-        raise TunesmithError(f"config file {path} must hold a mapping of sections")
-    return tree
-
-
-def _set_path(tree: dict, dotted: str, raw: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise TunesmithError(f"override {dotted}={raw}: {key} is not a section")
-    node[keys[-1]] = _parse_yaml(raw, f"override {dotted}={raw}") if raw != "" else None
-
-
 def _explain(exc: ValidationError, origin: str) -> TunesmithError:
     problems = []
     for error in exc.errors():
@@ -383,7 +325,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *,
 
     ``trust_remote_code`` is the command line's --trust-remote-code and the only source of
     ``model.trust_remote_code``: a value in the file or the overrides is replaced by it (see ModelConfig)."""
-    tree = _read_config_file(path) if path is not None else {}
+    tree = read_config_file(path) if path is not None else {}
     return _resolve(tree, "built-in defaults" if path is None else str(path), overrides, trust_remote_code)
 
 
@@ -392,7 +334,7 @@ def _resolve(tree: dict, origin: str, overrides: list[str], trust_remote_code: b
         if "=" not in override:
             raise TunesmithError(f"override {override!r} must look like key.sub=value")
         key, raw = override.split("=", 1)
-        _set_path(tree, key.strip(), raw)
+        set_dotted(tree, key.strip(), raw)
     if overrides:
         origin += " with overrides " + " ".join(overrides)
     try:
@@ -429,7 +371,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = (), *, trust_rem
     damaged = (f"; {path} is the run's saved config and tunesmith wrote it valid: restore it, e.g. from "
                f"{run_dir / 'checkpoints'}/step-N/{RUN_CONFIG_FILE}")
     try:
-        tree = _read_config_file(path)
+        tree = read_config_file(path)
         RunConfig.model_validate(tree)
     except TunesmithError as exc:
         raise TunesmithError(f"{exc}{damaged}") from None

@@ -1,0 +1,69 @@
+"""Config YAML as text: strict parsing (a key written twice is an error) whose errors name the file or the
+override and the line, config files read as one mapping, and ``key.sub=value`` overrides set into the tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tunesmith.errors import TunesmithError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise _DuplicateKey(f"key {key!r} is written twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+def parse_yaml(text: str, what: str):
+    """Parse YAML text; any problem becomes one line naming ``what`` (a file or an override) and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise TunesmithError(f"{what}: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        where = f" at line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise TunesmithError(f"{what} is not valid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise TunesmithError(f"{what} is not valid YAML: {exc}") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TunesmithError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TunesmithError(f"config file {path} is a directory; pass a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise TunesmithError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise TunesmithError(f"cannot read config file {path}: {exc.strerror}") from None
+    tree = parse_yaml(text, f"config file {path}") or {}
+    if not isinstance(tree, dict):
+        raise TunesmithError(f"config file {path} must hold a mapping of sections")
+    return tree
+
+
+def set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise TunesmithError(f"override {dotted}={raw}: {key} is not a section")
+    node[keys[-1]] = parse_yaml(raw, f"override {dotted}={raw}") if raw != "" else None
