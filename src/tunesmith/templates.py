@@ -21,7 +21,11 @@ the content is the template's closing: the trained part ends after its last mark
 or a marker-shaped string such as ``<|im_end|>``, ``</s>``, ``[/INST]``), so a newline after
 ``<|im_end|>`` stays untrained. Mid-conversation the closing is what the template emits whatever
 follows (the common part of ``probe`` and ``next``), so a conversation-final token (Phi-3's EOS)
-belongs to the last turn only. A closing with no marker teaches nothing about stopping: counted,
+belongs to the last turn only; a template that closes a turn only when another follows (Apriel 1.6's
+``<|end|>``) closes it with what comes before the next turn's opener. A closing never reaches a turn
+opener (``turn_markers.openers``: a marker the conversation starts with, the generation prompt's, or one
+that names a role), so a template that appends its assistant header after every conversation
+(Command-R7B) never trains that header. A closing with no marker teaches nothing about stopping: counted,
 and ``append_eos`` appends the tokenizer's EOS, trained. Text spans become token masks through the
 tokenizer's character offsets: a token is trained when it starts inside a span.
 
@@ -33,11 +37,13 @@ inference time.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
 from tunesmith.errors import TunesmithError
+from tunesmith.turn_markers import (REASONING_CLOSE, REASONING_OPEN, REASONING_TAG, MARKER, before_opener,
+                                    common_prefix_len, marker_spans, mid_closing, openers, special_tokens,
+                                    through_last_marker)
 
 IGNORE_INDEX = -100
 
@@ -192,69 +198,12 @@ def render_prompt(tokenizer, messages: list[dict], *, reasoning: str | None = No
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 # Private-use characters: no template, tokenizer vocabulary or sane dataset holds them.
 _SENTINEL = "\ue000tunesmith-turn\ue001"
 _NEXT_PROBE = "\ue000tunesmith-next\ue001"
-# Marker-shaped strings a template wraps turns in: <|im_end|>, <｜end▁of▁sentence｜>, </s>, <end_of_turn>,
-# [/INST], <</SYS>>. Only text the template itself emits is searched, never a message's content.
-_MARKER = re.compile(r"<\|[^<>|\s]{1,48}\|>|<｜[^<>｜\s]{1,48}｜>|</?[A-Za-z][\w.:-]{0,48}>|\[/?[A-Z][A-Z_]{1,24}\]"
-                     r"|<</?[A-Z]{1,12}>>")
-# Reasoning tags are content, not control: datasets carry <think>…</think> and templates parse it.
-_REASONING_TAG = re.compile(r"</?(?:\w+:)?think>")
-_REASONING_OPEN = re.compile(r"<(?:\w+:)?think>")
-_REASONING_CLOSE = re.compile(r"</(?:\w+:)?think>")
-
 NOTE_NO_END_MARKER = "no end-of-turn marker after the answer (nothing teaches the model to stop)"
 NOTE_PROMPT_DIFFERS = "the generation prompt ends with text the turn does not render"
 NOTE_REASONING_WHOLE = "reasoning block trained whole (the generation prompt opens or skips it)"
-
-
-def _special_tokens(tokenizer) -> set[str]:
-    specials = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(added, "special", False):
-            specials.add(added.content)
-    return {token for token in specials if token}
-
-
-def _marker_spans(text: str, specials: set[str]) -> list[tuple[int, int]]:
-    spans = [m.span() for m in _MARKER.finditer(text)]
-    for token in specials:
-        at = text.find(token)
-        while at >= 0:
-            spans.append((at, at + len(token)))
-            at = text.find(token, at + 1)
-    return sorted(spans)
-
-
-def _through_last_marker(tail: str, specials: set[str]) -> str:
-    """``tail`` cut after its last marker ('' when it has none): what of a closing is trained."""
-    spans = _marker_spans(tail, specials)
-    return tail[: max(end for _, end in spans)] if spans else ""
-
-
-def _mid_closing(alone: str, followed: str, specials: set[str]) -> str:
-    """The trained closing of a turn that something follows: what the template emits after the content
-    whatever comes next, through its last marker. When the two renderings part inside a marker both open
-    at the same place (gpt-oss closes a final turn with <|return|>, a mid one with <|end|>), the marker
-    of the mid-conversation rendering is that closing."""
-    shared = _common_prefix_len(alone, followed)
-    closing = _through_last_marker(alone[:shared], specials)
-    if closing:
-        return closing
-    first_alone, first_followed = _marker_spans(alone, specials)[:1], _marker_spans(followed, specials)[:1]
-    if first_alone and first_followed and first_alone[0][0] == first_followed[0][0] <= shared \
-            and not alone[: first_alone[0][0]].strip():
-        return followed[: first_followed[0][1]]
-    return ""
 
 
 def _prompt_end(before: str, through: str) -> tuple[int, bool]:
@@ -272,6 +221,20 @@ def _prompt_end(before: str, through: str) -> tuple[int, bool]:
             break
         i, j = i + 1, j + 1
     return j, i < len(before)
+
+
+def _openers(tokenizer, kwargs: dict, specials: set[str]) -> frozenset[str]:
+    """``turn_markers.openers`` of this template, cached: they depend on the template, kwargs and specials only."""
+    key = (tokenizer.chat_template, tuple(sorted(kwargs.items())), frozenset(specials))
+    if key not in _OPENER_CACHE:
+        first = [{"role": "user", "content": _NEXT_PROBE}]
+        try:
+            plain = chat_text(tokenizer, first, add_generation_prompt=False, **kwargs)
+            prompted = chat_text(tokenizer, first, add_generation_prompt=True, **kwargs)
+        except TemplateFailed:
+            plain = prompted = ""
+        _OPENER_CACHE[key] = openers(plain, prompted, _NEXT_PROBE, specials)
+    return _OPENER_CACHE[key]
 
 
 @dataclass
@@ -297,7 +260,7 @@ def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set
     notes = []
     start, differs = _prompt_end(before, through)
     # the probe shows where turn i's own content starts to matter: the span never starts after it
-    start = min(start, _common_prefix_len(alone, through))
+    start = min(start, common_prefix_len(alone, through))
     at = alone.rfind(_SENTINEL)
     if at >= 0:
         head = alone[: at + len(_SENTINEL)]
@@ -308,18 +271,22 @@ def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set
         # last marker before the real conversation and the same one followed by the next message part
         after = chat_text(tokenizer, messages[: i + 2] if i + 1 < len(messages) else messages + [following],
                           add_generation_prompt=False, **kwargs)
-        shared = _common_prefix_len(through, after)
-        found = _marker_spans(through[start:shared], specials)
+        shared = common_prefix_len(through, after)
+        found = marker_spans(through[start:shared], specials)
         cut = start + found[-1][0] if found else len(through)
         tail, tail_next = through[cut:], after[cut:]
     content_end = len(through) - len(tail) if through.endswith(tail) else len(through.rstrip())
-    closing_last = _through_last_marker(tail, specials)
-    closing_mid = _mid_closing(tail, tail_next, specials) if tail_next is not None else closing_last
+    # where the template dropped the content or renders calls after it, the tail holds the turn's own
+    # rendering (gpt-oss opens a call with <|start|>): no opener cut applies
+    openers = _openers(tokenizer, kwargs, specials) if at >= 0 and not messages[i].get("tool_calls") \
+        else frozenset()
+    closing_last = through_last_marker(before_opener(tail, openers, specials), specials)
+    closing_mid = closing_last if tail_next is None else mid_closing(tail, tail_next, specials, openers)
     start = min(start, content_end)
     if differs:
         notes.append(NOTE_PROMPT_DIFFERS)
-        opened = list(_REASONING_OPEN.finditer(through, 0, start))
-        if opened and not _REASONING_CLOSE.search(through, opened[-1].start(), start):
+        opened = list(REASONING_OPEN.finditer(through, 0, start))
+        if opened and not REASONING_CLOSE.search(through, opened[-1].start(), start):
             start = opened[-1].start()
             notes.append(NOTE_REASONING_WHOLE)
     if not closing_last:
@@ -374,7 +341,7 @@ def render(tokenizer, messages: list[dict], *, train_on: str = "all", first_trai
                if m.get("role") == "assistant" and m.get("weight") != 0 and i >= first_trained + shift]
     if train_on == "last":
         targets = targets[-1:]
-    specials = _special_tokens(tokenizer)
+    specials = special_tokens(tokenizer)
     full = chat_text(tokenizer, flagged, add_generation_prompt=False, **kwargs)
     turns = [_locate(tokenizer, flagged, i, kwargs, specials) for i in targets]
     final = len(flagged) - 1
@@ -400,9 +367,9 @@ def control_tokens(tokenizer, messages: list[dict] | None = None) -> set[str]:
     """Strings that a tokenizer reads as control tokens or the template uses to frame turns: the
     tokenizer's special tokens and the marker-shaped strings the template emits around a probe
     conversation. Reasoning tags are left out: reasoning data carries them in its content."""
-    specials = _special_tokens(tokenizer)
+    specials = special_tokens(tokenizer)
     template = getattr(tokenizer, "chat_template", None) or ""
-    return {t for t in specials | set(_template_markers(tokenizer, template)) if not _REASONING_TAG.fullmatch(t)}
+    return {t for t in specials | set(_template_markers(tokenizer, template)) if not REASONING_TAG.fullmatch(t)}
 
 
 def _template_markers(tokenizer, template: str) -> tuple[str, ...]:
@@ -417,10 +384,11 @@ def _template_markers(tokenizer, template: str) -> tuple[str, ...]:
                 text = chat_text(tokenizer, head + turns, add_generation_prompt=True)
             except TemplateFailed:  # a template that refuses system messages: try without
                 continue
-            found = {m.group() for part in text.split(_SENTINEL) for m in _MARKER.finditer(part)}
+            found = {m.group() for part in text.split(_SENTINEL) for m in MARKER.finditer(part)}
             break
         _MARKER_CACHE[key] = tuple(sorted(found))
     return _MARKER_CACHE[key]
 
 
 _MARKER_CACHE: dict[tuple[int, str], tuple[str, ...]] = {}
+_OPENER_CACHE: dict[tuple, frozenset[str]] = {}  # (template, kwargs, specials): the answer depends on these only

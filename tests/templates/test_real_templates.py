@@ -1,4 +1,4 @@
-"""Loss masks on 55 real chat templates (tests/fixtures/chat_templates, sources in index.json), checked by construction.
+"""Loss masks on 59 real chat templates (tests/fixtures/chat_templates, sources in index.json), checked by construction.
 
 Every conversation uses unique sentinel words, so the expected trained text of each assistant turn is known
 without our code: what the template renders to open the turn beyond the generation prompt, the content, and
@@ -48,6 +48,14 @@ EXPECTED = {
     "lcpp-deepseek-ai-deepseek-r1-distill-llama-8b": ("", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>", False),
     "lcpp-deepseek-ai-deepseek-r1-distill-qwen-32b": ("", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>", False),
     # GLM closes a turn with nothing: the next role tag stops it, so there is no end-of-turn marker to train
+    # Apriel 1.6 writes its "<|end|>" only when another turn follows (not loop.last): mid turns train it,
+    # the conversation's last turn has no closing to train
+    "lcpp-apriel-1_6-15b-thinker-fixed": ("", "\n<|end|>", "", False),
+    "lcpp-bytedance-seed-oss": ("", "<seed:eos>", "<seed:eos>", False),
+    # Command-R7B appends its assistant header whatever add_generation_prompt says: never trained
+    "lcpp-cohereforai-c4ai-command-r7b-12-2024-tool_use": (
+        "<|START_RESPONSE|>", "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>", "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>", False),
+    "lcpp-gigachat3-10b-a1_8b": ("", "<|message_sep|>", "<|message_sep|>", False),
     "lcpp-glm-4_6": ("<think></think>\n", "", "", False),
     "lcpp-google-gemma-2-2b-it": ("", "<end_of_turn>", "<end_of_turn>", False),
     "lcpp-huggingfacetb-smollm3-3b": ("", "<|im_end|>", "<|im_end|>", False),
