@@ -41,7 +41,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from tunesmith.errors import TunesmithError
-from tunesmith.turn_markers import (REASONING_CLOSE, REASONING_OPEN, REASONING_TAG, MARKER, before_opener,
+from tunesmith.turn_markers import (MARKER, REASONING_CLOSE, REASONING_OPEN, REASONING_TAG, before_opener,
                                     common_prefix_len, marker_spans, mid_closing, openers, special_tokens,
                                     through_last_marker)
 
@@ -278,10 +278,10 @@ def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set
     content_end = len(through) - len(tail) if through.endswith(tail) else len(through.rstrip())
     # where the template dropped the content or renders calls after it, the tail holds the turn's own
     # rendering (gpt-oss opens a call with <|start|>): no opener cut applies
-    openers = _openers(tokenizer, kwargs, specials) if at >= 0 and not messages[i].get("tool_calls") \
+    opening = _openers(tokenizer, kwargs, specials) if at >= 0 and not messages[i].get("tool_calls") \
         else frozenset()
-    closing_last = through_last_marker(before_opener(tail, openers, specials), specials)
-    closing_mid = closing_last if tail_next is None else mid_closing(tail, tail_next, specials, openers)
+    closing_last = through_last_marker(before_opener(tail, opening, specials), specials)
+    closing_mid = closing_last if tail_next is None else mid_closing(tail, tail_next, specials, opening)
     start = min(start, content_end)
     if differs:
         notes.append(NOTE_PROMPT_DIFFERS)
