@@ -54,16 +54,16 @@ def through_last_marker(tail: str, specials: set[str]) -> str:
     return tail[: max(end for _, end in spans)] if spans else ""
 
 
-def before_opener(tail: str, openers: frozenset[str], specials: set[str]) -> str:
-    """``tail`` cut where a turn opener begins, the first marker excepted: a template whose EOS string is
+def before_opener(tail: str, opening: frozenset[str], specials: set[str]) -> str:
+    """``tail`` cut where a turn opener (one of ``opening``) begins, the first marker excepted: a template whose EOS string is
     also its BOS closes with it."""
     for begin, end in marker_spans(tail, specials)[1:]:
-        if tail[begin:end] in openers:
+        if tail[begin:end] in opening:
             return tail[:begin]
     return tail
 
 
-def mid_closing(alone: str, followed: str, specials: set[str], openers: frozenset[str]) -> str:
+def mid_closing(alone: str, followed: str, specials: set[str], opening: frozenset[str]) -> str:
     """The trained closing of a turn that something follows: what the template emits after the content
     whatever comes next, through its last marker. When the two renderings part inside a marker both open
     at the same place (gpt-oss closes a final turn with <|return|>, a mid one with <|end|>), the marker
@@ -71,7 +71,7 @@ def mid_closing(alone: str, followed: str, specials: set[str], openers: frozense
     follows (Apriel writes ``<|end|>`` for ``not loop.last``) closes it with the markers before the next
     turn's opener."""
     seen_next = followed
-    alone, followed = before_opener(alone, openers, specials), before_opener(followed, openers, specials)
+    alone, followed = before_opener(alone, opening, specials), before_opener(followed, opening, specials)
     shared = common_prefix_len(alone, followed)
     closing = through_last_marker(alone[:shared], specials)
     if closing:
