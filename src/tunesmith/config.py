@@ -212,7 +212,6 @@ class TrainConfig(_Section):
     """How several processes (torchrun) share the work: ddp (each holds the whole model) or fsdp (FSDP2: each
     holds a shard of every weight; full fine-tuning only); auto: fsdp for method.name=full, else ddp."""
 
-
     @field_validator("blas_workspace_mib")
     @classmethod
     def _workspace_size(cls, value):

@@ -250,7 +250,9 @@ class _Turn:
     notes: list[str]
 
 
-def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set[str]) -> _Turn:
+def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set[str],
+            opening: frozenset[str]) -> _Turn:
+    """Turn ``i`` of ``messages``; ``opening``: the template's turn openers (``_openers``)."""
     before = chat_text(tokenizer, messages[:i], add_generation_prompt=True, **kwargs)
     through = chat_text(tokenizer, messages[: i + 1], add_generation_prompt=False, **kwargs)
     probe = messages[:i] + [{**messages[i], "content": _SENTINEL}]
@@ -278,8 +280,8 @@ def _locate(tokenizer, messages: list[dict], i: int, kwargs: dict, specials: set
     content_end = len(through) - len(tail) if through.endswith(tail) else len(through.rstrip())
     # where the template dropped the content or renders calls after it, the tail holds the turn's own
     # rendering (gpt-oss opens a call with <|start|>): no opener cut applies
-    opening = _openers(tokenizer, kwargs, specials) if at >= 0 and not messages[i].get("tool_calls") \
-        else frozenset()
+    if at < 0 or messages[i].get("tool_calls"):
+        opening = frozenset()
     closing_last = through_last_marker(before_opener(tail, opening, specials), specials)
     closing_mid = closing_last if tail_next is None else mid_closing(tail, tail_next, specials, opening)
     start = min(start, content_end)
@@ -343,7 +345,8 @@ def render(tokenizer, messages: list[dict], *, train_on: str = "all", first_trai
         targets = targets[-1:]
     specials = special_tokens(tokenizer)
     full = chat_text(tokenizer, flagged, add_generation_prompt=False, **kwargs)
-    turns = [_locate(tokenizer, flagged, i, kwargs, specials) for i in targets]
+    opening = _openers(tokenizer, kwargs, specials)
+    turns = [_locate(tokenizer, flagged, i, kwargs, specials, opening) for i in targets]
     final = len(flagged) - 1
 
     def in_full(turn: _Turn) -> str:
