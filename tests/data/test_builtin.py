@@ -11,7 +11,8 @@ import pytest
 from tunesmith.data.builtin import (
     DAYS, GUEST_WORDS, KEYS, POOLS, SYSTEM_PROMPT, builtin_preference, builtin_task,
 )
-from tunesmith.data.builtin_pools import CITIES, FIRST_NAMES, LAST_NAMES, TEMPLATES
+from tunesmith.data.builtin_pools import (CITIES, FIRST_NAMES, LAST_NAMES, PRACTICE_FIRST_NAMES, PRACTICE_PLACES,
+                                          TEMPLATES)
 from tunesmith.data.formats import normalise
 from tunesmith.errors import TunesmithError
 
@@ -28,15 +29,15 @@ def whole_words(entity: str) -> re.Pattern:
 def test_golden_first_rows():
     assert builtin_task("train", 1) == [{"messages": [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": "Tuesday dinner in Montevideo for 11 - reservation name Ēriks Demir."},
+        {"role": "user", "content": "I'd like to book for 6 on Wednesday. Location: Winnipeg. Name: Hao Trần."},
         {"role": "assistant",
-         "content": '{"name": "Ēriks Demir", "city": "Montevideo", "day": "Tuesday", "guests": 11}'},
+         "content": '{"name": "Hao Trần", "city": "Winnipeg", "day": "Wednesday", "guests": 6}'},
     ]}]
     first, second = builtin_task("test", 2)
     assert (first["subset"], first["messages"][1]["content"]) == (
         "unseen", "Book a table for 11 in Hangzhou on Wednesday, name Nattapong Xu.")
     assert (second["subset"], second["messages"][2]["content"]) == (
-        "seen", '{"name": "Matthias Whitaker", "city": "New Delhi", "day": "Tuesday", "guests": 11}')
+        "seen", '{"name": "Sunita Hughes", "city": "Perth", "day": "Tuesday", "guests": 3}')
 
 
 def test_pools_are_large_varied_and_never_overlap():
@@ -48,7 +49,8 @@ def test_pools_are_large_varied_and_never_overlap():
     assert {"São Paulo", "Kraków", "Los Angeles", "Ōsaka", "Xi'an"} <= set(CITIES)
     # An entity found as whole words inside another entry or a sentence shape would appear in rows that do
     # not use it, and a held-out entity could then leak into training.
-    entities = [*FIRST_NAMES, *LAST_NAMES, *CITIES]
+    entities = [*FIRST_NAMES, *LAST_NAMES, *CITIES, *PRACTICE_FIRST_NAMES, *PRACTICE_PLACES]
+    assert len(set(entities)) == len(entities)
     texts = [*entities, *TEMPLATES, *DAYS, *GUEST_WORDS.values()]
     for entity in entities:
         pattern = whole_words(entity)
@@ -60,6 +62,39 @@ def test_held_out_pools_split_every_pool():
         seen, unseen = POOLS["seen"][slot], POOLS["unseen"][slot]
         assert set(seen) | set(unseen) == set(pool) and not set(seen) & set(unseen)
         assert 0.15 < len(unseen) / len(pool) < 0.35
+
+
+def test_training_rows_hold_every_training_entity_and_practice_stays_out_of_tests():
+    """The pools are dealt like decks, practice entities with the training ones: the default 400 training rows
+    name every training first name and city, so a "seen" test row names entities the model was trained on."""
+    answers = [json.loads(row["messages"][2]["content"]) for row in builtin_task("train")]
+    firsts = {first for first in POOLS["seen"]["first"] + PRACTICE_FIRST_NAMES
+              if any(answer["name"].startswith(first + " ") for answer in answers)}
+    assert firsts == set(POOLS["seen"]["first"] + PRACTICE_FIRST_NAMES)
+    assert {answer["city"] for answer in answers} == set(POOLS["seen"]["city"] + PRACTICE_PLACES)
+    test_text = "\n".join(json.dumps(row, ensure_ascii=False) for seed in range(3)
+                          for row in builtin_task("test", 500, seed=seed) + builtin_preference("test", 500, seed=seed))
+    assert [entity for entity in PRACTICE_FIRST_NAMES + PRACTICE_PLACES
+            if entity in test_text and whole_words(entity).search(test_text)] == []
+    # the "other city" mistake moves a practice place, too, to a training city
+    pairs = [[json.loads(row[side][0]["content"]) for side in ("chosen", "rejected")]
+             for row in builtin_preference("train")]
+    moved = [(chosen["city"], rejected["city"]) for chosen, rejected in pairs
+             if rejected.get("city", chosen["city"]) != chosen["city"]]
+    assert any(chosen in PRACTICE_PLACES for chosen, _ in moved)
+    assert {rejected for _, rejected in moved} <= set(POOLS["seen"]["city"])
+
+
+def test_every_held_out_initial_is_trained():
+    """An answer's value starts right after a quote, where the byte-level tokenizer spells an initial outside
+    ASCII ("Ž", two bytes) unlike the one token it is after a space in the sentence. A held-out first name or
+    city must test copying an unseen name, not writing a letter no training answer ever started with: each
+    initial outside ASCII of a held-out one starts at least two training first names or cities."""
+    trained = [entity[0] for slot in ("first", "city") for entity in POOLS["seen"][slot]]
+    held_out = {entity[0] for slot in ("first", "city") for entity in POOLS["unseen"][slot]}
+    assert {initial: trained.count(initial) for initial in held_out
+            if not initial.isascii() and trained.count(initial) < 2} == {}
+    assert {"Ž", "Ł", "Ú", "Í"} <= held_out  # the rule is exercised
 
 
 def test_unseen_rows_name_nothing_any_training_row_holds():

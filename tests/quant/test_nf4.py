@@ -79,8 +79,12 @@ def test_quantized_model_computes_with_its_own_codes(width):
     for name, why in result.kept.items():
         if "mis-decodes" in why:
             assert torch.equal(model.get_submodule(name).weight, original.get_submodule(name).weight)
-    # rows of 64 are whole blocks: everything quantizes; rows of 32 are not: attention and up/gate stay
-    assert len(result.quantized) == (14 if width == 64 else 2)
+    # Rows of 64 are whole blocks: everything quantizes. Rows of 32 are not: where bitsandbytes' CPU kernel
+    # mis-decodes them (seen on AVX-512 machines) attention and up/gate stay, elsewhere they quantize (and the
+    # loop above checked that each computes with its own codes).
+    mis_decoded = [name for name, why in result.kept.items() if "mis-decodes" in why]
+    assert len(result.quantized) + len(mis_decoded) == 14
+    assert len(mis_decoded) in ((0,) if width == 64 else (0, 12))
 
 
 def test_bits_per_parameter_saving_is_0_373():

@@ -15,7 +15,9 @@ Names and cities come from pools of hundreds (``builtin_pools``), and about a qu
 out: no training row ever contains a held-out entity. Every other test row (``subset: "unseen"``) is built
 from held-out first name, last name and city only, so a score on those rows measures copying, not recall;
 the rest (``subset: "seen"``) use the training pools. A model that memorised its training names does well
-on the seen rows and badly on the unseen ones.
+on the seen rows and badly on the unseen ones. Training rows also name practice entities (training only:
+words the tokenizer spells differently after a quote than after a space), dealt together with the training
+pools, so the default 400 rows hold every training first name and city.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import hashlib
 import json
 import random
 
-from tunesmith.data.builtin_pools import CITIES, FIRST_NAMES, LAST_NAMES, TEMPLATES
+from tunesmith.data.builtin_pools import (CITIES, FIRST_NAMES, LAST_NAMES, PRACTICE_FIRST_NAMES, PRACTICE_PLACES,
+                                          TEMPLATES)
 from tunesmith.errors import TunesmithError
 
 BUILTIN_NAME = "builtin"
@@ -51,6 +54,8 @@ def _pools(subset: str) -> dict[str, tuple[str, ...]]:
 
 
 POOLS = {subset: _pools(subset) for subset in SUBSETS}
+# Dealt into training rows only, with the training pools (see builtin_pools)
+PRACTICE = {"first": PRACTICE_FIRST_NAMES, "last": (), "city": PRACTICE_PLACES}
 # One mistake kind per preference row, in turn, so the rejected answers cover every way to be wrong.
 MISTAKES = ("next_day", "guests_off_by_one", "missing_key", "other_city", "first_name_only")
 
@@ -99,22 +104,27 @@ def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict, str
         raise TunesmithError(f"the built-in task has no split {split!r}; choose one of {', '.join(DEFAULT_SIZES)}")
     n = DEFAULT_SIZES[split] if n is None else n
     rng = random.Random(f"tunesmith-builtin:{split}:{seed}")
-    # Unseen rows go through each held-out pool in a shuffled order before any entity comes back, so 50
-    # unseen rows name 50 different cities: one hard name cannot sink (or carry) several rows at once.
-    decks = {slot: _deck(pool, rng) for slot, pool in POOLS["unseen"].items()}
+    # Every pool is dealt like a deck: each entity comes once, in a shuffled order, before any comes back. So
+    # 400 training rows hold every training first name and city (a "seen" test row names entities the model
+    # was trained on), and 50 unseen rows name 50 different cities: one hard name cannot sink (or carry)
+    # several rows at once.
+    decks = {subset: {slot: _deck(pool + (PRACTICE[slot] if split == "train" else ()), rng)
+                      for slot, pool in POOLS[subset].items()} for subset in SUBSETS}
     seen: set[str] = set()
     bookings = []
     while len(bookings) < n:
         subset = "unseen" if split == "test" and len(bookings) % 2 == 0 else "seen"
-        pick = (lambda slot: next(decks[slot])) if subset == "unseen" else (
-            lambda slot: rng.choice(POOLS["seen"][slot]))
-        booking = {"name": f"{pick('first')} {pick('last')}", "city": pick("city"), "day": rng.choice(DAYS),
-                   "guests": rng.randint(2, 12)}
-        sentence = rng.choice(TEMPLATES).format(**booking, guests_word=GUEST_WORDS[booking["guests"]])
-        # an unseen row cannot be a training sentence (its names are in none), so only seen rows need the hash
-        if sentence not in seen and (subset == "unseen" or _split_of(sentence) == split):
-            seen.add(sentence)
-            bookings.append((sentence, booking, subset))
+        pick = lambda slot: next(decks[subset][slot])  # noqa: E731
+        name, city = f"{pick('first')} {pick('last')}", pick("city")
+        # The day, count and shape are drawn again until the sentence is new and belongs to this split (by its
+        # hash; an unseen row cannot be a training sentence, its names are in none), so no entity is skipped.
+        for _ in range(1000):
+            booking = {"name": name, "city": city, "day": rng.choice(DAYS), "guests": rng.randint(2, 12)}
+            sentence = rng.choice(TEMPLATES).format(**booking, guests_word=GUEST_WORDS[booking["guests"]])
+            if sentence not in seen and (subset == "unseen" or _split_of(sentence) == split):
+                seen.add(sentence)
+                bookings.append((sentence, booking, subset))
+                break
     return bookings
 
 
@@ -137,7 +147,8 @@ def _mistaken(booking: dict, index: int, subset: str) -> dict:
         del wrong[KEYS[variant % len(KEYS)]]
     elif kind == "other_city":
         cities = POOLS[subset]["city"]
-        wrong["city"] = cities[(cities.index(booking["city"]) + 1) % len(cities)]
+        at = cities.index(booking["city"]) if booking["city"] in cities else variant  # a practice place
+        wrong["city"] = cities[(at + 1) % len(cities)]
     else:
         wrong["name"] = booking["name"].split()[0]
     return wrong

@@ -54,6 +54,10 @@ FIRST_NAMES = (
     # initials outside ASCII, which the byte-level tokenizer splits unlike any English word
     "Émile", "Óscar", "Ángel", "Úrsula", "Ísak", "Ömer", "Ümit", "Çağla", "Şebnem", "Žofie", "Štěpán",
     "Čeněk", "Øystein", "Åsa", "Ólafur", "Ēriks",
+    # and more of them, where a held-out first name or city starts with an initial that fewer than two
+    # training ones start with (test_every_held_out_initial_is_trained says why)
+    "Ágnes", "Íris", "Ívar", "Úlfar", "Úna", "Ümran", "Čedomir", "Łucja", "Łukasz", "Şule", "Żaneta", "Žarko",
+    "Željko", "Živa", "Žydrūnas",
 )
 LAST_NAMES = (
     "Park", "Smith", "Garcia", "Novak", "Okafor", "Tanaka", "Rossi", "Khan", "Dubois", "Berg", "Silva", "Moreau",
@@ -129,7 +133,42 @@ CITIES = (
     "Wellington", "Christchurch", "Queenstown", "Suva", "Nouméa", "Apia",
     # initials outside ASCII, which the byte-level tokenizer splits unlike any English word
     "Évora", "Ålesund", "Åre", "Óbidos", "Ústí nad Labem", "Škofja Loka", "České Budějovice", "Ōita",
-    "Üsküdar", "Çeşme", "Şanlıurfa", "Épernay", "Örebro", "Île-de-Bréhat", "Żywiec",
+    "Üsküdar", "Çeşme", "Şanlıurfa", "Épernay", "Örebro", "Île-de-Bréhat", "Żywiec", "Úbeda", "Ōmura", "Şile",
+    "Żagań",
+)
+# Practice entities, in training rows only: given names and places that SmolLM2's tokenizer writes as one token
+# after a space (" Kathleen", " Nebraska") and in two or more pieces after a quote ('"Kath' + 'leen'). An
+# answer's value starts right after a quote, so the model must re-spell the sentence's token rather than copy
+# it: the skill that the held-out names it garbled most need ("Wei", "Santiago", "Valentina"). They are dealt
+# together with the training pools, so 400 training rows still hold every training name and city.
+PRACTICE_FIRST_NAMES = (
+    "Aaron", "Abraham", "Adrian", "Ahmad", "Alison", "Alma", "Amelia", "Andreas", "Annie", "Antonio", "Ashley",
+    "Benjamin", "Billy", "Boris", "Brian", "Bryan", "Carlos", "Cecil", "Christina", "Christopher", "Clara", "Colin",
+    "Craig", "Daisy", "Deborah", "Diana", "Dorothy", "Edgar", "Edmund", "Eleanor", "Elijah", "Ella", "Emma", "Erik",
+    "Ernest", "Ethan", "Fernando", "Frances", "Frederick", "Gabriel", "Geoffrey", "Glenn", "Gregory", "Hannah",
+    "Harold", "Heather", "Helena", "Hugo", "Isaac", "Isabella", "Janet", "Jeffrey", "Jenny", "Jerome", "Jessica",
+    "Joan", "Johann", "Jonathan", "Jose", "Joyce", "Julia", "Julie", "Karen", "Kate", "Kathleen", "Kelly", "Kevin",
+    "Lars", "Lauren", "Leslie", "Lisa", "Louise", "Ludwig", "Manuel", "Marcus", "Mario", "Martha", "Melissa",
+    "Miguel", "Miranda", "Molly", "Nancy", "Nathan", "Nicole", "Noah", "Otto", "Patricia", "Pedro", "Philip",
+    "Rachel", "Raymond", "Robin", "Roland", "Rosa", "Ryan", "Samantha", "Sean", "Seth", "Sharon", "Sidney",
+    "Sophia", "Stefan", "Steven", "Susan", "Terry", "Timothy", "Vincent", "Walter", "Werner", "Winston",
+)
+PRACTICE_PLACES = (
+    "Afghanistan", "Alaska", "Albany", "Algeria", "Antarctica", "Arizona", "Arlington", "Augusta", "Baghdad",
+    "Bali", "Bangladesh", "Bavaria", "Belarus", "Belize", "Berkeley", "Bethlehem", "Birmingham", "Bonn", "Bosnia",
+    "Boulder", "Brooklyn", "Brunswick", "Calgary", "Cameroon", "Carolina", "Chester", "Cincinnati", "Cologne",
+    "Colorado", "Concord", "Connecticut", "Cornwall", "Croatia", "Cyprus", "Dallas", "Dayton", "Denmark", "Detroit",
+    "Dover", "Ecuador", "Essex", "Ethiopia", "Fiji", "Florence", "Galveston", "Georgia", "Gibraltar", "Gloucester",
+    "Greenland", "Guam", "Haiti", "Hampton", "Hartford", "Hawaii", "Holland", "Houston", "Idaho", "Indiana", "Iowa",
+    "Ireland", "Jersey", "Kashmir", "Kentucky", "Kerala", "Kosovo", "Lancaster", "Latvia", "Leeds", "Leiden",
+    "Liberia", "Lithuania", "Louisiana", "Macedonia", "Maine", "Malaysia", "Malta", "Manitoba", "Mecca", "Memphis",
+    "Milwaukee", "Mississippi", "Mongolia", "Monterey", "Moscow", "Myanmar", "Namibia", "Nebraska", "Netherlands",
+    "Newcastle", "Nicaragua", "Norfolk", "Norway", "Nuremberg", "Ohio", "Omaha", "Ontario", "Orlando", "Paraguay",
+    "Pennsylvania", "Petersburg", "Phoenix", "Pittsburgh", "Poland", "Portugal", "Princeton", "Qatar", "Raleigh",
+    "Riverside", "Romania", "Sacramento", "Salisbury", "Savannah", "Scotland", "Serbia", "Siberia", "Slovakia",
+    "Somalia", "Springfield", "Suffolk", "Surrey", "Sweden", "Syracuse", "Taiwan", "Tanzania", "Tennessee",
+    "Toledo", "Tucson", "Uganda", "Uruguay", "Uzbekistan", "Vermont", "Vietnam", "Warwick", "Westminster",
+    "Windsor", "Worcester", "Wyoming", "Yorkshire", "Zambia",
 )
 # Sentence shapes: each slot's position, casing and punctuation vary, and some shapes carry a line break,
 # a form layout or a word that is not part of any field, so no fixed position or neighbour gives a slot away.
