@@ -114,8 +114,8 @@ def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict, str
     bookings = []
     while len(bookings) < n:
         subset = "unseen" if split == "test" and len(bookings) % 2 == 0 else "seen"
-        pick = lambda slot: next(decks[subset][slot])  # noqa: E731
-        name, city = f"{pick('first')} {pick('last')}", pick("city")
+        deck = decks[subset]
+        name, city = f"{next(deck['first'])} {next(deck['last'])}", next(deck["city"])
         # The day, count and shape are drawn again until the sentence is new and belongs to this split (by its
         # hash; an unseen row cannot be a training sentence, its names are in none), so no entity is skipped.
         for _ in range(1000):
