@@ -55,8 +55,8 @@ def through_last_marker(tail: str, specials: set[str]) -> str:
 
 
 def before_opener(tail: str, opening: frozenset[str], specials: set[str]) -> str:
-    """``tail`` cut where a turn opener (one of ``opening``) begins, the first marker excepted: a template whose EOS string is
-    also its BOS closes with it."""
+    """``tail`` cut where a turn opener (one of ``opening``) begins, the first marker excepted: a template
+    whose EOS string is also its BOS closes with it."""
     for begin, end in marker_spans(tail, specials)[1:]:
         if tail[begin:end] in opening:
             return tail[:begin]
