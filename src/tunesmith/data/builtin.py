@@ -125,6 +125,8 @@ def _bookings(split: str, n: int | None, seed: int) -> list[tuple[str, dict, str
                 seen.add(sentence)
                 bookings.append((sentence, booking, subset))
                 break
+        else:  # never seen: the pools and shapes make far more sentences than any split asks for
+            raise TunesmithError(f"the built-in task found no new {split} sentence for {name} in {city}")
     return bookings
 
 
