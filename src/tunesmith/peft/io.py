@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from tunesmith.errors import TunesmithError
@@ -101,6 +101,24 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
     return {"format": "pt", **({FINGERPRINT_KEY: json.dumps(fingerprint)} if fingerprint else {})}
 
 
+def stable_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file whose bytes depend on the tensors and metadata only.
+
+    The safetensors library writes its metadata from a hash map, so the keys' order (and the file's hash)
+    changes from one process to the next though the tensors are equal. Here the header is written again with
+    the metadata keys sorted; the header keeps its length (the same entries, reordered), so every data offset
+    holds.
+    """
+    data = safetensors_bytes(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:
+        raise AssertionError("safetensors header grew when its metadata was sorted")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length:]
+
+
 def _check_base(model: nn.Module, saved_json: str, weights_path: Path, config_path: Path) -> None:
     """Refuse to apply an adapter to a base other than the one it was trained on (same shape, other weights)."""
     try:
@@ -156,7 +174,7 @@ def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: str | os.PathLik
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=adapter_metadata(model))
+        (tmp / WEIGHTS_NAME).write_bytes(stable_safetensors(tensors, adapter_metadata(model)))
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
