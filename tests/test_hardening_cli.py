@@ -133,3 +133,17 @@ VERBS = [["train"], ["train", "--resume", "R"], ["demo"], ["eval", "R"], ["merge
 def test_every_model_loading_verb_takes_the_flag(argv):
     assert build_parser().parse_args(argv + ["--trust-remote-code"]).trust_remote_code is True
     assert build_parser().parse_args(argv).trust_remote_code is False
+
+
+def test_an_error_that_echoes_a_huge_value_is_capped(tmp_path, capsys):
+    """Issue 25: an error message echoing megabytes of input prints at most ~2,000 characters, head and tail."""
+    from tunesmith.cli import MAX_ERROR_CHARS, capped
+
+    message = "start " + "x" * 1_000_000 + " end"
+    short = capped(message)
+    assert short.startswith("start xxx") and short.endswith("xxx end") and len(short) < MAX_ERROR_CHARS + 60
+    assert f"[{len(message) - MAX_ERROR_CHARS:,} characters left out]" in short
+    assert capped("short") == "short"
+    assert main(["data", "inspect", "z" * 100_000 + ".jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read dataset path zzz") and "(File name too long)" in err and err.count("\n") == 1 and len(err) < MAX_ERROR_CHARS + 80

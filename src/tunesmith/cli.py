@@ -420,6 +420,18 @@ COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, 
             "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize}
 
 
+MAX_ERROR_CHARS = 2000
+
+
+def capped(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message of at most about ``limit`` characters: a message that echoes user input (a value, a
+    YAML node) can be arbitrarily long, and one line must stay one line a terminal can show."""
+    if len(message) <= limit:
+        return message
+    half = limit // 2
+    return f"{message[:half]} … [{len(message) - 2 * half:,} characters left out] … {message[-half:]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the hub library's per-file download and shard-loading bars tell a user of local models nothing; set before
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command(args)
     except TunesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {capped(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
