@@ -15,7 +15,7 @@ import yaml
 
 from tunesmith.cli import main
 from tunesmith.recipes import sft
-from tunesmith.recipes.run_dir import LOCK_FILE
+from tunesmith.recipes.run_dir import LOCK_FILE, MARKER
 from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunesmith.train.metrics import read_metrics
 
@@ -192,7 +192,7 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint
                               f"intact: free some space, then continue with tunesmith train --resume {run_dir}")
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-2"]  # the failed save left nothing
     load_checkpoint(run_dir / "checkpoints" / "step-2")  # every file checks out against its marker
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name not in (LOCK_FILE, MARKER)]
 
 
 def test_dropped_rows_are_reported_for_sft(tmp_path, tiny_model_dir, data_files, capsys):

@@ -1,5 +1,10 @@
-"""A run's dir: claimed (locked, its config written) only once setup succeeded, held while the run lives,
-cleared when a failed start left it, and written to whole-or-not-at-all."""
+"""A run's dir: claimed (locked, marked, its config written) only once setup succeeded, held while the run
+lives, cleared when a failed start left it, and written to whole-or-not-at-all.
+
+Only a dir that tunesmith marked as a run (``MARKER``, written when it claimed the dir, holding the run's
+identity) is ever cleared, and clearing removes only what a run writes (``RUN_FILES``): a dir that merely holds
+a ``config.yaml`` is somebody else's.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,22 @@ import fcntl
 import json
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 from typing import IO
 
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.files import check_links, write_atomic
 from tunesmith.train.checkpoint import latest_checkpoint, os_error_of
 from tunesmith.train.dist import current, on_rank0
 
 LOCK_FILE = ".tunesmith.lock"
+MARKER = ".tunesmith-run"
+# What a run writes at the top of its dir; their temporary forms start with "." and one of these names.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "eval_before.json", "eval_after.json",
+             "summary.json", "report.html", "adapter", "model", "reference_logps.safetensors")
 # Files only a run that got far enough writes: a dir holding none of them (and no checkpoint) is a failed start.
 RESULT_FILES = ("adapter", "model", "summary.json")
 # Write failures that are the disk's, not the program's: the run stops with one line, its checkpoints intact.
@@ -38,14 +50,27 @@ def _lock_run_dir(run_dir: Path) -> IO:
 
 
 def _failed_start(run_dir: Path) -> bool:
-    """A run dir whose run stopped before its first checkpoint: nothing in it can be resumed or is a result."""
-    return latest_checkpoint(run_dir) is None and not any((run_dir / name).exists() for name in RESULT_FILES)
+    """A run dir that tunesmith marked and whose run stopped before its first checkpoint: nothing in it can be
+    resumed or is a result."""
+    return ((run_dir / MARKER).is_file() and latest_checkpoint(run_dir) is None
+            and not any((run_dir / name).exists() for name in RESULT_FILES))
+
+
+def _written_by_a_run(name: str) -> bool:
+    return name in RUN_FILES or any(name.startswith(f".{ours}") for ours in RUN_FILES)
 
 
 def _clear_run_dir(run_dir: Path) -> None:
+    """Remove what a run wrote; anything else in the dir (the user's own files) stays."""
     for entry in run_dir.iterdir():
-        if entry.name != LOCK_FILE:
+        if _written_by_a_run(entry.name):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _mark(run_dir: Path, config: RunConfig) -> None:
+    write_atomic(run_dir / MARKER, json.dumps({"run_id": uuid.uuid4().hex, "name": run_dir.name,
+                                               "claimed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                               "method": config.method.name}) + "\n")
 
 
 def claim_run_dir(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
@@ -73,8 +98,12 @@ def _claim(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
     if run_dir.exists() and not run_dir.is_dir():
         raise TunesmithError(f"run dir {run_dir} is a file; choose another name with name=NEW_NAME")
     others = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
-    if not resume and others and not (run_dir / "config.yaml").is_file():
-        raise TunesmithError(f"run dir {run_dir} already exists; {exists_hint}")  # not ours: leave no lock file
+    if others and not (run_dir / MARKER).is_file() and not (resume and latest_checkpoint(run_dir) is not None):
+        # not ours (no marker), and no complete checkpoint says otherwise: leave it as it is, no lock file either
+        raise TunesmithError(f"run dir {run_dir} already exists and was not made by a tunesmith run (no {MARKER}); "
+                             + ("nothing to resume" if resume else "choose another name with name=NEW_NAME"))
+    if run_dir.is_dir():
+        check_links(run_dir)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +122,7 @@ def _claim(config: RunConfig, resume: bool) -> tuple[Path, IO, bool]:
             print(f"{run_dir} holds a run that stopped before its first checkpoint: starting it over from step 0"
                   + (" with its saved config" if resume else ""))
             _clear_run_dir(run_dir)
+        _mark(run_dir, config)
         write_text(run_dir / "config.yaml", config.to_yaml())
     except BaseException:
         lock.close()
@@ -128,14 +158,8 @@ def hold_run_dir(setup):
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temp file beside it, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``path`` whole or not at all (``files.write_atomic``)."""
+    write_atomic(path, text)
 
 
 def write_json(path: Path, obj) -> None:

@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+from tunesmith.errors import TunesmithError
+from tunesmith.files import write_atomic
+
 
 class MetricsLog:
     """Appends rows to ``metrics.jsonl`` (flushed per row, so a killed run keeps what it logged)."""
@@ -39,18 +42,27 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise TunesmithError(f"{path}: line {number} is not a metrics row (a JSON object); the file was changed "
+                                 "by hand: remove the line, then try again")
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
     """On resume, drop rows logged after the checkpoint so the log matches the resumed run exactly."""
     rows = [row for row in read_metrics(run_dir) if row.get("step", 0) <= after_step]
-    path = Path(run_dir) / "metrics.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    write_atomic(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
 
 class Progress:
