@@ -306,3 +306,20 @@ def test_qlora_train_and_merge_print_no_third_party_noise(tmp_path, tiny_model_d
                  if any(word in line.lower() for word in ("kernels-community", "warning", "deprecat", "loading weights",
                                                           "writing model shards"))]
         assert noise == [], run.stderr
+
+
+def test_a_model_dir_holding_only_pickle_weights_is_refused(tmp_path, tiny_model_dir, capsys):
+    """Issue 25: tunesmith never loads a pickle; the message says so and how to convert, never weights_only=False."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, path)
+    torch.save(load_file(str(path / "model.safetensors")), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    assert main(["chat", "--model", str(path), "--prompt", "Hi", "--max-tokens", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: {path} holds its weights only as PyTorch pickle files (pytorch_model*.bin); tunesmith "
+                   "never loads pickles (loading one can run code). Convert them to safetensors where you trust the "
+                   f"file, e.g. AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('{path}-safetensors'), "
+                   "and pass that dir"]
+    assert "weights_only" not in err[0]

@@ -158,7 +158,12 @@ def check_weights(path: Path) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise TunesmithError(f"{index} is not a valid safetensors index ({exc}); restore it from the model's source") \
             from exc
-    if not files and not any(path.glob("pytorch_model*.bin")):
+    if not files and any(path.glob("pytorch_model*.bin")):
+        raise TunesmithError(
+            f"{path} holds its weights only as PyTorch pickle files (pytorch_model*.bin); tunesmith never loads "
+            "pickles (loading one can run code). Convert them to safetensors where you trust the file, e.g. "
+            f"AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('{path}-safetensors'), and pass that dir")
+    if not files:
         raise TunesmithError(f"{path} holds no model weights (model.safetensors); copy the weight files into it")
     for file in files:
         if not file.is_file():
@@ -191,7 +196,8 @@ def load(source: str = DEFAULT_MODEL, *, dtype: str | None = "auto", device: str
         quiet_bitsandbytes_import()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), config=config, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code
+            str(path), config=config, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # never a pickle (pytorch_model.bin), also for a hub id
         )
     except (OSError, SafetensorError) as exc:
         raise TunesmithError(f"cannot load model from {path}: {exc}") from exc
