@@ -323,3 +323,26 @@ def test_a_model_dir_holding_only_pickle_weights_is_refused(tmp_path, tiny_model
                    f"file, e.g. AutoModelForCausalLM.from_pretrained('{path}').save_pretrained('{path}-safetensors'), "
                    "and pass that dir"]
     assert "weights_only" not in err[0]
+
+
+@pytest.mark.parametrize("key,value", [("target_modules", "(q_proj"), ("rank_pattern", {"q_proj[": 4}),
+                                       ("alpha_pattern", {"*k_proj": 8})])
+def test_an_adapter_config_with_an_invalid_regex_is_one_line(tmp_path, tiny_model_dir, capsys, key, value):
+    """Issue 25: target_modules (a string) and rank/alpha_pattern keys are regular expressions; a bad one is named."""
+    from tunesmith.peft.lora import LoRAConfig, inject_lora
+
+    model = build_tiny_llama()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "k_proj")))
+    adapter = save_adapter(model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "k_proj")), tmp_path / "adapter",
+                           base_model_name_or_path=str(tiny_model_dir))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config[key] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["chat", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "Hi",
+                 "--max-tokens", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:") or "Traceback" in line]
+    pattern = value if isinstance(value, str) else next(iter(value))
+    assert len(err) == 1 and err[0].startswith(
+        f"error: adapter config {adapter / 'adapter_config.json'}: {key} {pattern!r} is not a valid regular expression (")
+    assert err[0].endswith("); fix it in adapter_config.json")

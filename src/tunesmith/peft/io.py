@@ -209,6 +209,18 @@ def _read_config(path: Path, linear_names: list[str]) -> LoRAConfig:
     if missing:
         raise TunesmithError(f"adapter config {path} lacks {', '.join(missing)}")
     targets = raw["target_modules"]
+    patterns = [("target_modules", targets)] if isinstance(targets, str) and targets != ALL_LINEAR else []
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise TunesmithError(f"adapter config {path}: {key} must be an object (module pattern → value)")
+        patterns += [(key, pattern) for pattern in value]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise TunesmithError(f"adapter config {path}: {key} {pattern!r} is not a valid regular expression "
+                                 f"({exc}); fix it in {CONFIG_NAME}") from None
     if isinstance(targets, str) and targets != ALL_LINEAR:
         # PEFT reads any other string as a regex over full module names.
         targets = [name for name in linear_names if re.fullmatch(targets, name)]
