@@ -1,4 +1,5 @@
-"""The run report: golden SVG coordinates, degenerate series, the before → after table, escaping, offline-ness."""
+"""The run report: which charts exist and how the loss is drawn, the page's layout, the before → after table,
+the samples, escaping, offline-ness."""
 
 import math
 import os
@@ -8,18 +9,7 @@ from html.parser import HTMLParser
 import pytest
 
 from tunesmith.eval import report
-from tunesmith.eval.report import format_number, metric_charts, svg_line_chart, write_report
-
-
-def polylines(svg: str) -> list[str]:
-    return re.findall(r'<polyline[^>]*points="([^"]*)"', svg)
-
-
-def svg_coordinates(svg: str) -> list[float]:
-    """Every number in polyline points and circle centres."""
-    numbers = [n for points in polylines(svg) for n in re.split(r"[ ,]", points)]
-    numbers += re.findall(r'c[xy]="([^"]*)"', svg)
-    return [float(n) for n in numbers]
+from tunesmith.eval.report import format_number, metric_charts, write_report
 
 
 class TableCells(HTMLParser):
@@ -52,63 +42,72 @@ def table_rows(page: str) -> list[list[str]]:
     return parser.rows
 
 
-def test_golden_polyline_coordinates():
-    # Plot area x ∈ [56, 624], y ∈ [28, 204]; x 0..20 and y 1..4 span it, so y=2 sits 1/3 up: 204 − 176/3.
-    svg = svg_line_chart({"loss": [(0, 4.0), (10, 2.0), (20, 1.0)]}, title="Loss", width=640, height=240)
-    assert polylines(svg) == ["56,28 340,145.33 624,204"]
-    assert 'viewBox="0 0 640 240"' in svg
-    assert "legend" not in svg  # one series needs no legend
+# A 20-step, two-epoch run: the loss falls from 4.4 to 0.052, zig-zagging; held-out loss at steps 0, 10 and 20
+LOSSES = [4 * 0.8 ** (step - 1) * (1.1 if step % 2 else 0.9) for step in range(1, 21)]
+ENVIRONMENT = {"python": "3.11.7", "tunesmith": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.25.0",
+               "device": "GPU <80GB> & co", "dtype": "bfloat16"}
 
 
-def test_series_share_axes_and_get_a_legend():
-    svg = svg_line_chart({"loss": [(0, 4.0), (10, 2.0), (20, 1.0)], "eval_loss": [(10, 3.0)]}, title="Loss")
-    assert polylines(svg) == ["56,28 340,145.33 624,204", "340,86.67"]
-    legend = re.search(r'<g class="legend">(.*?)</g>', svg).group(1)
-    assert re.findall(r">([^<]+)</text>", legend) == ["eval_loss", "loss"]
+def chart_svgs(page: str) -> dict[str, str]:
+    """Each chart's SVG by its title, in page order."""
+    svgs = re.findall(r'<svg class="chart".*?</svg>', page)
+    return {re.search(r"<title>([^<]+)</title>", svg).group(1): svg for svg in svgs}
 
 
-def test_single_point_and_constant_series_sit_mid_plot():
-    single = svg_line_chart({"loss": [(3, 2.0)]}, title="one")
-    constant = svg_line_chart({"loss": [(0, 5.0), (10, 5.0)]}, title="flat")
-    zero = svg_line_chart({"loss": [(0, 0.0), (0, 0.0)]}, title="zero")
-    assert polylines(single) == ["340,116"]
-    assert polylines(constant) == ["56,116 624,116"]
-    assert polylines(zero) == ["340,116 340,116"]
-    for svg in (single, constant, zero):
-        assert all(math.isfinite(v) for v in svg_coordinates(svg))
-        assert not re.search(r"\b(nan|inf)\b", svg, re.IGNORECASE)
+def y_axis(svg: str) -> tuple[str, list[str]]:
+    scale, body = re.search(r'<g class="y-axis" data-scale="(\w+)">(.*?)</g>', svg).groups()
+    return scale, re.findall(r">([^<]+)</text>", body)
 
 
-def test_non_finite_points_are_skipped():
-    svg = svg_line_chart({"loss": [(0, 1.0), (5, math.nan), (10, math.inf), (math.nan, 2.0), (20, 3.0)]},
-                         title="Loss")
-    assert polylines(svg) == ["56,204 624,28"]
-    empty = svg_line_chart({"loss": [(0, math.nan)]}, title="Loss")
-    assert polylines(empty) == [] and "no finite values" in empty
+def series(svg: str) -> list[tuple[str, str]]:
+    return re.findall(r'<g class="series" data-name="([^"]+)" data-style="(\w+)">', svg)
 
 
-def test_tick_labels_use_readable_numbers():
-    svg = svg_line_chart({"lr": [(0, 0.0), (100, 2e-4)]}, title="Learning rate")
-    labels = re.findall(r'fill="#555">([^<]+)</text>', svg)
-    assert labels == ["0", "5e-5", "1e-4", "1.5e-4", "2e-4", "0", "50", "100", "step"]
-    assert [format_number(v) for v in (1.23, 0.87 - 1.23, 12345.6, 3.4e-5, 2.5e7, 7)] == \
-        ["1.23", "-0.36", "12346", "3.4e-5", "2.5e7", "7"]
+def test_metric_charts_keep_series_that_change_and_mean_something():
+    metrics = [{"step": 1, "epoch": 0, "loss": 3.0, "lr": 1e-4, "tokens": 10, "trained_tokens": 4, "kl": 0.0},
+               {"step": 2, "epoch": 0, "loss": 2.5, "lr": 2e-4, "tokens": 20, "trained_tokens": 4, "kl": 0.0,
+                "eval_loss": 2.8, "eval_perplexity": 16.4},
+               {"step": 3, "epoch": 0, "loss": 2.0, "lr": 2e-4, "tokens": 30, "trained_tokens": 5, "kl": 0.0,
+                "margin": 0.1, "is_best": True, "note": "x"}]
+    charts = metric_charts(metrics, before={"eval_loss": 3.1}, after={"eval_loss": 2.2})
+    # kl is constant, margin has one value; epoch, tokens, trained_tokens and eval_perplexity never get a chart
+    assert [chart.title for chart in charts] == ["Loss", "Learning rate"]
+    loss = charts[0]
+    assert loss.log_y and loss.markers == ()
+    # too few rows to smooth: the loss as it is; held-out loss before (step 0), during, and after (the last step)
+    assert [(line.name, line.style, line.points) for line in loss.lines] == [
+        ("train", "solid", ((1, 3.0), (2, 2.5), (3, 2.0))),
+        ("held-out", "dots", ((0, 3.1), (2, 2.8), (3, 2.2)))]
+    assert charts[1].lines[0].points == ((1, 1e-4), (2, 2e-4), (3, 2e-4))
 
 
-def test_metric_charts_group_series_and_keep_only_rows_with_the_key():
-    metrics = [{"step": 1, "loss": 3.0, "lr": 1e-4}, {"step": 2, "loss": 2.5, "lr": 2e-4, "eval_loss": 2.8},
-               {"step": 3, "loss": 2.0, "lr": 2e-4, "kl": 0.1, "is_best": True, "note": "x"}]
-    charts = dict(metric_charts(metrics))
-    assert list(charts) == ["Loss", "Learning rate", "KL divergence"]
-    assert charts["Loss"] == {"loss": [(1, 3.0), (2, 2.5), (3, 2.0)], "eval_loss": [(2, 2.8)]}
+def test_held_out_after_replaces_the_last_rows_evaluation():
+    metrics = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.51}]
+    held_out = report.loss_chart(metrics, before=None, after={"eval_loss": 2.5}).lines[-1]
+    assert held_out.points == ((2, 2.5),)
+    assert report.loss_chart(metrics, before=None, after=None).lines[-1].points == ((2, 2.51),)
+
+
+def test_non_finite_losses_are_left_out_before_smoothing():
+    # a skipped step logs its loss as null (MetricsLog); a NaN would poison every smoothed value after it
+    metrics = [{"step": s, "loss": 2.0} for s in range(1, 13)]
+    metrics[1]["loss"], metrics[2]["loss"] = None, math.nan
+    raw, smoothed = report.loss_chart(metrics, before=None, after=None).lines
+    assert [x for x, _ in raw.points] == [1] + list(range(4, 13))
+    assert [y for _, y in smoothed.points] == pytest.approx([2.0] * 10)
+
+
+def test_smoothing_factor_follows_the_run_length():
+    assert [report.smoothing_factor(rows) for rows in (10, 20, 48, 100, 1000)] == [0.5, 0.5, 0.792, 0.9, 0.99]
 
 
 @pytest.fixture()
 def report_page(tmp_path):
-    metrics = [{"step": s, "loss": 3.0 / s, "lr": 2e-4, "grad_norm": 1.0 + s, "tokens_per_s": 900.0 + s}
-               for s in range(1, 6)]
-    metrics[2]["eval_loss"] = 1.5
-    metrics[4].update(eval_loss=1.2, eval_perplexity=math.exp(1.2), custom_metric=0.5)
+    metrics = [{"step": s, "epoch": (s - 1) // 10, "loss": LOSSES[s - 1], "lr": 2e-4 * (1 - s / 20),
+                "grad_norm": 1.0 + s % 3, "tokens": 100 * s, "trained_tokens": 40, "tokens_per_s": 900.0 + s,
+                "skipped": False, "const_metric": 0.5, "peak_memory_gib": 1.0 + s / 40} for s in range(1, 21)]
+    metrics[9].update(eval_loss=0.5, eval_perplexity=math.exp(0.5), custom_metric=0.25)
+    metrics[19].update(custom_metric=0.5)
     before = {"eval_loss": 1.23, "perplexity": 3.4, "valid_json_rate": 0.1, "exact_match": 0.05,
               "fields": {"name": 0.2, "date": 0.0}}
     after = {"eval_loss": 0.87, "perplexity": 2.4, "valid_json_rate": 0.92, "exact_match": 0.6,
@@ -123,15 +122,70 @@ def report_page(tmp_path):
     path.write_text("old report")
     write_report(path, title="Run <1> & co", metrics=metrics, before=before, after=after, examples=examples,
                  config_yaml="lora:\n  r: 8  # <b>&</b>\n", timing={"train_seconds": 201.3, "device": "cpu"},
-                 notes=["loss went <down>"])
+                 environment=ENVIRONMENT, notes=["loss went <down>"])
     assert os.listdir(tmp_path) == ["report.html"]  # the temp file was renamed into place
     return path.read_text(encoding="utf-8")
 
 
-def test_report_has_every_chart(report_page):
-    titles = re.findall(r"<svg[^>]*><title>([^<]+)</title>", report_page)
-    assert titles == ["Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)", "Eval perplexity",
-                      "custom_metric"]
+def test_report_charts_only_what_changes_and_means_something(report_page):
+    # not charted: epoch (markers instead), cumulative tokens, trained tokens per step, a constant series,
+    # the held-out perplexity (exp of the held-out loss), peak memory (a number in the Run table)
+    assert list(chart_svgs(report_page)) == ["Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)",
+                                             "custom_metric"]
+    assert ["peak memory", "1.50 GiB"] in table_rows(report_page)
+
+
+def test_loss_chart_is_log_with_smoothed_raw_and_held_out(report_page):
+    loss = chart_svgs(report_page)["Loss"]
+    assert y_axis(loss) == ("log", ["0.05", "0.1", "0.2", "0.5", "1", "2", "5"])
+    assert series(loss) == [("train (raw)", "faint"), ("train (smoothed)", "solid"), ("held-out", "dots")]
+    raw, smoothed, held_out = re.findall(r'points="([^"]*)"', loss)
+    assert len(raw.split()) == len(smoothed.split()) == 20
+    # x 0..20 over the wide chart's 888 px from 56: the held-out points at steps 0, 10 and 20
+    assert re.findall(r'<circle cx="([^"]+)"[^>]*><title>(held-out[^<]*)</title>', loss) == [
+        ("56", "held-out, step 0: 1.23"), ("500", "held-out, step 10: 0.5"), ("944", "held-out, step 20: 0.87")]
+    assert re.findall(r'<g class="marker">.*?>([^<]+)</text></g>', loss) == ["epoch 2"]
+    assert 'viewBox="0 0 960 300"' in loss
+    caption = re.search(r'<p class="caption">([^<]*)</p>', report_page).group(1)
+    assert caption.startswith("Log scale. Faint: the loss at each logged step. Solid: smoothed")
+    assert "the rows d away weighing 0.5^d" in caption
+    assert caption.endswith("Dots: held-out loss before training (step 0), during it, and after (the last step).")
+
+
+def test_other_charts_are_linear_and_share_the_step_axis(report_page):
+    charts = chart_svgs(report_page)
+    assert y_axis(charts["Learning rate"]) == ("linear", ["0", "5e-5", "1e-4", "1.5e-4"])
+    for title in ("Learning rate", "Gradient norm", "Throughput (tokens/s)", "custom_metric"):
+        assert 'viewBox="0 0 480 220"' in charts[title]
+        assert re.search(r'<g class="x-axis">.*?>0</text>.*?>20</text>', charts[title])  # steps 0 to 20
+
+
+def test_charts_sit_in_two_columns_on_a_wide_screen(report_page):
+    css = re.search(r"<style>(.*?)</style>", report_page, re.S).group(1)
+    assert ".grid { display: grid; grid-template-columns: minmax(0, 1fr);" in css  # one column by default
+    wide = re.search(r"@media \(min-width: 62rem\) \{(.*?)\n\}", css, re.S).group(1)
+    assert ".grid { grid-template-columns: repeat(2, minmax(0, 1fr)); }" in wide
+    assert ".grid > .wide { grid-column: 1 / -1; }" in wide
+    assert "svg.chart { display: block; width: 100%; height: auto;" in css  # scales with the column
+    charts = re.search(r'<div class="grid charts">(.*?)</div>\n', report_page, re.S).group(1)
+    assert re.findall(r'<div( class="wide")?><svg class="chart"[^>]*aria-label="([^"]+)"', charts) == [
+        (' class="wide"', "Loss"), ("", "Learning rate"), ("", "Gradient norm"), ("", "Throughput (tokens/s)"),
+        ("", "custom_metric")]
+
+
+def test_environment_and_config_are_folded(report_page):
+    folded = re.findall(r"<details><summary>([^<]+)</summary>(.*?)</details>", report_page, re.S)
+    assert [summary for summary, _ in folded] == ["Environment", "Config (config.yaml)"]
+    assert table_rows(folded[0][1]) == [["Python", "3.11.7"], ["tunesmith", "0.1.0"], ["PyTorch", "2.13.0+cpu"],
+                                        ["Transformers", "5.25.0"], ["device", "GPU <80GB> & co"],
+                                        ["dtype", "bfloat16"]]
+    assert "<td>GPU &lt;80GB&gt; &amp; co</td>" in folded[0][1]
+    assert folded[1][1] == "<pre>lora:\n  r: 8  # &lt;b&gt;&amp;&lt;/b&gt;\n</pre>"
+
+
+def test_numbers_are_readable():
+    assert [format_number(v) for v in (1.23, 0.87 - 1.23, 12345.6, 3.4e-5, 2.5e7, 7)] == \
+        ["1.23", "-0.36", "12346", "3.4e-5", "2.5e7", "7"]
 
 
 def test_before_after_table_formats_rates_and_changes(report_page):

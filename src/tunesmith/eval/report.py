@@ -1,9 +1,11 @@
 """The run report: one self-contained ``report.html`` (inline CSS and SVG, no scripts, no external resources).
 
 ``render_report`` builds the page as a string; ``write_report`` writes it atomically; ``format_before_after`` and
-``format_samples`` are the same tables for the terminal. Charts are drawn by
-``svg_line_chart`` so the report opens offline and needs nothing beyond the standard library. Every piece of
-user text (titles, prompts, model outputs, config, notes) goes through ``html.escape``.
+``format_samples`` are the same tables for the terminal. Charts are inline SVG drawn by ``tunesmith.eval.charts``,
+so the report opens offline and needs nothing beyond the standard library. The page: run facts beside the
+before → after table, the loss on a log axis (raw, smoothed, held-out) and then every other quantity that changes,
+in two columns on a wide screen; the held-out samples; the environment and resolved config, folded. Every piece of
+user text (titles, prompts, model outputs, config, environment, notes) goes through ``html.escape``.
 """
 
 from __future__ import annotations
@@ -14,165 +16,215 @@ import os
 import tempfile
 from pathlib import Path
 
+from tunesmith.eval.charts import Chart, Line, format_scientific, smooth, svg_chart, trim_zeros
 from tunesmith.eval.score import SUBSET_RATES, answers_match
 
-# Series that belong on one chart; any other numeric key in metrics.jsonl gets a chart of its own.
+# Series that belong on one chart; the loss has a chart of its own (``loss_chart``), and any other numeric key in
+# metrics.jsonl that is neither here nor in NOT_CHARTED gets a chart under its own name.
 CHART_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Loss", ("loss", "eval_loss")),
     ("Learning rate", ("lr",)),
     ("Gradient norm", ("grad_norm",)),
     ("Throughput (tokens/s)", ("tokens_per_s",)),
-    ("Eval perplexity", ("eval_perplexity",)),
     ("Reward accuracy", ("reward_accuracy",)),
+    ("Held-out preference accuracy", ("eval_preference_accuracy",)),
     ("Reward margin", ("margin",)),
     ("Chosen and rejected rewards", ("chosen_reward", "rejected_reward")),
     ("KL divergence", ("kl",)),
 )
+# Logged but not charted: the epoch becomes markers on the loss chart; cumulative tokens only rise and trained
+# tokens per step only echo the batch; the held-out perplexity is exp(eval_loss), which the loss chart's log axis
+# already shows; peak memory is a running maximum, shown as one number in the Run table.
+NOT_CHARTED = frozenset({"loss", "eval_loss", "epoch", "tokens", "trained_tokens", "skipped", "eval_perplexity",
+                         "peak_memory_gib", "peak_reserved_gib"})
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
-# Plot-area margins inside the SVG: room for the title and legend above, tick labels left and below.
-MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 56, 16, 28, 36
-MAX_MARKED_POINTS = 30  # sparse series (eval every N steps) get a dot per point so single points show
+TRAIN_COLOR, HELD_OUT_COLOR = "#1f77b4", "#e8590c"
+# The loss's smoothed line (charts.smooth, from SMOOTH_MIN_POINTS rows on; fewer are shown as they are) weighs
+# about 1/SMOOTH_WINDOWS of the rows each side (``smoothing_factor``): the same look for 50 rows as for 5,000.
+SMOOTH_MIN_POINTS, SMOOTH_WINDOWS = 10, 10
 # The metrics the terminal's before/after table shows first (task rates per subset and per field follow).
 HEADLINE_METRICS = ("eval_loss", "perplexity", "chosen_loss", "preference_accuracy", "likelihood_accuracy",
                     "valid_json_rate", "exact_match")
+# How the Environment table names summary.json's ``environment`` keys (any other key is shown as it is).
+ENVIRONMENT_NAMES = {"python": "Python", "torch": "PyTorch", "transformers": "Transformers", "cuda": "CUDA"}
 
+# One column by default, two from 62rem; the charts scale with their column (the SVG viewBox), a small chart no
+# wider than 36rem in one column so its text stays near the page's size, the wide loss chart scrolling sideways
+# rather than shrinking its text below about 7px on a phone.
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
-       max-width: 1100px; padding: 0 1rem; color: #222; }
-h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .5rem 0; }
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1280px;
+       padding: 1.5rem 1.5rem 3rem; color: #1f2328; }
+h1 { font-size: 1.5rem; margin: 0 0 1rem; }
+h2 { font-size: 1.1rem; margin: 2rem 0 .6rem; padding-bottom: .3rem; border-bottom: 1px solid #ddd; }
+h2.in-grid { margin-top: 0; }
+.grid { display: grid; grid-template-columns: minmax(0, 1fr); gap: 1.25rem 2rem; align-items: start; }
+.charts > div { max-width: 36rem; }
+.charts > .wide { max-width: none; overflow-x: auto; }
+.wide svg.chart { min-width: 40rem; }
+@media (min-width: 62rem) {
+  .grid { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+  .grid > .wide { grid-column: 1 / -1; }
+  .charts > div { max-width: none; }
+}
+svg.chart { display: block; width: 100%; height: auto; font-size: 11px; }
+.caption { color: #666; font-size: .85rem; margin: .3rem 0 0; }
+table { border-collapse: collapse; margin: .25rem 0; }
 th, td { border: 1px solid #ddd; padding: .3rem .6rem; text-align: left; vertical-align: top; }
-th { background: #f5f5f5; }
+th { background: #f5f5f5; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.text { white-space: pre-wrap; max-width: 28rem; font-family: ui-monospace, monospace; font-size: .85rem; }
 td.ok { color: #1a7f37; text-align: center; } td.bad { color: #cf222e; text-align: center; }
 td.better { color: #1a7f37; } td.worse { color: #cf222e; }
+details { margin: .5rem 0; } summary { cursor: pointer; font-weight: 600; padding: .2rem 0; }
 pre { background: #f6f8fa; padding: .8rem; overflow-x: auto; font-size: .85rem; }
-.charts { display: flex; flex-wrap: wrap; gap: 1rem; }
-svg.chart { background: #fff; border: 1px solid #eee; font-size: 11px; }
 """
 
 
-def svg_line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, width: int = 640,
-                   height: int = 240) -> str:
-    """An inline SVG line chart of ``series`` (name → ``(x, y)`` points), with axes, ticks and a legend.
-
-    Points with a NaN or infinite coordinate are skipped. A single point or a constant series gets a
-    padded axis range, so nothing divides by zero. The plot area is
-    ``[MARGIN_LEFT, width - MARGIN_RIGHT] × [MARGIN_TOP, height - MARGIN_BOTTOM]``; the smallest x maps to
-    its left edge and the largest y to its top edge.
-    """
-    finite = {name: [(float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)]
-              for name, points in series.items()}
-    finite = {name: points for name, points in finite.items() if points}
-    left, right = MARGIN_LEFT, width - MARGIN_RIGHT
-    top, bottom = MARGIN_TOP, height - MARGIN_BOTTOM
-    parts = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'role="img" aria-label="{html.escape(title)}">',
-             f"<title>{html.escape(title)}</title>",
-             f'<text x="{left}" y="18" font-weight="bold" font-size="13">{html.escape(title)}</text>']
-    if not finite:
-        parts.append(f'<text x="{(left + right) / 2:g}" y="{(top + bottom) / 2:g}" text-anchor="middle" '
-                     'fill="#888">no finite values</text></svg>')
-        return "".join(parts)
-
-    all_points = [p for points in finite.values() for p in points]
-    x_lo, x_hi = _padded_range(min(x for x, _ in all_points), max(x for x, _ in all_points))
-    y_lo, y_hi = _padded_range(min(y for _, y in all_points), max(y for _, y in all_points))
-
-    def px(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * (right - left)
-
-    def py(y: float) -> float:
-        return bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    for value, label in _ticks(y_lo, y_hi):
-        y = _coord(py(value))
-        parts.append(f'<line x1="{left}" y1="{y}" x2="{right}" y2="{y}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{y}" text-anchor="end" dominant-baseline="middle" '
-                     f'fill="#555">{label}</text>')
-    for value, label in _ticks(x_lo, x_hi):
-        x = _coord(px(value))
-        parts.append(f'<line x1="{x}" y1="{bottom}" x2="{x}" y2="{bottom + 4}" stroke="#888"/>'
-                     f'<text x="{x}" y="{bottom + 16}" text-anchor="middle" fill="#555">{label}</text>')
-    parts.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#888"/>'
-                 f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#888"/>'
-                 f'<text x="{right}" y="{height - 4}" text-anchor="end" fill="#555">step</text>')
-
-    for i, (name, points) in enumerate(finite.items()):
-        color = COLORS[i % len(COLORS)]
-        coords = " ".join(f"{_coord(px(x))},{_coord(py(y))}" for x, y in points)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}">'
-                     f"<title>{html.escape(name)}</title></polyline>")
-        if len(points) <= MAX_MARKED_POINTS:
-            parts.extend(f'<circle cx="{_coord(px(x))}" cy="{_coord(py(y))}" r="2.5" fill="{color}"/>'
-                         for x, y in points)
-    if len(finite) > 1:
-        parts.append(_legend(list(finite), right))
-    parts.append("</svg>")
-    return "".join(parts)
+def metric_charts(metrics: list[dict], before: dict | None = None, after: dict | None = None) -> list[Chart]:
+    """The report's charts from metrics.jsonl rows: the loss (``loss_chart``) first, then the groups of
+    ``CHART_GROUPS`` and any other numeric key, each only if one of its series takes two or more values."""
+    series = _series(metrics)
+    charts = [loss_chart(metrics, before, after)] if series.get("loss") or series.get("eval_loss") else []
+    grouped = set(NOT_CHARTED)
+    groups = []
+    for title, keys in CHART_GROUPS:
+        grouped.update(keys)
+        groups.append((title, [key for key in keys if key in series]))
+    groups += [(key, [key]) for key in series if key not in grouped]
+    for title, keys in groups:
+        if any(len({y for _, y in series[key]}) > 1 for key in keys):
+            lines = tuple(Line(key, tuple(series[key]), COLORS[i % len(COLORS)]) for i, key in enumerate(keys))
+            charts.append(Chart(title, lines))
+    return charts
 
 
-def metric_charts(metrics: list[dict]) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
-    """``(title, series)`` per chart from metrics.jsonl rows; a series holds only the rows that have its key."""
+def loss_chart(metrics: list[dict], before: dict | None, after: dict | None) -> Chart:
+    """The loss on a log axis: the logged train loss faint, smoothed (``smoothing_factor``) over it, and the held-out
+    loss as dots: ``before``'s at step 0, any ``eval_loss`` rows, ``after``'s at the last logged step (where it
+    replaces a row's value: the same model, evaluated once more). Epoch starts are marked."""
+    series = _series(metrics)
+    train = series.get("loss", [])
+    lines = []
+    if len(train) >= SMOOTH_MIN_POINTS:
+        lines += [Line("train (raw)", tuple(train), TRAIN_COLOR, "faint"),
+                  Line("train (smoothed)", tuple(smooth(train, smoothing_factor(len(train)))), TRAIN_COLOR)]
+    elif train:
+        lines.append(Line("train", tuple(train), TRAIN_COLOR))
+    held_out = dict(series.get("eval_loss", []))
+    if before and _is_number(before.get("eval_loss")):
+        held_out[0] = before["eval_loss"]
+    steps = [row["step"] for row in metrics if _is_number(row.get("step"))]
+    if after and _is_number(after.get("eval_loss")) and steps:
+        held_out[max(steps)] = after["eval_loss"]
+    if held_out:
+        lines.append(Line("held-out", tuple(sorted(held_out.items())), HELD_OUT_COLOR, "dots"))
+    markers, epoch, previous = [], None, None
+    for row in metrics:
+        if _is_number(row.get("epoch")) and _is_number(row.get("step")):
+            if epoch is not None and row["epoch"] > epoch:
+                markers.append((previous, f"epoch {int(row['epoch']) + 1}"))
+            epoch, previous = row["epoch"], row["step"]
+    return Chart("Loss", tuple(lines), log_y=True, markers=tuple(markers))
+
+
+def smoothing_factor(rows: int) -> float:
+    """The smoothing factor for a loss of ``rows`` points: 1 − 1/w for a window of w = rows / ``SMOOTH_WINDOWS``
+    rows (at least 2), rounded to three decimals so the caption shows the factor used: 0.5 up to 20 rows, 0.9 at
+    100, 0.99 at 1,000."""
+    return round(1 - 1 / max(2, rows / SMOOTH_WINDOWS), 3)
+
+
+def _series(metrics: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Each numeric key's ``(step, value)`` points, from the rows that have it as a finite number."""
     series: dict[str, list[tuple[float, float]]] = {}
     for row in metrics:
         step = row.get("step")
         if not _is_number(step):
             continue
         for key, value in row.items():
-            if key != "step" and _is_number(value):
+            if key != "step" and _is_number(value) and math.isfinite(value):
                 series.setdefault(key, []).append((step, value))
-    charts = []
-    grouped = set()
-    for title, keys in CHART_GROUPS:
-        present = {key: series[key] for key in keys if key in series}
-        grouped.update(keys)
-        if present:
-            charts.append((title, present))
-    charts += [(key, {key: points}) for key, points in series.items() if key not in grouped]
-    return charts
+    return series
 
 
 def render_report(*, title: str, metrics: list[dict], before: dict | None, after: dict | None,
-                  examples: list[dict], config_yaml: str, timing: dict,
+                  examples: list[dict], config_yaml: str, timing: dict, environment: dict | None = None,
                   notes: list[str] | tuple[str, ...] = (), drops: dict | None = None) -> str:
     """The whole report page as an HTML string (see ``write_report``)."""
     esc = html.escape
-    charts = metric_charts(metrics)
-    sections = [f"<h1>{esc(title)}</h1>", "<h2>Run</h2>", _timing_table(timing)]
+    facts = dict(timing)
+    peaks = [row["peak_memory_gib"] for row in metrics if _is_number(row.get("peak_memory_gib"))]
+    if peaks:
+        facts["peak_memory"] = f"{max(peaks):.2f} GiB"
+    evaluation = _comparison_table(before, after) if before or after else "<p>No evaluation results.</p>"
+    sections = [f"<h1>{esc(title)}</h1>",
+                '<div class="grid"><section><h2 class="in-grid">Run</h2>' + _timing_table(facts) + "</section>"
+                '<section><h2 class="in-grid">Evaluation: before → after</h2>' + evaluation + "</section></div>"]
     if notes:
         sections.append("<ul>" + "".join(f"<li>{esc(str(note))}</li>" for note in notes) + "</ul>")
     if drops and any(d and d["count"] for d in drops.values()):
         sections += ["<h2>Dropped rows</h2>", _drops_table(drops)]
-    sections.append("<h2>Evaluation: before → after</h2>")
-    sections.append(_comparison_table(before, after) if before or after else "<p>No evaluation results.</p>")
     sections.append("<h2>Training curves</h2>")
-    sections.append('<div class="charts">' + "".join(svg_line_chart(s, title=t) for t, s in charts) + "</div>"
-                    if charts else "<p>No metrics recorded.</p>")
+    sections.append(_charts(metrics, before, after) if metrics else "<p>No metrics recorded.</p>")
     sections.append("<h2>Held-out samples</h2>")
     sections.append(_examples_table(examples) if examples else "<p>No examples.</p>")
-    sections.append(f"<h2>Config</h2><pre>{esc(config_yaml)}</pre>")
+    sections.append("<h2>Config and environment</h2>")
+    if environment:
+        sections.append("<details><summary>Environment</summary><table>" + "".join(
+            f"<tr><th>{esc(ENVIRONMENT_NAMES.get(key, key))}</th><td>{esc(str(value))}</td></tr>"
+            for key, value in environment.items()) + "</table></details>")
+    sections.append(f"<details><summary>Config (config.yaml)</summary><pre>{esc(config_yaml)}</pre></details>")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(sections) + "\n</body></html>\n")
 
 
+def _charts(metrics: list[dict], before: dict | None, after: dict | None) -> str:
+    """The charts in a grid, every x axis from step 0 to the last step; the loss chart wide, with its key."""
+    charts = metric_charts(metrics, before, after)
+    if not charts:
+        return "<p>No metrics recorded.</p>"
+    steps = [row["step"] for row in metrics if _is_number(row.get("step"))]
+    x_range = (0, max(steps)) if steps else None
+    parts = []
+    for chart in charts:
+        if chart.title == "Loss":
+            parts.append('<div class="wide">' + svg_chart(chart, x_range=x_range, width=960, height=300)
+                         + f'<p class="caption">{_loss_key(chart)}</p></div>')
+        else:
+            parts.append("<div>" + svg_chart(chart, x_range=x_range) + "</div>")
+    return '<div class="grid charts">' + "".join(parts) + "</div>"
+
+
+def _loss_key(chart: Chart) -> str:
+    """The loss chart's caption: its scale, and how each line was drawn."""
+    key = ["Log scale." if all(y > 0 for line in chart.lines for _, y in line.points) else "Linear scale."]
+    raw = [line for line in chart.lines if line.style == "faint"]
+    if raw:
+        key.append(f"Faint: the loss at each logged step. Solid: smoothed, a line fitted around each row to the "
+                   f"logarithm of the loss, the rows d away weighing {smoothing_factor(len(raw[0].points)):g}^d "
+                   "(an exponential moving average run both ways), so it neither lags nor drifts at the ends.")
+    if any(line.style == "dots" for line in chart.lines):
+        key.append("Dots: held-out loss before training (step 0), during it, and after (the last step).")
+    return " ".join(key)
+
+
 def write_report(path, *, title: str, metrics: list[dict], before: dict | None, after: dict | None,
-                 examples: list[dict], config_yaml: str, timing: dict,
+                 examples: list[dict], config_yaml: str, timing: dict, environment: dict | None = None,
                  notes: list[str] | tuple[str, ...] = (), drops: dict | None = None) -> None:
     """Write the report to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
 
     ``metrics`` are metrics.jsonl rows (``step`` plus any numeric series); ``before``/``after`` are evaluation
     dicts (a nested ``fields`` dict is shown as ``field: <name>`` rows; either may be None); ``examples`` have
-    ``prompt``, ``expected``, ``before``, ``after`` and ``subset`` (any may be missing); ``timing`` is shown as a table and
-    ``notes`` as a list; ``drops`` maps a dataset (``train``, ``eval``) to its ``PreparedData.drops()`` (or None)
-    and is shown as a table of reasons with the first row or line numbers.
+    ``prompt``, ``expected``, ``before``, ``after`` and ``subset`` (any may be missing); ``timing`` is shown as the
+    Run table (with the peak memory the metrics logged), ``environment`` (versions, device) as a folded table
+    beside the folded config, and ``notes`` as a list; ``drops`` maps a dataset (``train``, ``eval``) to its
+    ``PreparedData.drops()`` (or None) and is shown as a table of reasons with the first row or line numbers.
     """
     path = Path(path)
     page = render_report(title=title, metrics=metrics, before=before, after=after, examples=examples,
-                         config_yaml=config_yaml, timing=timing, notes=notes, drops=drops)
+                         config_yaml=config_yaml, timing=timing, environment=environment, notes=notes,
+                         drops=drops)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -194,9 +246,9 @@ def format_number(value) -> str:
     if value == 0:
         return "0"
     if abs(value) >= 1e6 or abs(value) < 1e-3:
-        return _scientific(value)
+        return format_scientific(value)
     decimals = max(0, 3 - math.floor(math.log10(abs(value))))
-    return _trim(f"{value:.{decimals}f}")
+    return trim_zeros(f"{value:.{decimals}f}")
 
 
 def _is_number(value) -> bool:
@@ -210,59 +262,6 @@ def _is_rate(key: str) -> bool:
 
 def _lower_is_better(key: str) -> bool:
     return "loss" in key or "perplexity" in key
-
-
-def _trim(text: str) -> str:
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def _scientific(value: float) -> str:
-    mantissa, exponent = f"{value:.2e}".split("e")
-    return f"{_trim(mantissa)}e{int(exponent)}"
-
-
-def _coord(value: float) -> str:
-    return _trim(f"{value:.2f}")
-
-
-def _padded_range(lo: float, hi: float) -> tuple[float, float]:
-    """``(lo, hi)``, widened around the value when it has no width, so scaling never divides by zero."""
-    if hi > lo:
-        return lo, hi
-    pad = abs(lo) * 0.1 or 1.0
-    return lo - pad, hi + pad
-
-
-def _ticks(lo: float, hi: float, target: int = 4) -> list[tuple[float, str]]:
-    """Tick values at multiples of a 1/2/5 × 10^k step inside ``[lo, hi]``, with labels at the step's precision."""
-    raw = (hi - lo) / target
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if raw <= m * magnitude)
-    first, last = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
-    scientific = step < 1e-3 or max(abs(lo), abs(hi)) >= 1e6
-    decimals = max(0, -math.floor(math.log10(step)))
-    ticks = []
-    for k in range(first, last + 1):
-        value = k * step
-        if k == 0:
-            label = "0"
-        elif scientific:
-            label = _scientific(value)
-        else:
-            label = f"{value:.{decimals}f}"
-        ticks.append((value, label))
-    return ticks
-
-
-def _legend(names: list[str], right: int) -> str:
-    """Legend entries in the title row, laid out leftwards from the plot's right edge."""
-    parts, x = [], right
-    for i in reversed(range(len(names))):
-        x -= 7 * len(names[i]) + 26  # a rough text width: no font metrics without a renderer
-        color = COLORS[i % len(COLORS)]
-        parts.append(f'<line x1="{x}" y1="14" x2="{x + 16}" y2="14" stroke="{color}" stroke-width="2"/>'
-                     f'<text x="{x + 20}" y="18" fill="#333">{html.escape(names[i])}</text>')
-    return '<g class="legend">' + "".join(parts) + "</g>"
 
 
 def _flatten_eval(result: dict | None) -> dict:
