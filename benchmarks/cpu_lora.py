@@ -52,7 +52,7 @@ def work_ratio(model, data: list[dict]) -> float:
     position it sees. PEFT sees every padded position; tunesmith sees each real token once, the shared prefix
     once per batch, and the head only at trained positions. Attention, adapters and the trimmed last block are
     left out. The measured speedup can only pass this ratio by running its products faster than PEFT's."""
-    from tunesmith.train.loop import shared_prefix_length
+    from tunesmith.train.flat import shared_prefix_length
 
     head = model.get_output_embeddings().weight.numel()
     layers = sum(m.weight.numel() for name, m in model.named_modules()

@@ -59,6 +59,20 @@ def test_dpo_section_follows_the_objective():
         load_config(None, ["method.objective=dpo", "dpo.temperature=1"])
 
 
+def test_option_objects_default_to_the_typed_config():
+    """One source of defaults: the options the library functions take default to what a config with nothing set
+    asks for (the typed config documents each field), so a library call and a run mean the same thing."""
+    from tunesmith.peft import LoRAConfig
+
+    defaults = RunConfig()
+    assert TokenizeOptions() == TokenizeOptions.from_config(defaults.data)
+    assert TokenizeOptions().max_length == 512
+    assert LoRAConfig() == LoRAConfig.from_config(defaults.lora)
+    assert (LoRAConfig().r, LoRAConfig().alpha, LoRAConfig().target_modules) == (16, 32.0, "all-linear")
+    lora = load_config(None, ["lora.target_modules=[q_proj, v_proj]", "lora.r=4"]).lora
+    assert LoRAConfig.from_config(lora) == LoRAConfig(r=4, target_modules=("q_proj", "v_proj"))
+
+
 def test_sample_rows_is_seeded_and_keeps_source_row_numbers(tokenizer):
     path = str(ROOT / "examples" / "chats.jsonl")
     options = TokenizeOptions(max_length=256)
@@ -98,7 +112,7 @@ IDENTITY_BEFORE = ("model.source", "model.template", "method.name", "method.obje
 
 def test_identity_keys_come_from_field_metadata():
     from tunesmith.config import identity_keys
-    from tunesmith.recipes.resume import IDENTITY_KEYS
+    from tunesmith.train.resume import IDENTITY_KEYS
 
     assert IDENTITY_KEYS == identity_keys()
     assert len(IDENTITY_KEYS) == len(set(IDENTITY_KEYS)) and set(IDENTITY_KEYS) == set(IDENTITY_BEFORE)

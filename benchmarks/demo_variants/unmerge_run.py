@@ -59,8 +59,8 @@ def main(probability: float, overrides: list[str]) -> None:
     setup.train.tokenized.examples = [augment(example) for example in setup.train.examples]
     with hold_run_dir(setup):
         objective = supervised_objective(setup)
-        state = train(setup, objective, trainable_parameters(setup))
-        finish_run(setup, state, started, evaluate=objective.evaluate)
+        result = train(setup.train_input(objective, trainable_parameters(setup)))
+        finish_run(setup, result, started, evaluate=lambda phase: objective.evaluate(result.model, phase))
 
 
 if __name__ == "__main__":

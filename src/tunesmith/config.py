@@ -15,7 +15,7 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunesmith.config_yaml import read_config_file, set_dotted
+from tunesmith.config_yaml import parse_yaml, read_config_file, set_dotted
 from tunesmith.errors import TunesmithError
 
 
@@ -378,6 +378,19 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = (), *, trust_rem
         raise TunesmithError(f"{_explain(exc, str(path))}{damaged}") from None
     config = _resolve(tree, str(path), overrides, trust_remote_code)
     return config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
+
+
+def parse_saved_config(text: str, origin: str) -> RunConfig:
+    """A config tunesmith saved (a checkpoint's ``config.yaml``), read as every config is: the strict YAML loader
+    (a key written twice is an error) and the typed models, without overrides; a problem is one line naming
+    ``origin``. A key the saved file predates reads as its default, which is what the run meant by it."""
+    tree = parse_yaml(text, origin) or {}
+    if not isinstance(tree, dict):
+        raise TunesmithError(f"{origin} must hold a mapping of sections")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, origin) from None
 
 
 def identity_keys(section: type[BaseModel] = RunConfig, prefix: str = "") -> tuple[str, ...]:

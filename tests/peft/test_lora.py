@@ -198,7 +198,7 @@ def test_merged_logits_equal_unmerged_and_disabled_gives_base(tiny_model):
 def test_freeze_base_leaves_only_adapters_trainable(tiny_model):
     with pytest.raises(TunesmithError, match="inject_lora"):
         freeze_base(tiny_model)
-    names = inject_lora(tiny_model, LoRAConfig(r=2, alpha=4))
+    names = inject_lora(tiny_model, LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
     freeze_base(tiny_model)
     trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
     expected = {f"{m}.lora_{ab}.weight" for m in names for ab in "AB"}

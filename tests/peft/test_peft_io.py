@@ -45,7 +45,7 @@ def peft_adapter(out_dir, **lora_kwargs):
 
 
 @pytest.mark.parametrize("config", [
-    LoRAConfig(r=4, alpha=8),
+    LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
     LoRAConfig(r=4, alpha=8, target_modules="all-linear", use_rslora=True,
                rank_pattern={"v_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}),
 ], ids=["attention", "all-linear-rslora-patterns"])
@@ -138,7 +138,7 @@ def test_failed_save_leaves_no_adapter_dir(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_io, "save_file", crash)
+    monkeypatch.setattr(peft_io, "stable_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         our_adapter(tmp_path / "adapter", LoRAConfig(r=4, alpha=8))
     assert list(tmp_path.iterdir()) == []

@@ -79,7 +79,8 @@ def test_sigkill_while_writing_checkpoint_then_resume(make_config, tmp_path, met
     script = textwrap.dedent(f"""
         import sys, time
         from tunesmith.config import load_config
-        from tunesmith.recipes import resume, sft
+        from tunesmith.recipes import sft
+        from tunesmith.train import resume
         real = resume.save_adapter
         def slow(model, config, out_dir, **kw):
             real(model, config, out_dir, **kw)

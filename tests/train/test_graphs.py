@@ -10,9 +10,10 @@ from tunesmith.config import RunConfig
 from tunesmith.data.batching import pack_collate
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters, lora_modules
+from tunesmith.train.decoder import decoder_layers
 from tunesmith.train.graphs import MIN_SEQUENCES, BlockDraws, bucket, choose_graphs, graph_plan, plan_loss
 from tunesmith.train.layout import choose_layout, install_layout
-from tunesmith.train.loop import decoder_layers, enable_gradient_checkpointing, supervised_loss_sum
+from tunesmith.train.loss import enable_gradient_checkpointing, supervised_loss_sum
 
 CPU = torch.device("cpu")
 

@@ -8,8 +8,9 @@ from tinymodels import build_adapted_tiny_llama, build_tiny_llama
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters
 from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train.decoder import decoder_layers
 from tunesmith.train.layout import choose_layout, install_layout
-from tunesmith.train.loop import decoder_layers, supervised_loss_sum
+from tunesmith.train.loss import supervised_loss_sum
 from tunesmith.train.rows import NAME as ROWS
 from tunesmith.train.varlen import NAME as VARLEN
 

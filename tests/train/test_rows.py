@@ -35,7 +35,7 @@ def test_row_attention_equals_masked_sdpa(prefix):
 
 
 def test_flat_layout_uses_row_attention_once_per_layer(tiny_model, monkeypatch):
-    from tunesmith.train.loop import supervised_loss_sum
+    from tunesmith.train.loss import supervised_loss_sum
 
     calls = []
 
@@ -59,7 +59,7 @@ def test_flat_layout_uses_row_attention_once_per_layer(tiny_model, monkeypatch):
 
 
 def test_sliding_window_or_softcapping_models_are_not_flattened():
-    from tunesmith.train.layout import plain_causal_attention as _plain_causal_attention
+    from tunesmith.train.decoder import plain_causal_attention as _plain_causal_attention
     from tinymodels import build_tiny_llama
 
     config = build_tiny_llama().config

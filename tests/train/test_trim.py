@@ -4,7 +4,7 @@ import torch
 
 from tinymodels import build_adapted_tiny_llama
 from tunesmith.peft import adapter_parameters
-from tunesmith.train.loop import decoder_layers
+from tunesmith.train.decoder import decoder_layers
 from tunesmith.train.trim import READ, install_last_block_trim
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
+from tunesmith.config import DataConfig
 from tunesmith.data.formats import Example
 from tunesmith.data.validate import InvalidRow, check_control_tokens, row_error
 from tunesmith.errors import TunesmithError
@@ -22,16 +23,20 @@ OVERLENGTH_POLICIES = ("truncate", "drop", "error")
 CONTROL_TOKEN_POLICIES = ("refuse", "allow")
 
 
+_DEFAULTS = DataConfig()  # the typed config's defaults, where each field is documented for users
+
+
 @dataclass
 class TokenizeOptions:
-    """How examples become tokens; ``DataConfig`` documents each field (build one with ``from_config``)."""
+    """How examples become tokens; ``DataConfig`` documents each field and gives the defaults (build a run's
+    with ``from_config``)."""
 
-    max_length: int = 1024
-    overlength: str = "truncate"
-    train_on: str = "all"
-    reasoning: str | None = None
-    append_eos: bool = False
-    control_tokens: str = "refuse"
+    max_length: int = _DEFAULTS.max_length
+    overlength: str = _DEFAULTS.overlength
+    train_on: str = _DEFAULTS.train_on
+    reasoning: str | None = _DEFAULTS.reasoning
+    append_eos: bool = _DEFAULTS.append_eos
+    control_tokens: str = _DEFAULTS.control_tokens
 
     @classmethod
     def from_config(cls, data) -> TokenizeOptions:

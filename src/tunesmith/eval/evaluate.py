@@ -11,7 +11,7 @@ from tunesmith.data.batching import pad_collate
 from tunesmith.config import RunConfig
 from tunesmith.data.builtin import BUILTIN_NAME
 from tunesmith.eval.task import AnswerRow, TaskResult, answer_rows, evaluate_task
-from tunesmith.train.loop import autocast_for, supervised_loss_sum, trained_tokens
+from tunesmith.train.loss import autocast_for, supervised_loss_sum, trained_tokens
 
 
 @torch.no_grad()

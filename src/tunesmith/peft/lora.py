@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tunesmith.config import LoRASection
 from tunesmith.errors import TunesmithError
 from tunesmith.quant.bnb import dequantize, is_4bit
 
@@ -229,20 +230,24 @@ def _lora_linear(x, x_adapter, weight, bias, lora_a, lora_b, scaling):
     return _LoRALinearFunction.apply(x, x_adapter, weight, bias, lora_a, lora_b, scaling)
 
 
+_DEFAULTS = LoRASection()  # the typed config's defaults, where each field is documented for users
+
+
 @dataclass
 class LoRAConfig:
-    """Which linear layers get an adapter, and its shape and scale."""
+    """Which linear layers get an adapter, and its shape and scale; ``from_config`` builds a run's from its typed
+    ``lora`` section, and the defaults are that section's."""
 
-    r: int = 8
+    r: int = _DEFAULTS.r
     """Rank of the update B·A."""
-    alpha: float = 16
+    alpha: float = _DEFAULTS.alpha
     """Scale numerator: the update is multiplied by alpha/r (alpha/√r with rsLoRA)."""
-    dropout: float = 0.0
+    dropout: float = _DEFAULTS.dropout
     """Dropout on the adapter's input (training only; the base path never sees it)."""
-    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] | str = _DEFAULTS.target_modules
     """Module names matched by their last component(s) (``q_proj``, or ``self_attn.q_proj``, or a full path),
     or ``"all-linear"``: every ``nn.Linear`` except the output head."""
-    use_rslora: bool = False
+    use_rslora: bool = _DEFAULTS.use_rslora
     """Rank-stabilised LoRA: scale by alpha/√r, so the update's size does not shrink as r grows."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides, PEFT's rule: key ``k`` applies to a module whose full name matches the
@@ -269,6 +274,13 @@ class LoRAConfig:
                 raise TunesmithError(f"lora {name} must be a positive number, got {alpha!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise TunesmithError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_config(cls, lora: LoRASection) -> LoRAConfig:
+        """The adapter a run's typed ``lora`` section asks for: training, its checkpoints and the saved adapter
+        build it this one way."""
+        return cls(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                   use_rslora=lora.use_rslora)
 
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)

@@ -113,7 +113,7 @@ def _fold_sft_adapter(adapter_dir: Path):
     return fold
 
 
-def _stacked_adapter_writer(setup: RunSetup, sft_dir: Path):
+def _stacked_adapter_writer(setup: RunSetup, model, sft_dir: Path):
     """Stack: write SFT + DPO adapters as one PEFT adapter for the original base.
 
     s₁·B₁A₁ + s₂·B₂A₂ = [s₁B₁ | s₂B₂] · [A₁ ; A₂], a LoRA of rank r₁ + r₂ with scale 1 (alpha = rank); a layer
@@ -124,12 +124,12 @@ def _stacked_adapter_writer(setup: RunSetup, sft_dir: Path):
         sft = load_file(str(sft_dir / WEIGHTS_NAME))
         r1, r2 = sft_config["r"], setup.config.lora.r
         s1 = sft_config["lora_alpha"] / (math.sqrt(r1) if sft_config.get("use_rslora") else r1)
-        new = lora_modules(setup.model)
+        new = lora_modules(model)
         names = sorted({key[len(KEY_PREFIX):-len(".lora_A.weight")] for key in sft if key.endswith(".lora_A.weight")}
                        | set(new))
         tensors = {}
         for name in names:
-            layer = setup.model.get_submodule(name)
+            layer = model.get_submodule(name)
             d_in, d_out = layer.in_features, layer.out_features
             a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
             if a_key in sft:
@@ -147,7 +147,7 @@ def _stacked_adapter_writer(setup: RunSetup, sft_dir: Path):
                   "alpha_pattern": {}, "target_modules": names,
                   "base_model_name_or_path": setup.config.model.source}
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata=adapter_metadata(setup.model))
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata=adapter_metadata(model))
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write
@@ -187,10 +187,11 @@ def _training_reference(kind: str, model, cache: dict | None):
     return base_model
 
 
-def evaluate_preferences(setup: RunSetup, phase: str | None, cache: dict | None, *, task: bool = True) -> dict:
-    """Held-out preference metrics (``preference_metrics``) and, for the built-in data, the task metrics
-    (exact match of greedy answers); ``phase`` "before"/"after" also saves them as JSON."""
-    config, model = setup.config, setup.model
+def evaluate_preferences(setup: RunSetup, model, phase: str | None, cache: dict | None, *,
+                         task: bool = True) -> dict:
+    """Held-out preference metrics of ``model`` (``preference_metrics``) and, for the built-in data, the task
+    metrics (exact match of greedy answers); ``phase`` "before"/"after" also saves them as JSON."""
+    config = setup.config
     pad_id, batch_size = setup.tokenizer.pad_token_id, config.eval.batch_size
     policy = pair_logps(model, setup.eval.examples, pad_id=pad_id, batch_size=batch_size)
     reference, kind = None, reference_kind(config)
@@ -233,11 +234,11 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
         continued = _init_adapter_dir(init) if init and config.dpo.init_mode == "continue" else None
         params = trainable_parameters(setup, adapter=continued)
         objective = preference_objective(setup)
-        state = train(setup, objective, params, on_micro_batch=on_micro_batch)
+        result = train(setup.train_input(objective, params, on_micro_batch=on_micro_batch))
         if not current().main:
             return None
-        return finish_run(setup, state, started, evaluate=objective.evaluate,
-                          write_adapter=_stacked_adapter_writer(setup, stack) if stack else None)
+        return finish_run(setup, result, started, evaluate=lambda phase: objective.evaluate(result.model, phase),
+                          write_adapter=_stacked_adapter_writer(setup, result.model, stack) if stack else None)
 
 
 def preference_objective(setup: RunSetup) -> Objective:
@@ -257,8 +258,12 @@ def preference_objective(setup: RunSetup) -> Objective:
         if cache is None:
             cache = load_reference(path, fingerprint=setup.fingerprints["data"])
     pad_id = setup.tokenizer.pad_token_id
+
+    def evaluate(model, phase: str | None, *, task: bool = True) -> dict:
+        return evaluate_preferences(setup, model, phase, cache, task=task)
+
     return Objective(loss=PreferenceLoss(config.dpo, _training_reference(kind, setup.model, cache)),
                      lengths=[len(ex["chosen"]["input_ids"]) + len(ex["rejected"]["input_ids"]) for ex in examples],
                      collate=lambda batch: MicroBatch(collate_pairs(gather_examples(examples, batch), pad_id), batch),
-                     evaluate=lambda phase, task=True: evaluate_preferences(setup, phase, cache, task=task),
+                     evaluate=evaluate if setup.eval is not None else None,
                      eval_log={"eval_loss": "eval_loss", "eval_preference_accuracy": "preference_accuracy"})

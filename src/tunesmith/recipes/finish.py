@@ -1,20 +1,26 @@
-"""The end of a run: the result saved (``adapter/`` or ``model/``), evaluated, ``summary.json`` and
-``report.html`` written, before/after printed; and the evaluation files both phases write."""
+"""The end of a run: the result saved (``adapter/`` or ``model/``), evaluated, ``summary.json`` (with the
+environment it ran in) and ``report.html`` written, before/after printed; and the evaluation files both phases
+write."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
 
+import torch
+import transformers
+
+import tunesmith
 from tunesmith.eval.report import format_before_after, write_report
 from tunesmith.peft import save_adapter
 from tunesmith.recipes.run_dir import write_json
 from tunesmith.recipes.setup import RunSetup
+from tunesmith.train.engine import TrainResult
 from tunesmith.train.metrics import read_metrics
-from tunesmith.train.state import TrainState
 
 
 def save_eval(setup: RunSetup, phase: str, metrics: dict, result) -> None:
@@ -43,11 +49,12 @@ def _publish_dir(build, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_result(setup: RunSetup, *, write_adapter=None) -> Path:
-    """``adapter/`` (PEFT format) for LoRA, ``model/`` (plain HF dir) for full fine-tuning; with the tokenizer.
+def save_result(setup: RunSetup, model, *, write_adapter=None) -> Path:
+    """``model``'s ``adapter/`` (PEFT format) for LoRA, ``model/`` (plain HF dir) for full fine-tuning; with the
+    tokenizer.
 
     ``write_adapter(dir)`` replaces the plain adapter save (a recipe whose adapter file is not the model's)."""
-    config, model, tokenizer = setup.config, setup.model, setup.tokenizer
+    config, tokenizer = setup.config, setup.tokenizer
     if config.method.uses_adapter:
         target = setup.run_dir / "adapter"
 
@@ -67,12 +74,27 @@ def save_result(setup: RunSetup, *, write_adapter=None) -> Path:
     return target
 
 
-def finish_run(setup: RunSetup, state: TrainState, started: float, *, evaluate, write_adapter=None) -> dict:
+def run_environment(device: torch.device, dtype: torch.dtype) -> dict:
+    """The versions and the device a run used, as ``summary.json``'s ``environment`` and the report show them."""
+    environment = {"python": platform.python_version(), "tunesmith": tunesmith.__version__,
+                   "torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.version.cuda:
+        environment["cuda"] = torch.version.cuda
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.machine()}, {os.cpu_count()} cores)"
+    environment.update(device=name, dtype=str(dtype).removeprefix("torch."), platform=platform.platform())
+    return environment
+
+
+def finish_run(setup: RunSetup, result: TrainResult, started: float, *, evaluate, write_adapter=None) -> dict:
     """Save the result, evaluate it, write ``summary.json`` and ``report.html``, print before/after.
 
     ``evaluate("after")`` is the objective's held-out evaluation, which writes ``eval_after.json``;
     ``write_adapter`` goes to ``save_result``."""
-    output = save_result(setup, write_adapter=write_adapter)
+    state = result.state
+    output = save_result(setup, result.model, write_adapter=write_adapter)
     before_path = setup.run_dir / "eval_before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     after = None
@@ -85,9 +107,10 @@ def finish_run(setup: RunSetup, state: TrainState, started: float, *, evaluate, 
                "skipped_steps": state.skipped, "tokens": state.tokens,
                "train_seconds": round(state.train_seconds, 2), "eval_seconds": round(time.time() - eval_start, 2),
                "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
-               "dropped": setup.drops, "layout": setup.layout.summary() if setup.layout else None,
-               "kernels": setup.kernels, "graphs": setup.graphs,
-               "blas_workspace": setup.blas_workspace}
+               "dropped": setup.drops, "layout": result.layout.summary(),
+               "kernels": result.kernels, "graphs": result.graphs,
+               "blas_workspace": setup.blas_workspace,
+               "environment": run_environment(torch.device(setup.device), setup.dtype)}
     write_json(setup.run_dir / "summary.json", summary)
     examples = []
     if after and after["predictions"]:
@@ -100,6 +123,7 @@ def finish_run(setup: RunSetup, state: TrainState, started: float, *, evaluate, 
     write_report(setup.run_dir / "report.html", title=f"tunesmith run {setup.config.name}",
                  metrics=read_metrics(setup.run_dir), before=summary["before"], after=summary["after"],
                  examples=examples, config_yaml=setup.config.to_yaml(), drops=setup.drops,
+                 environment=summary["environment"],
                  timing={"train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],
                          "total_seconds": round(time.time() - started, 2), "device": str(setup.device),
                          "steps": state.step, "tokens": state.tokens})

@@ -1,5 +1,6 @@
 """A run's setup: tokenizer and data (refused early when they cannot train), the model (QLoRA: its base in 4
-bits), what trains, then the run dir; ``RunSetup`` carries them to the engine and the finish."""
+bits), what trains, then the run dir; ``RunSetup`` carries them to the engine (``train_input``) and the
+finish."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_l
 from tunesmith.quant.bnb import QuantizedModel
 from tunesmith.recipes.run_dir import claim_run_dir
 from tunesmith.train.dist import current
+from tunesmith.train.engine import Objective, TrainInput
 from tunesmith.train.graphs import choose_graphs
 from tunesmith.train.kernels import check_kernels, set_blas_workspace
 from tunesmith.train.layout import Layout, choose_layout
@@ -46,16 +48,20 @@ class RunSetup:
     drops: dict  # "train" / "eval" → PreparedData.drops()
     quantization: QuantizedModel | None = None
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
-    kernels: dict | None = None  # what train/kernels.py installed (summary.json's "kernels")
-    graphs: dict | None = None  # train/graphs.py's choice, then what it recorded (summary.json's "graphs")
+    graphs: dict | None = None  # train/graphs.py's choice (the engine's result adds what it recorded)
     blas_workspace: dict | None = None  # train/kernels.py's set_blas_workspace (summary.json's "blas_workspace")
 
     @property
     def lora_config(self) -> LoRAConfig:
-        lora = self.config.lora
-        targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
-        return LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets,
-                          use_rslora=lora.use_rslora)
+        return LoRAConfig.from_config(self.config.lora)
+
+    def train_input(self, objective: Objective, params: list[torch.nn.Parameter], *,
+                    on_micro_batch=None) -> TrainInput:
+        """What the engine needs of this setup to train ``params`` on ``objective``."""
+        return TrainInput(config=self.config, run_dir=self.run_dir, model=self.model, params=params,
+                          objective=objective, device=self.device, dtype=self.dtype, layout=self.layout,
+                          graphs=self.graphs, fingerprints=self.fingerprints, resume=self.resume,
+                          on_micro_batch=on_micro_batch)
 
 
 def _digest(obj) -> str:

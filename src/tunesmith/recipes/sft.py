@@ -35,26 +35,30 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     with hold_run_dir(setup):
         params = trainable_parameters(setup)
         objective = supervised_objective(setup)
-        state = train(setup, objective, params, on_micro_batch=on_micro_batch)
+        result = train(setup.train_input(objective, params, on_micro_batch=on_micro_batch))
         if not current().main:
             return None
-        return finish_run(setup, state, started, evaluate=objective.evaluate)
+        return finish_run(setup, result, started, evaluate=lambda phase: objective.evaluate(result.model, phase))
 
 
 def supervised_objective(setup: RunSetup) -> Objective:
     config, examples = setup.config, setup.train.examples
     budget = config.data.token_budget or config.data.max_length
     collate = collate_for(config.data.batching, pad_id=setup.tokenizer.pad_token_id, token_budget=budget)
+
+    def evaluate(model, phase: str | None, *, task: bool = True) -> dict:
+        return evaluate_phase(setup, model, phase, task=task)
+
     return Objective(loss=SupervisedLoss(), lengths=[len(ex["input_ids"]) for ex in examples],
                      collate=lambda batch: MicroBatch(collate(gather_examples(examples, batch)), batch),
-                     evaluate=lambda phase, task=True: evaluate_phase(setup, phase, task=task),
+                     evaluate=evaluate if setup.eval is not None else None,
                      eval_log={"eval_loss": "eval_loss", "eval_perplexity": "perplexity"}, token_budget=budget)
 
 
-def evaluate_phase(setup: RunSetup, phase: str | None, *, task: bool = True) -> dict:
-    """Held-out metrics (and task metrics); ``phase`` "before"/"after" also saves them as JSON. Before
-    training, a LoRA run is evaluated with its adapters off: the untuned model."""
-    cfg, model = setup.config.eval, setup.model
+def evaluate_phase(setup: RunSetup, model, phase: str | None, *, task: bool = True) -> dict:
+    """Held-out metrics (and task metrics) of ``model``; ``phase`` "before"/"after" also saves them as JSON.
+    Before training, a LoRA run is evaluated with its adapters off: the untuned model."""
+    cfg = setup.config.eval
     untuned = phase == "before" and setup.config.method.uses_adapter
     with adapters_disabled(model) if untuned else contextlib.nullcontext():
         metrics, result = evaluate(model, setup.tokenizer, examples=setup.eval.examples,

@@ -35,6 +35,17 @@ checkpointing is enabled): one for its forward, one for its recomputation, both 
 micro-batch, block) on the host before every micro-batch, so the recomputation draws what the forward drew. The
 graph reads the seeds when it replays (the generators are registered with it).
 
+Which objective: the supervised one only. A graph records one fixed computation, and the supervised loss is a
+sum over positions, which a fixed-size row holds exactly: each position's term times its scale (``plan_loss``,
+the same sum as ``SupervisedLoss``; tested against it). The engine runs it in place of the training module's
+forward when graphs are on, and refuses any other objective there. The preference losses (DPO / IPO / SimPO) are
+not such a sum: each is a non-linear function of a pair's summed log-probabilities (−log σ of a scaled
+chosen-minus-rejected difference for DPO and SimPO, a square for IPO), over a number of pairs that changes from
+batch to batch, and DPO and IPO read a reference — the same model with its adapters switched off (a switch set
+on the host around a second forward), or cached log-probabilities looked up by example index. Recording them
+would need a plan with per-pair segments padded to a fixed count and the reference pass inside the graph; that is
+not built, so preference runs train eagerly (``choose_graphs`` says so in ``summary.json``).
+
 ``train.graphs=auto`` (the default) uses graphs wherever ``choose_graphs`` finds they can run (CUDA, the
 supervised objective, one process, plain causal attention, checkpointing where transformers supports it);
 ``true`` refuses a run where they cannot. Should recording a graph still fail (a model family whose
@@ -53,8 +64,10 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train import varlen
 from tunesmith.train.kernels import release_blas_workspaces
-from tunesmith.train.loop import autocast_for, head_loss
+from tunesmith.train.layout import runs_varlen
+from tunesmith.train.loss import autocast_for, head_loss
 from tunesmith.train.varlen import varlen_plan, varlen_states
 
 GROWTH = 2 ** 0.25
@@ -131,7 +144,9 @@ def graph_plan(host: dict, *, capacity: int, scale: float) -> GraphPlan:
 
 def plan_loss(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
               targets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The micro-batch's loss from a plan's tensors (on the model's device): what a graph records."""
+    """The micro-batch's loss from a plan's tensors (on the model's device): what a graph records. It is
+    ``SupervisedLoss``'s loss for the micro-batch (the summed cross-entropy of its trained tokens over the
+    step's), in the ``varlen`` layout at a fixed size."""
     hidden = varlen_states(model.get_decoder(), input_ids[None], position_ids[None], cu_seqlens, len(input_ids))
     return head_loss(model, hidden, targets, scales)
 
@@ -154,9 +169,6 @@ def choose_graphs(config, model, device: torch.device, world_size: int = 1) -> d
 
 
 def _blocker(config, model, device: torch.device, world_size: int) -> str | None:
-    from tunesmith.train import varlen
-    from tunesmith.train.layout import runs_varlen
-
     if device.type != "cuda":
         return f"a CUDA GPU; this run is on {device.type}"
     if not varlen.available():

@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.train import rows, varlen
+from tunesmith.train.decoder import attention_implementation, decoder_layers, plain_causal_attention
+from tunesmith.train.trim import install_last_block_trim
 
 LAYOUTS = ("rows", "flat", "varlen", "cache", "plain")
 
@@ -52,18 +55,6 @@ class Layout:
         return asdict(self)
 
 
-def attention_implementation(model) -> str:
-    return getattr(model.config, "_attn_implementation", None) or "eager"
-
-
-def plain_causal_attention(config, length: int) -> bool:
-    """Whether attention is plain causal softmax for rows of ``length``: no logit soft-capping and no sliding
-    window shorter than the rows (the flat layouts' masks know neither)."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    window = getattr(config, "sliding_window", None)
-    return not getattr(config, "attn_logit_softcapping", None) and (window is None or window >= length)
-
-
 def _passes_keywords(model) -> bool:
     """Whether the decoder hands extra keyword arguments down to its blocks (transformers' ``**kwargs`` models)."""
     decoder = model.get_decoder()
@@ -73,8 +64,6 @@ def _passes_keywords(model) -> bool:
 def _underlying_attention(model) -> str:
     """The model's attention implementation, with ``rows`` / ``varlen`` (installed by an earlier run on this
     model object) read as the SDPA they run underneath."""
-    from tunesmith.train import rows, varlen
-
     implementation = attention_implementation(model)
     return "sdpa" if implementation in (rows.NAME, varlen.NAME) else implementation
 
@@ -87,8 +76,6 @@ def _plain(model, max_length: int) -> bool:
 
 def runs_varlen(model, device: torch.device, max_length: int) -> bool:
     """Whether the ``varlen`` layout can run this model (``train/graphs.py`` lays every batch out in it)."""
-    from tunesmith.train import varlen
-
     return _plain(model, max_length) and not getattr(model.config, "attention_dropout", 0.0) and (
         device.type != "cuda" or varlen.available())
 
@@ -134,29 +121,12 @@ def choose_layout(model, device: torch.device, *, requested: str = "auto", batch
     return Layout("plain", f"{implementation} attention, sliding window or soft-capping: the batch as given")
 
 
-def install_attention(model, name: str, function) -> None:
-    """Run ``model``'s attention through ``function`` (registered as ``name``) from now on, with SDPA's masks: the
-    one way ``rows`` and ``varlen`` install their kernels (transformers' public attention interface)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(name, function)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    model.set_attn_implementation(name)
-
-
 def install_layout(model, layout: Layout) -> Layout:
     """Prepare ``model`` for ``layout`` once (see the module docstring); returns the layout as installed."""
-    from tunesmith.train.loop import decoder_layers
-    from tunesmith.train.rows import install_row_attention
-    from tunesmith.train.trim import install_last_block_trim
-
     if layout.name == "rows":
-        install_row_attention(model)
+        rows.install_row_attention(model)
     if layout.name == "varlen":
-        from tunesmith.train.varlen import install_varlen_attention
-
-        install_varlen_attention(model)
+        varlen.install_varlen_attention(model)
     trimmed = False
     if layout.trimmed:
         layers = decoder_layers(model)
@@ -168,12 +138,8 @@ def resolve(model, layout: str) -> str:
     """``layout`` for one call: a named layout as is; ``auto`` from how the model is installed."""
     if layout != "auto":
         return layout
-    from tunesmith.train.rows import NAME
-
-    from tunesmith.train import varlen
-
     implementation = attention_implementation(model)
-    if implementation == NAME:
+    if implementation == rows.NAME:
         return "rows"
     if implementation == varlen.NAME:
         return "varlen"

@@ -15,7 +15,7 @@ import torch
 
 from tunesmith.train.dist import World, sum_gradients
 from tunesmith.train.fsdp import shard
-from tunesmith.train.loop import decoder_layers
+from tunesmith.train.decoder import decoder_layers
 from tunesmith.train.objectives import MicroBatch
 
 

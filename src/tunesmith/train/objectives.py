@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import supervised_loss_sum, trained_tokens
+from tunesmith.train.loss import supervised_loss_sum, trained_tokens
 from tunesmith.train.preference import completion_logps, preference_losses, ranked_above
 
 

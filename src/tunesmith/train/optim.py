@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from tunesmith.config import OptimConfig
+from tunesmith.quant.bnb import quiet_bitsandbytes_import
 
 BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit",
                   "paged_adamw_8bit": "PagedAdamW8bit"}
@@ -27,8 +28,6 @@ def build_optimizer(config: OptimConfig, params: list[torch.nn.Parameter]) -> to
         # for the few hundred small adapter matrices of a LoRA run (benchmarks/cpu_parts.py, CPU)
         fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
         return torch.optim.AdamW(params, **kwargs, fused=fused)
-    from tunesmith.quant.bnb import quiet_bitsandbytes_import
-
     quiet_bitsandbytes_import()
     import bitsandbytes as bnb
 

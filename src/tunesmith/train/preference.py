@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.data.batching import pad_collate
 from tunesmith.errors import TunesmithError
-from tunesmith.train.loop import autocast_for, trained_hidden
+from tunesmith.train.loss import autocast_for, trained_hidden
 
 LOGIT_CHUNK = 256
 LOSSES = ("sigmoid", "ipo", "simpo")

@@ -1,7 +1,7 @@
 """Attention for the flat layout, row by row: each row's queries see the shared prefix and its own tokens.
 
-The flat layout (``train.loop._decoder_states``) lays a batch out as one sequence — the shared prefix once,
-then every row's remaining tokens — and a block mask keeps rows apart. Attention over that one sequence
+The flat layout (``train.flat``, run by ``train.loss``) lays a batch out as one sequence — the shared prefix
+once, then every row's remaining tokens — and a block mask keeps rows apart. Attention over that one sequence
 with a mask does N² work for N flat tokens, most of it masked out. Here instead:
 
 * the prefix's queries attend causally to the prefix;
@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from tunesmith.train.decoder import install_attention
 
 NAME = "tunesmith_rows"
 
@@ -154,6 +156,4 @@ def _row_attention(module, query, key, value, attention_mask, **kwargs):
 def install_row_attention(model) -> None:
     """Run the model's attention through ``row_attention_forward`` from now on (``train.layout``'s ``rows``,
     installed once): calls that carry a row plan get row attention, every other call SDPA, with SDPA's masks."""
-    from tunesmith.train.layout import install_attention
-
     install_attention(model, NAME, _row_attention)

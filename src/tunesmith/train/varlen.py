@@ -24,6 +24,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from tunesmith.train.decoder import install_attention
+from tunesmith.train.flat import flat_layout
+
 NAME = "tunesmith_varlen"
 PLAN = "tunesmith_cu_seqlens"
 
@@ -97,8 +100,6 @@ def _varlen(module, query, key, value, attention_mask, **kwargs):
 
 def install_varlen_attention(model) -> None:
     """Run the model's attention through ``varlen_attention_forward`` from now on (installed once)."""
-    from tunesmith.train.layout import install_attention
-
     install_attention(model, NAME, _varlen)
 
 
@@ -118,8 +119,6 @@ def varlen_plan(host: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     the host: ``index[i, t]`` is where row ``i``'s token ``t`` sits in it. Padded batches keep each row's real
     tokens up to its last trained target; packed rows (``position_ids``) are laid end to end, a new example
     wherever a position is 0. None for left padding."""
-    from tunesmith.train.loop import flat_layout
-
     if "position_ids" in host:
         ids, positions = host["input_ids"], host["position_ids"]
         size, width = ids.shape

@@ -1,6 +1,7 @@
-"""The supervised loss at trained positions only, and how the model is run for it (layouts, checkpointing).
-The loop that calls it, with accumulation, clipping and the non-finite policy, is ``train/engine.py``;
-``train/objectives.py`` turns a micro-batch into this loss.
+"""The supervised loss at trained positions only, and the forward it runs on: the final hidden states of a
+batch in the layout installed at setup (``train/layout.py``), autocast and gradient checkpointing. The loop that
+calls it, with accumulation, clipping and the non-finite policy, is ``train/engine.py``;
+``train/objectives.py`` turns a micro-batch into this loss, and the preference losses read the same states.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import torch.nn.functional as F
 
 from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train.decoder import attention_implementation, plain_causal_attention
+from tunesmith.train.flat import FLAT_MAX_TOKENS, flat_layout, flat_mask, shared_prefix_length
 from tunesmith.train.head import linear_cross_entropy
-from tunesmith.train.layout import attention_implementation, plain_causal_attention, resolve
+from tunesmith.train.layout import resolve
 from tunesmith.train.rows import NAME as ROWS, Rows
 from tunesmith.train.trim import READ
 from tunesmith.train.varlen import varlen_plan, varlen_states
@@ -32,92 +35,17 @@ def autocast_for(device: torch.device, dtype: torch.dtype, *, cache: bool = True
     return contextlib.nullcontext()
 
 
-MIN_SHARED_PREFIX = 8
-
-
-def shared_prefix_length(batch: dict) -> int:
-    """Tokens at the start that every row of ``batch`` shares and that carry no loss (0: none worth sharing).
-
-    Rows built from one template with one system prompt start with the same tokens. Their hidden states
-    are identical across the batch, so they can be computed once and broadcast (see ``_decoder_states``).
-    The prefix stops before the first trained target, so no loss position needs a prefix hidden state.
-    Packed rows (``position_ids``) and left padding are never shared.
-    """
-    ids, labels = batch["input_ids"], batch["labels"]
-    if ids.shape[0] < 2 or "position_ids" in batch:
-        return 0
-    same = (ids == ids[:1]).all(dim=0)
-    if "attention_mask" in batch:
-        same &= batch["attention_mask"].bool().all(dim=0)
-    length = int(same.long().cumprod(0).sum())
-    trained = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    if len(trained):
-        length = min(length, int(trained[0]) - 1)  # hidden[length - 1] predicts labels[length]: untrained
-    length = min(length, ids.shape[1] - 1)  # keep at least one suffix position
-    return length if length >= MIN_SHARED_PREFIX else 0
-
-
 def _plain_dynamic_cache(cache) -> bool:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-FLAT_MAX_TOKENS = 4096
-
-
-def flat_layout(batch: dict, shared: int):
-    """One row holding the shared prefix once and every row's remaining real tokens (no padding), up to the
-    row's last trained target.
-
-    A row's tokens after that carry no loss and no later position reads them (hidden state ``t`` predicts
-    ``labels[t + 1]``; attention is causal), so they are left out: with a chat template that is the closing
-    ``<|im_end|>`` and newline of each row. Returns ``(input_ids, position_ids, segment, index)``:
-    ``segment`` is -1 on the prefix and the row number elsewhere; ``index[i, t]`` is where row ``i``'s token
-    ``t`` sits in the flat row (0 on padding and on the tokens left out). None when the batch is not
-    right-padded.
-    """
-    ids = batch["input_ids"]
-    size, width = ids.shape
-    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
-    lengths = mask.sum(dim=1)
-    if not torch.equal(mask, torch.arange(width, device=ids.device) < lengths[:, None]):
-        return None
-    trained = batch["labels"] != IGNORE_INDEX
-    last_target = torch.where(trained, torch.arange(width, device=ids.device), 0).amax(dim=1)
-    lengths = torch.minimum(lengths, last_target.clamp(min=shared + 1)).cpu()
-    pieces, positions, segment = [ids[0, :shared]], [torch.arange(shared)], [torch.full((shared,), -1)]
-    index = torch.zeros(size, width, dtype=torch.long)
-    index[:, :shared] = torch.arange(shared)
-    cursor = shared
-    for row, length in enumerate(lengths.tolist()):
-        count = length - shared
-        pieces.append(ids[row, shared:length])
-        positions.append(torch.arange(shared, length))
-        segment.append(torch.full((count,), row))
-        index[row, shared:length] = torch.arange(cursor, cursor + count)
-        cursor += count
-    device = ids.device
-    return (torch.cat(pieces)[None], torch.cat(positions)[None].to(device), torch.cat(segment).to(device),
-            index.to(device))
-
-
-def _flat_mask(segment: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """Causal, within each row's own tokens plus the shared prefix: (1, 1, N, N), in the form the
-    attention implementation reads (boolean for SDPA, additive for eager)."""
-    order = torch.arange(len(segment), device=segment.device)
-    allowed = (order[None, :] <= order[:, None]) & ((segment[None, :] == segment[:, None]) | (segment[None, :] < 0))
-    if implementation == "sdpa":
-        return allowed[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)[None, None]
-
-
 def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Final hidden states of a padded batch in ``layout`` (``train.layout``: see its module): ``(states, read, p)``.
 
-    * ``rows`` / ``flat`` — the shared prefix (see ``shared_prefix_length``) once, then each row's remaining
+    * ``rows`` / ``flat`` — the shared prefix (see ``train.flat``) once, then each row's remaining
       real tokens up to its last trained target, as one row with a block mask (causal within a row, every row
       also sees the prefix) and positions continuing the prefix. No padding, no repeated prefix and no trailing
       untrained token is computed. The call carries the trained positions (``train.trim.READ``: an installed
@@ -172,7 +100,7 @@ def _decoder_states(model, batch: dict, layout: str, host: dict | None = None
             if not _checkpointing(decoder):
                 extra[READ] = read
             implementation = "eager" if attention_implementation(model) == "eager" else "sdpa"
-            mask = _flat_mask(segment, implementation, model.dtype)
+            mask = flat_mask(segment, implementation, model.dtype)
             hidden = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False, **extra)
             return hidden.last_hidden_state[0], read, 0
     if shared and not _checkpointing(decoder):  # checkpointed blocks run without a cache
@@ -233,16 +161,6 @@ def head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, scales: torch.
     if scales is None:
         return F.cross_entropy(logits, targets, reduction="sum")
     return (F.cross_entropy(logits, targets, reduction="none") * scales).sum()
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (``model.layers`` / ``h`` / ``blocks`` of the decoder)."""
-    decoder = model.get_decoder()
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, torch.nn.ModuleList):
-            return list(layers)
-    return []
 
 
 def enable_gradient_checkpointing(model, **options) -> None:

@@ -1,20 +1,24 @@
-"""Run checkpoints: what a checkpoint of a run holds (trainable weights, optimizer, RNG, ``TrainState``, the
-data and model fingerprints, the PEFT adapter), and the checks before a run continues from one."""
+"""A run's training checkpoints: what one holds (trainable weights, optimizer, every rank's RNG, ``TrainState``,
+the data and model fingerprints, the resolved config, a PEFT adapter for LoRA runs), written through
+``train/checkpoint.py``'s atomic publish; and the checks before a run continues from one, then putting it back.
+
+The functions take the run as ``RunRecord``: its typed config, its dir and its fingerprints (the engine's
+``TrainInput`` is one).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from tunesmith.config import identity_keys
+from tunesmith.config import RunConfig, identity_keys, parse_saved_config
 from tunesmith.errors import TunesmithError
-from tunesmith.peft import adapter_parameters, save_adapter
-from tunesmith.recipes.setup import RunSetup
-from tunesmith.train.checkpoint import (STATE_FILE, capture_rng, latest_checkpoint, load_checkpoint, restore_rng,
-                                        save_checkpoint)
+from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
+from tunesmith.train.checkpoint import (CONFIG_FILE, STATE_FILE, capture_rng, latest_checkpoint, load_checkpoint,
+                                        restore_rng, save_checkpoint)
 from tunesmith.train.dist import SINGLE, World, gather_to_rank0
 from tunesmith.train.fsdp import gather_optimizer, gather_weights, load_optimizer, load_weights, sharded
 from tunesmith.train.metrics import truncate_metrics
@@ -25,43 +29,44 @@ from tunesmith.train.state import TrainState
 IDENTITY_KEYS = identity_keys()
 
 
+class RunRecord(Protocol):
+    """The run a checkpoint belongs to: what every checkpoint records of it, and what a resume compares."""
+
+    config: RunConfig
+    run_dir: Path
+    fingerprints: dict
+    """``{"data": ..., "model": ...}``: digests of the training examples and of the model's files."""
+
+
 def _lookup(tree: dict, dotted: str):
     for key in dotted.split("."):
         tree = tree.get(key) if isinstance(tree, dict) else None
     return tree
 
 
-def check_resumable(saved_yaml: str, saved_fingerprints: dict, setup: RunSetup, *, saved_processes: int = 1,
-                    processes: int = 1) -> None:
+def check_resumable(saved_yaml: str, saved_fingerprints: dict, run: RunRecord, *,
+                    source: str = "the checkpoint's config", saved_processes: int = 1, processes: int = 1) -> None:
     """Refuse to resume when the model, adapter shape, data or global batch differ from the checkpoint's.
 
-    The global batch is micro_batch_size × grad_accum × processes (``saved_processes`` wrote the checkpoint,
-    ``processes`` resume it): the same batch split over another number of processes trains the same steps."""
-    # the saved tree over the config's defaults: a checkpoint written before a key existed holds that key's
-    # default (what the run meant), not a missing value that would read as a change
-    saved = _merged(type(setup.config)().model_dump(mode="json"), yaml.safe_load(saved_yaml) or {})
-    current = setup.config.model_dump(mode="json")
+    ``saved_yaml`` (read from ``source``) is read by the config's own strict loader and validated, so a damaged
+    file is named; a key it predates reads as its default. The global batch is micro_batch_size × grad_accum ×
+    processes (``saved_processes`` wrote the checkpoint, ``processes`` resume it): the same batch split over
+    another number of processes trains the same steps."""
+    saved = parse_saved_config(saved_yaml, source).model_dump(mode="json")
+    current = run.config.model_dump(mode="json")
     changes = [f"{key} changed from {_lookup(saved, key)!r} to {_lookup(current, key)!r}"
                for key in IDENTITY_KEYS if _lookup(saved, key) != _lookup(current, key)]
     batch = _global_batch_change(_lookup(saved, "train.grad_accum"), saved_processes,
-                                 setup.config.train.grad_accum, processes)
+                                 run.config.train.grad_accum, processes)
     if batch:
         changes.append(batch)
-    for what, fingerprint in setup.fingerprints.items():
+    for what, fingerprint in run.fingerprints.items():
         if saved_fingerprints.get(what) != fingerprint:
-            name = setup.config.data.train if what == "data" else setup.config.model.source
+            name = run.config.data.train if what == "data" else run.config.model.source
             changes.append(f"the {what} ({name}) changed on disk since the checkpoint")
     if changes:
-        raise TunesmithError(f"cannot resume {setup.run_dir}: " + "; ".join(changes)
+        raise TunesmithError(f"cannot resume {run.run_dir}: " + "; ".join(changes)
                              + ". Start a new run for different settings")
-
-
-def _merged(defaults: dict, saved: dict) -> dict:
-    merged = dict(defaults)
-    for key, value in saved.items():
-        merged[key] = (_merged(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict)
-                       else value)
-    return merged
 
 
 def _processes(n: int) -> str:
@@ -86,7 +91,7 @@ def _rank_rng_file(rank: int) -> str:
     return f"rng-rank{rank}.safetensors"
 
 
-def load_resume_state(setup: RunSetup, model, optimizer, world: World = SINGLE) -> TrainState:
+def load_resume_state(run: RunRecord, model, optimizer, world: World = SINGLE) -> TrainState:
     """Check the newest checkpoint against the run (``check_resumable``, its state, its weights' names), then
     put its weights, optimizer state and RNG states back and cut ``metrics.jsonl`` to its step.
 
@@ -94,15 +99,15 @@ def load_resume_state(setup: RunSetup, model, optimizer, world: World = SINGLE) 
     them so; under FSDP2 rank 0's full tensors are handed to every rank's shards), each its own RNG states; a
     rank the checkpoint has none for (it was written by fewer processes) starts from rank 0's, reseeded by its
     rank. The checkpoint's number of processes (1 when it records none) enters the global-batch check."""
-    path = latest_checkpoint(setup.run_dir)
+    path = latest_checkpoint(run.run_dir)
     if path is None:
-        raise TunesmithError(f"{setup.run_dir} has no complete checkpoint to resume from")
+        raise TunesmithError(f"{run.run_dir} has no complete checkpoint to resume from")
     ckpt = load_checkpoint(path)
-    check_resumable(ckpt.config_yaml, ckpt.state.get("fingerprints", {}), setup,
+    check_resumable(ckpt.config_yaml, ckpt.state.get("fingerprints", {}), run, source=str(path / CONFIG_FILE),
                     saved_processes=ckpt.state.get("processes", 1), processes=world.size)
     state = TrainState.from_json({k: v for k, v in ckpt.state.items() if k not in ("fingerprints", "processes")},
                                  source=str(path / STATE_FILE))
-    expected = set(_trainable_names(setup, model))
+    expected = set(_trainable_names(run.config, model))
     if set(ckpt.weights) != expected:
         missing, unexpected = sorted(expected - set(ckpt.weights)), sorted(set(ckpt.weights) - expected)
         raise TunesmithError(f"checkpoint {path} does not match the model: missing {missing[:4]}, "
@@ -122,27 +127,27 @@ def load_resume_state(setup: RunSetup, model, optimizer, world: World = SINGLE) 
         if own.is_file():
             restore_rng(load_file(own))
         else:
-            torch.manual_seed(setup.config.seed + world.rank)
+            torch.manual_seed(run.config.seed + world.rank)
     if world.main:
-        truncate_metrics(setup.run_dir, ckpt.step)
-        print(f"resuming {setup.run_dir} from {path.name}")
+        truncate_metrics(run.run_dir, ckpt.step)
+        print(f"resuming {run.run_dir} from {path.name}")
     return state
 
 
-def _trainable_weights(setup: RunSetup, model) -> dict[str, torch.Tensor]:
-    if setup.config.method.uses_adapter:
+def _trainable_weights(config: RunConfig, model) -> dict[str, torch.Tensor]:
+    if config.method.uses_adapter:
         return {name: p.detach() for name, p in adapter_parameters(model).items()}
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
-def _trainable_names(setup: RunSetup, model) -> list[str]:
+def _trainable_names(config: RunConfig, model) -> list[str]:
     """The names of what a checkpoint's weights hold (tied weights once), without touching a sharded tensor."""
-    if setup.config.method.uses_adapter:
+    if config.method.uses_adapter:
         return list(adapter_parameters(model))
     return [name for name, _ in model.named_parameters()]
 
 
-def save_training_checkpoint(setup: RunSetup, model, optimizer, state: TrainState,
+def save_training_checkpoint(run: RunRecord, model, optimizer, state: TrainState,
                              world: World = SINGLE) -> Path | None:
     """Checkpoint ``state.step``: its ``state.json`` is the ``TrainState`` plus the data and model fingerprints
     (what ``check_resumable`` compares); LoRA runs also get a PEFT ``adapter/`` dir beside the weights.
@@ -151,24 +156,24 @@ def save_training_checkpoint(setup: RunSetup, model, optimizer, state: TrainStat
     rank's: DDP keeps the replicas equal; FSDP2's shards are first gathered to rank 0 as full tensors, so the
     checkpoint has one process's format), with each other rank's RNG states beside its own
     (``rng-rankN.safetensors``) and the number of processes in ``state.json``; the others return None."""
+    config = run.config
     if sharded(model):
-        weights = gather_weights(model, _trainable_names(setup, model))
+        weights = gather_weights(model, _trainable_names(config, model))
         optimizer_state = gather_optimizer(model, optimizer)
     else:
-        weights, optimizer_state = _trainable_weights(setup, model), optimizer.state_dict()
+        weights, optimizer_state = _trainable_weights(config, model), optimizer.state_dict()
     rngs = gather_to_rank0(capture_rng(), world)
     if not world.main:
         return None
 
     def write_adapter(tmp: Path) -> None:
-        if setup.config.method.uses_adapter:
-            save_adapter(model, setup.lora_config, tmp / "adapter",
-                         base_model_name_or_path=setup.config.model.source)
+        if config.method.uses_adapter:
+            save_adapter(model, LoRAConfig.from_config(config.lora), tmp / "adapter",
+                         base_model_name_or_path=config.model.source)
         for rank, rng in enumerate(rngs[1:], start=1):
             save_file(rng, str(tmp / _rank_rng_file(rank)))
 
-    saved = {**state.to_json(), "fingerprints": setup.fingerprints, "processes": world.size}
-    return save_checkpoint(setup.run_dir, state.step, weights=weights, optimizer=optimizer_state, state=saved,
-                           rng=rngs[0],
-                           config_yaml=setup.config.to_yaml(),
-                           keep=setup.config.train.keep_checkpoints, write_extra=write_adapter)
+    saved = {**state.to_json(), "fingerprints": run.fingerprints, "processes": world.size}
+    return save_checkpoint(run.run_dir, state.step, weights=weights, optimizer=optimizer_state, state=saved,
+                           rng=rngs[0], config_yaml=config.to_yaml(), keep=config.train.keep_checkpoints,
+                           write_extra=write_adapter)

@@ -7,7 +7,8 @@ import torch
 
 from tinymodels import build_tiny_llama
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.loop import shared_prefix_length, supervised_loss_sum, trained_tokens
+from tunesmith.train.flat import shared_prefix_length
+from tunesmith.train.loss import supervised_loss_sum, trained_tokens
 from tunesmith.train.schedule import lr_at, warmup_steps
 
 
@@ -124,7 +125,7 @@ def test_layouts_give_same_loss_and_gradients(tiny_model, layout, common):
 
 
 def testflat_layout_holds_prefix_once_and_no_padding():
-    from tunesmith.train.loop import flat_layout
+    from tunesmith.train.flat import flat_layout
 
     batch = _shared_batch()
     batch["labels"][2, 18:] = IGNORE_INDEX  # row 2's last trained target is now label 17
@@ -153,7 +154,7 @@ def testflat_layout_with_eager_attention():
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients(quantized):
     from tunesmith.peft import LoRAConfig, adapter_parameters, freeze_base, inject_lora
     from tunesmith.quant.bnb import QuantSpec, quantize_model
-    from tunesmith.train.loop import enable_gradient_checkpointing
+    from tunesmith.train.loss import enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):
