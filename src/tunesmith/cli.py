@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from tunesmith.config import SEED_MAX
 from tunesmith.errors import TunesmithError
 
 
@@ -39,6 +40,7 @@ _TEMPERATURE = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite n
 _TOP_P = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 _POSITIVE = _number(int, lambda v: v > 0, "a whole number > 0")
 _NON_NEGATIVE = _number(int, lambda v: v >= 0, "a whole number >= 0")
+_SEED = _number(int, lambda v: 0 <= v <= SEED_MAX, f"a whole number from 0 to {SEED_MAX}")
 
 
 def _trust_arg(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=_TOP_P, default=1.0)
     p.add_argument("--max-tokens", type=_POSITIVE, default=256)
-    p.add_argument("--seed", type=_NON_NEGATIVE, default=0)
+    p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--reasoning", choices=["on", "off"], help="reasoning mode, for templates that have one")
     p.add_argument("--template", help="built-in template (chatml, zephyr, llama3) for models without one")

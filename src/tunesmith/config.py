@@ -30,9 +30,50 @@ class _Identity:
 IDENTITY = _Identity()
 
 
+# The largest value any whole-number option takes (seed: SEED_MAX) and any real-number option: every numeric
+# option is range-checked where it enters, so 1e23 or 2**64 is one error naming the key, not a crash deep
+# inside (an allocation of r = 1e23, a seed torch cannot take).
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+FLOAT_MAX = 1e9
+
+
+def _leaf_types(annotation) -> set:
+    """The plain types an annotation admits (``int | None`` → {int, NoneType}; Annotated and Literal unwrapped)."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    if getattr(annotation, "__origin__", None) is Literal:
+        return {type(arg) for arg in args}
+    return set().union(*(_leaf_types(arg) for arg in args if not isinstance(arg, (_Identity, type(Field())))))
+
+
 class _Section(BaseModel):
     # NaN or infinity in any float option is refused: NaN passes no range check, and would train garbage
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_in_range(cls, value, info):
+        """true/false is not a number (YAML's ``true`` would read as 1), and no number is beyond what its option
+        can take."""
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if not leaves & {int, float} or bool in leaves:
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        number = value
+        if isinstance(value, str):  # YAML reads 1e23 (no dot) as a string, which pydantic then converts
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+        if isinstance(number, (int, float)):
+            largest = SEED_MAX if info.field_name == "seed" else INT_MAX if float not in leaves else FLOAT_MAX
+            if number > largest:
+                raise ValueError(f"is {value} but the largest accepted value is {largest:g}"
+                                 if float in leaves else f"is {value} but the largest accepted value is {largest}")
+        return value
 
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
