@@ -64,3 +64,54 @@ def test_chat_seed_is_range_checked(capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (f"error: argument --seed: '{2**64}' is not a whole number from 0 to {SEED_MAX} "
                                        "(see tunesmith chat --help)\n")
+
+
+@pytest.mark.parametrize("key", ["name", "output_dir", "data.train", "model.source"])
+def test_a_nul_byte_in_a_string_option_is_refused(tmp_path, key, capsys):
+    config = tmp_path / "c.yaml"
+    section, _, leaf = key.rpartition(".")
+    config.write_text(f'{section}:\n  {leaf}: "a\\0b"\n' if section else f'{leaf}: "a\\0b"\n')
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f": {key}: holds a NUL byte, which no path or name can; remove it" in err
+
+
+def test_a_name_too_long_for_the_file_system(capsys):
+    assert main(["train", "name=" + "n" * 256]) == 2
+    assert "name: is 256 bytes long; a directory name takes at most 255" in capsys.readouterr().err
+    assert main(["train", "name=" + "é" * 128]) == 2  # 256 bytes in UTF-8
+    assert "name: is 256 bytes long" in capsys.readouterr().err
+
+
+YAML_CASES = {
+    "unhashable": ("? [a, b]\n: 1\n", "line 1: a key must be a plain value, not a list"),
+    "deep": ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nests more than 32 levels deep; a config is a few flat sections"),
+    "bomb": ("a: &a [" + ",".join(['"lol"'] * 9) + "]\n" + "".join(
+        f"{b}: &{b} [" + ",".join([f"*{a}"] * 9) + "]\n" for a, b in zip("abcdef", "bcdefg")),
+        "expands to more than 100,000 values (through YAML aliases or sheer size); a config is a few dozen values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_hostile_yaml_is_one_line(tmp_path, case, capsys):
+    text, message = YAML_CASES[case]
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"error: config file {config}{':' if case == 'unhashable' else ''} {message}\n"
+
+
+def test_a_config_file_over_the_size_limit_is_refused_unread(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("# padding\n" * 110_000)
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (f"error: config file {config} is 1.0 MiB; a config file is at most 1 MiB (a few "
+                                       "dozen values): check that this is the config\n")
+
+
+def test_an_alias_within_the_limits_still_works():
+    from tunesmith.config import load_config
+    from tunesmith.config_yaml import parse_yaml
+
+    assert parse_yaml("base: &b 3\nseed: *b\n", "x") == {"base": 3, "seed": 3}
+    assert load_config(None, ["seed=3"]).seed == 3

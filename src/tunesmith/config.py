@@ -36,6 +36,7 @@ IDENTITY = _Identity()
 INT_MAX = 2**31 - 1
 SEED_MAX = 2**63 - 1
 FLOAT_MAX = 1e9
+MAX_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems take
 
 
 def _leaf_types(annotation) -> set:
@@ -55,8 +56,10 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_in_range(cls, value, info):
-        """true/false is not a number (YAML's ``true`` would read as 1), and no number is beyond what its option
-        can take."""
+        """true/false is not a number (YAML's ``true`` would read as 1), no number is beyond what its option can
+        take, and no string holds a NUL byte (a path with one fails deep inside the operating system)."""
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("holds a NUL byte, which no path or name can; remove it")
         leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
         if not leaves & {int, float} or bool in leaves:
             return value
@@ -327,6 +330,8 @@ class RunConfig(_Section):
     def _plain_name(cls, value: str | None) -> str | None:
         if value is not None and (not value or "/" in value or value.startswith(".")):
             raise ValueError("must be a plain directory name")
+        if value is not None and len(value.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"is {len(value.encode())} bytes long; a directory name takes at most {MAX_NAME_BYTES}")
         return value
 
     @property
