@@ -19,7 +19,7 @@ import time
 from tunesmith.config import load_config
 from tunesmith.recipes.finish import finish_run
 from tunesmith.recipes.run_dir import hold_run_dir
-from tunesmith.recipes.setup import prepare_run, trainable_parameters
+from tunesmith.recipes.setup import prepare_run
 from tunesmith.recipes.sft import supervised_objective
 from tunesmith.train.engine import train
 
@@ -59,7 +59,7 @@ def main(probability: float, overrides: list[str]) -> None:
     setup.train.tokenized.examples = [augment(example) for example in setup.train.examples]
     with hold_run_dir(setup):
         objective = supervised_objective(setup)
-        result = train(setup.train_input(objective, trainable_parameters(setup)))
+        result = train(setup.train_input(objective))
         finish_run(setup, result, started, evaluate=lambda phase: objective.evaluate(result.model, phase))
 
 

@@ -129,3 +129,22 @@ def test_a_garbage_metrics_line_on_resume_is_one_line(tmp_path, tiny_model_dir, 
     assert main(["train", "--resume", str(victim), "train.max_steps=3"]) == 2
     assert _error(capsys) == (f"error: {victim / 'metrics.jsonl'}: line 3 is not a metrics row (a JSON "
                                        "object); the file was changed by hand: remove the line, then try again\n")
+
+
+@pytest.mark.parametrize("override", ["lora.target_modules=[]", "lora.target_modules=[nonexistent_proj]",
+                                      "lora.target_modules=[lm_head]", "dpo.init_adapter=ADAPTER"])
+def test_a_failed_start_leaves_no_run_dir(tmp_path, tiny_model_dir, data_files, capsys, override):
+    """Every check that can fail on the user's input runs before the run dir is claimed."""
+    extra = [override]
+    if override.startswith("dpo."):
+        adapter = tmp_path / "sft-adapter"  # an adapter dir without its safetensors file
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps({"prompt": f"Say {i}", "chosen": f"{i}", "rejected": "no"}) + "\n"
+                                 for i in range(8)))
+        extra = [f"dpo.init_adapter={adapter}", "method.objective=dpo", f"data.train={pairs}", "data.eval="]
+    assert _train(tmp_path, tiny_model_dir, data_files, *extra) == 2
+    assert _error(capsys).startswith("error: ")
+    assert not (tmp_path / "out").exists()

@@ -32,7 +32,7 @@ from tunesmith.peft import adapters_disabled, load_adapter, lora_modules
 from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_metadata
 from tunesmith.recipes.finish import finish_run, save_eval
 from tunesmith.recipes.run_dir import hold_run_dir
-from tunesmith.recipes.setup import RunSetup, prepare_run, trainable_parameters
+from tunesmith.recipes.setup import RunSetup, prepare_run
 from tunesmith.train.dist import barrier, current
 from tunesmith.train.engine import Objective, train
 from tunesmith.train.objectives import MicroBatch, PreferenceLoss
@@ -229,12 +229,12 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     _check_options(config)
     init = config.dpo.init_adapter
     stack = _init_adapter_dir(init) if init and config.dpo.init_mode == "stack" else None
-    setup = prepare_run(config, resume=resume, adjust_model=_fold_sft_adapter(stack) if stack else None)
+    continued = _init_adapter_dir(init) if init and config.dpo.init_mode == "continue" else None
+    setup = prepare_run(config, resume=resume, adjust_model=_fold_sft_adapter(stack) if stack else None,
+                        adapter=continued)
     with hold_run_dir(setup):
-        continued = _init_adapter_dir(init) if init and config.dpo.init_mode == "continue" else None
-        params = trainable_parameters(setup, adapter=continued)
         objective = preference_objective(setup)
-        result = train(setup.train_input(objective, params, on_micro_batch=on_micro_batch))
+        result = train(setup.train_input(objective, on_micro_batch=on_micro_batch))
         if not current().main:
             return None
         return finish_run(setup, result, started, evaluate=lambda phase: objective.evaluate(result.model, phase),

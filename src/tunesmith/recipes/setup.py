@@ -46,6 +46,7 @@ class RunSetup:
     resume: bool  # False also when a --resume found no checkpoint and starts the run over
     lock: IO  # the open lock file: the run dir is ours while it stays open (see hold_run_dir)
     drops: dict  # "train" / "eval" → PreparedData.drops()
+    params: list[torch.nn.Parameter]  # what trains: the adapters over a frozen base, or every weight (full)
     quantization: QuantizedModel | None = None
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
     graphs: dict | None = None  # train/graphs.py's choice (the engine's result adds what it recorded)
@@ -55,10 +56,9 @@ class RunSetup:
     def lora_config(self) -> LoRAConfig:
         return LoRAConfig.from_config(self.config.lora)
 
-    def train_input(self, objective: Objective, params: list[torch.nn.Parameter], *,
-                    on_micro_batch=None) -> TrainInput:
-        """What the engine needs of this setup to train ``params`` on ``objective``."""
-        return TrainInput(config=self.config, run_dir=self.run_dir, model=self.model, params=params,
+    def train_input(self, objective: Objective, *, on_micro_batch=None) -> TrainInput:
+        """What the engine needs of this setup to train its parameters on ``objective``."""
+        return TrainInput(config=self.config, run_dir=self.run_dir, model=self.model, params=self.params,
                           objective=objective, device=self.device, dtype=self.dtype, layout=self.layout,
                           graphs=self.graphs, fingerprints=self.fingerprints, resume=self.resume,
                           on_micro_batch=on_micro_batch)
@@ -107,10 +107,11 @@ def _example_key(example: dict) -> tuple:
     return (example["input_ids"], example["labels"])
 
 
-def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSetup:
+def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None, adapter: Path | None = None) -> RunSetup:
     """Tokenizer, data (refused early when nothing is trained, or when its kind does not fit the objective),
-    then the model, then the run dir (locked: run the rest inside ``hold_run_dir(setup)``); ``adjust_model(model)``
-    may change the dense weights before a QLoRA base is quantized."""
+    then the model and what trains in it (a fresh adapter, or ``adapter`` to continue), then the run dir (locked:
+    run the rest inside ``hold_run_dir(setup)``); ``adjust_model(model)`` may change the dense weights before a
+    QLoRA base is quantized. Everything that can fail on the user's input fails before the dir is claimed."""
     tokenizer = build_tokenizer(config.model)
     options = TokenizeOptions.from_config(config.data)
     train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
@@ -137,24 +138,25 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None) -> RunSet
     graphs = choose_graphs(config, built.model, built.device, current().size)
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
-    # Only now, with the data and the model known to be good, does the run take its dir (release: hold_run_dir)
+    params = trainable_parameters(config, built.model, adapter=adapter)  # target modules and adapter files checked
+    # Only now, with the data, the model and its adapters known to be good, does the run take its dir (release:
+    # hold_run_dir)
     run_dir, lock, resume = claim_run_dir(config, resume)
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=built.model, device=built.device,
                     dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
-                    resume=resume, lock=lock, drops=drops, quantization=built.quantization,
+                    resume=resume, lock=lock, drops=drops, params=params, quantization=built.quantization,
                     layout=layout, graphs=graphs, blas_workspace=blas)
 
 
-def trainable_parameters(setup: RunSetup, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:
+def trainable_parameters(config: RunConfig, model, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:
     """LoRA/QLoRA: a fresh adapter, or the one in ``adapter`` to continue training, over a frozen base. Full:
     every parameter, optionally without the input embeddings."""
-    config, model = setup.config, setup.model
     if config.method.uses_adapter:
         torch.manual_seed(config.seed)  # adapter init is part of the run's identity
         if adapter is not None:
             load_adapter(model, adapter)
         else:
-            inject_lora(model, setup.lora_config)
+            inject_lora(model, LoRAConfig.from_config(config.lora))
         freeze_base(model)
         return list(adapter_parameters(model).values())
     for param in model.parameters():

@@ -16,7 +16,7 @@ from tunesmith.eval.evaluate import evaluate
 from tunesmith.peft import adapters_disabled
 from tunesmith.recipes.finish import finish_run, save_eval
 from tunesmith.recipes.run_dir import hold_run_dir
-from tunesmith.recipes.setup import RunSetup, prepare_run, trainable_parameters
+from tunesmith.recipes.setup import RunSetup, prepare_run
 from tunesmith.train.dist import current
 from tunesmith.train.engine import Objective, train
 from tunesmith.train.objectives import MicroBatch, SupervisedLoss
@@ -33,9 +33,8 @@ def run(config: RunConfig, *, resume: bool = False, on_micro_batch=None) -> dict
     # --- setup: data first, so a dataset with nothing to train is refused before the model loads
     setup = prepare_run(config, resume=resume)
     with hold_run_dir(setup):
-        params = trainable_parameters(setup)
         objective = supervised_objective(setup)
-        result = train(setup.train_input(objective, params, on_micro_batch=on_micro_batch))
+        result = train(setup.train_input(objective, on_micro_batch=on_micro_batch))
         if not current().main:
             return None
         return finish_run(setup, result, started, evaluate=lambda phase: objective.evaluate(result.model, phase))
