@@ -410,6 +410,10 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = (), *, trust_rem
     such; ``trust_remote_code`` comes only from the caller, as in ``load_config``."""
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG_FILE
+    placed = [o for o in overrides if o.split("=", 1)[0].strip() in ("name", "output_dir")]
+    if placed:
+        raise TunesmithError(f"{', '.join(placed)}: a run dir keeps its own name and place ({run_dir}); move or "
+                             "copy the dir itself, or start a new run with --config and name=NEW_NAME")
     if not path.is_file():
         raise TunesmithError(f"{run_dir} is not a run dir (no {RUN_CONFIG_FILE}); give the directory a run wrote, "
                              "e.g. runs/<name>")

@@ -30,8 +30,10 @@ def test_a_run_records_its_environment_and_reports_the_loss_on_a_log_axis(make_c
     config = make_config("train.max_steps=12", "train.checkpoint_every=12")
     summary = sft.run(config)
     run_dir = config.run_dir
-    assert json.loads((run_dir / "summary.json").read_text())["environment"] == run_environment(
-        torch.device("cpu"), torch.float32)
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["environment"] == run_environment(torch.device("cpu"), torch.float32)
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (saved["final_loss"], saved["final_loss_step"]) == (last["loss"], 12)  # issue 25: runs compared by it
     page = (run_dir / "report.html").read_text()
     titles = re.findall(r'<svg class="chart"[^>]*><title>([^<]+)</title>', page)
     assert titles == ["Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)"]

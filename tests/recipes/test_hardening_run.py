@@ -223,3 +223,15 @@ def test_resume_after_a_metrics_line_cut_short(tmp_path, tiny_model_dir, data_fi
         f.write('{"step": 3, "lo')
     assert main(["train", "--resume", str(run_dir), "train.max_steps=3"]) == 0
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_the_remote_code_refusal_names_only_the_flag(evil_model_dir, capsys):
+    """Issue 25: config values never grant remote code, so the message names the command-line flag alone. A
+    model type transformers does not know can only load through its own code."""
+    config = json.loads((evil_model_dir / "config.json").read_text())
+    (evil_model_dir / "config.json").write_text(json.dumps({**config, "model_type": "evil-llama"}))
+    assert main(["chat", "--model", str(evil_model_dir), "--prompt", "Hi", "--max-tokens", "1"]) == 2
+    assert _errors(capsys.readouterr()) == [
+        f"error: {evil_model_dir} ships its own model code (auto_map in its config), which runs only with the "
+        "command-line flag --trust-remote-code (no config file can grant it); pass it only if you trust the code in "
+        f"{evil_model_dir}"]

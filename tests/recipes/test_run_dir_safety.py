@@ -148,3 +148,14 @@ def test_a_failed_start_leaves_no_run_dir(tmp_path, tiny_model_dir, data_files, 
     assert _train(tmp_path, tiny_model_dir, data_files, *extra) == 2
     assert _error(capsys).startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override", ["name=other", "output_dir=/elsewhere"])
+def test_resume_refuses_to_move_or_rename_the_run(tmp_path, tiny_model_dir, data_files, capsys, override):
+    assert _train(tmp_path, tiny_model_dir, data_files) == 0
+    victim = tmp_path / "out" / "victim"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(victim), override]) == 2
+    assert _error(capsys) == (f"error: {override}: a run dir keeps its own name and place ({victim}); move or copy "
+                              "the dir itself, or start a new run with --config and name=NEW_NAME\n")
+    assert not (tmp_path / "out" / "other").exists() and not (tmp_path / "elsewhere").exists()

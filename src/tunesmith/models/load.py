@@ -103,8 +103,8 @@ def _load_error(model_dir: Path | str, what: str, exc: Exception) -> TunesmithEr
     """``what`` (a file, or the tokenizer in ``model_dir``) could not be loaded: say why and what to do."""
     if "trust_remote_code" in str(exc):
         return TunesmithError(f"{model_dir} ships its own model code (auto_map in its config), which runs only with "
-                              "--trust-remote-code (config: model.trust_remote_code=true); pass it only if you "
-                              f"trust the code in {model_dir}")
+                              "the command-line flag --trust-remote-code (no config file can grant it); pass it "
+                              f"only if you trust the code in {model_dir}")
     first_paragraph = " ".join(str(exc).strip().split("\n\n")[0].split())
     return TunesmithError(f"cannot load {what}: {first_paragraph}; fix it or restore it from the "
                           "model's source")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import gather_examples
@@ -29,7 +29,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.evaluate import task_metrics
 from tunesmith.eval.task import evaluate_task
 from tunesmith.peft import adapters_disabled, load_adapter, lora_modules
-from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_metadata
+from tunesmith.peft.io import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, adapter_metadata, stable_safetensors
 from tunesmith.recipes.finish import finish_run, save_eval
 from tunesmith.recipes.run_dir import hold_run_dir
 from tunesmith.recipes.setup import RunSetup, prepare_run
@@ -147,7 +147,7 @@ def _stacked_adapter_writer(setup: RunSetup, model, sft_dir: Path):
                   "alpha_pattern": {}, "target_modules": names,
                   "base_model_name_or_path": setup.config.model.source}
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata=adapter_metadata(model))
+        (out / WEIGHTS_NAME).write_bytes(stable_safetensors(tensors, adapter_metadata(model)))
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write

@@ -102,7 +102,12 @@ def finish_run(setup: RunSetup, result: TrainResult, started: float, *, evaluate
     if setup.eval is not None:
         evaluate("after")
         after = json.loads((setup.run_dir / "eval_after.json").read_text())
+    metrics = read_metrics(setup.run_dir)
+    losses = [row for row in metrics if row.get("loss") is not None]
     summary = {"run_dir": str(setup.run_dir), "output": str(output), "method": setup.config.method.name,
+               # what users compare runs by: the training loss of the last logged step (the loop always logs it)
+               "final_loss": losses[-1]["loss"] if losses else None,
+               "final_loss_step": losses[-1]["step"] if losses else None,
                "quantization": setup.quantization.summary() if setup.quantization else None, "steps": state.step,
                "skipped_steps": state.skipped, "tokens": state.tokens,
                "train_seconds": round(state.train_seconds, 2), "eval_seconds": round(time.time() - eval_start, 2),
@@ -121,7 +126,7 @@ def finish_run(setup: RunSetup, result: TrainResult, started: float, *, evaluate
                 example["before"] = before["predictions"][i]
             examples.append(example)
     write_report(setup.run_dir / "report.html", title=f"tunesmith run {setup.config.name}",
-                 metrics=read_metrics(setup.run_dir), before=summary["before"], after=summary["after"],
+                 metrics=metrics, before=summary["before"], after=summary["after"],
                  examples=examples, config_yaml=setup.config.to_yaml(), drops=setup.drops,
                  environment=summary["environment"],
                  timing={"train_seconds": summary["train_seconds"], "eval_seconds": summary["eval_seconds"],

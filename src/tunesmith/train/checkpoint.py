@@ -142,15 +142,47 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_dir():
         raise TunesmithError(f"checkpoint {path} does not exist")
     step = _verify(path)
-    return Checkpoint(
-        path=path,
-        step=step,
-        weights=load_file(path / WEIGHTS_FILE),
-        optimizer=torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
-        state=json.loads((path / STATE_FILE).read_text(encoding="utf-8")),
-        rng=load_file(path / RNG_FILE),
-        config_yaml=(path / CONFIG_FILE).read_text(encoding="utf-8"),
-    )
+    hint = f"delete {path} to resume from the previous checkpoint"
+    weights, rng = (_read(path / name, load_file, hint) for name in (WEIGHTS_FILE, RNG_FILE))
+    state = _read(path / STATE_FILE, lambda file: json.loads(file.read_text(encoding="utf-8")), hint)
+    if not isinstance(state, dict):
+        raise TunesmithError(f"checkpoint file {path / STATE_FILE} holds a {type(state).__name__}, not a train "
+                             f"state (a JSON object); {hint}")
+    bad = sorted(name for name, tensor in weights.items() if tensor.is_floating_point() and
+                 not bool(torch.isfinite(tensor).all()))
+    if bad:
+        raise TunesmithError(f"checkpoint file {path / WEIGHTS_FILE} holds non-finite values (NaN or infinity) in "
+                             f"{', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}; training from it would train "
+                             f"garbage: {hint}")
+    return Checkpoint(path=path, step=step, weights=weights, optimizer=_read_optimizer(path / OPTIMIZER_FILE, hint),
+                      state=state, rng=rng,
+                      config_yaml=_read(path / CONFIG_FILE, lambda file: file.read_text(encoding="utf-8"), hint))
+
+
+def _read(file: Path, read, hint: str):
+    """``read(file)``, any failure one line naming the file (the marker can be rewritten by hand with the rest)."""
+    try:
+        return read(file)
+    except Exception as exc:  # safetensors, json and decoding raise unrelated types for a damaged file
+        raise TunesmithError(f"checkpoint file {file} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else 'damaged'}); {hint}") from None
+
+
+def _read_optimizer(file: Path, hint: str) -> dict:
+    """The optimizer state, read as tensors and plain containers only (``weights_only``): a file holding any
+    other object is a pickle that could run code, and tunesmith never loads one."""
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TunesmithError(f"checkpoint file {file} holds Python objects beyond tensors (a pickle, which could run "
+                             "code when loaded); tunesmith never loads pickles, so it cannot resume from this file: "
+                             f"{hint}") from None
+    except Exception as exc:
+        raise TunesmithError(f"checkpoint file {file} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else 'damaged'}); {hint}") from None
+    return state  # whether it fits the optimizer is the loader's check (load_state_dict)
 
 
 def os_error_of(exc: BaseException) -> OSError | None:
@@ -205,13 +237,17 @@ def restore_rng(rng: Mapping[str, torch.Tensor]) -> None:
     missing = [key for key in RNG_KEYS if key not in rng]
     if missing:
         raise TunesmithError(f"the saved RNG state lacks {', '.join(missing)}; it was not written by capture_rng")
-    torch.set_rng_state(rng["torch_cpu"])
-    version, *words = rng["python"].tolist()
-    has_gauss, gauss = rng["python_gauss"].tolist()
-    random.setstate((version, tuple(words), gauss if has_gauss else None))
-    np_pos, np_has_gauss = rng["numpy_pos"].tolist()
-    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss,
-                         rng["numpy_gauss"].item()))
+    try:
+        torch.set_rng_state(rng["torch_cpu"])
+        version, *words = rng["python"].tolist()
+        has_gauss, gauss = rng["python_gauss"].tolist()
+        random.setstate((version, tuple(words), gauss if has_gauss else None))
+        np_pos, np_has_gauss = rng["numpy_pos"].tolist()
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss,
+                             rng["numpy_gauss"].item()))
+    except (RuntimeError, ValueError, TypeError) as exc:  # a state of the wrong size or type
+        raise TunesmithError(f"the saved RNG state is damaged ({str(exc).splitlines()[0][:200]}); it was not "
+                             "written by capture_rng") from None
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             if f"torch_cuda_{index}" in rng:

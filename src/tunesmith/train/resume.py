@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from tunesmith.config import RunConfig, identity_keys, parse_saved_config
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
-from tunesmith.train.checkpoint import (CONFIG_FILE, STATE_FILE, capture_rng, latest_checkpoint, load_checkpoint,
-                                        restore_rng, save_checkpoint)
+from tunesmith.train.checkpoint import (CONFIG_FILE, RNG_FILE, STATE_FILE, WEIGHTS_FILE, capture_rng,
+                                        latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint)
 from tunesmith.train.dist import SINGLE, World, gather_to_rank0
 from tunesmith.train.fsdp import gather_optimizer, gather_weights, load_optimizer, load_weights, sharded
 from tunesmith.train.metrics import truncate_metrics
@@ -107,21 +107,37 @@ def load_resume_state(run: RunRecord, model, optimizer, world: World = SINGLE) -
                     saved_processes=ckpt.state.get("processes", 1), processes=world.size)
     state = TrainState.from_json({k: v for k, v in ckpt.state.items() if k not in ("fingerprints", "processes")},
                                  source=str(path / STATE_FILE))
+    _check_position(state, ckpt, run.config, path / STATE_FILE)
     expected = set(_trainable_names(run.config, model))
     if set(ckpt.weights) != expected:
         missing, unexpected = sorted(expected - set(ckpt.weights)), sorted(set(ckpt.weights) - expected)
         raise TunesmithError(f"checkpoint {path} does not match the model: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
-    if sharded(model):
-        load_weights(model, ckpt.weights, world)
-        load_optimizer(model, optimizer, ckpt.optimizer, world)
-    else:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in ckpt.weights.items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(ckpt.optimizer)
-    restore_rng(ckpt.rng)
+    if not sharded(model):
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        wrong = [f"{name} {tuple(value.shape)} (the model's: {shapes[name]})" for name, value in ckpt.weights.items()
+                 if tuple(value.shape) != shapes[name]]
+        if wrong:
+            raise TunesmithError(f"checkpoint file {path / WEIGHTS_FILE} holds weights of the wrong shape: "
+                                 f"{'; '.join(wrong[:3])}; delete {path} to resume from the previous checkpoint")
+    try:
+        if sharded(model):
+            load_weights(model, ckpt.weights, world)
+            load_optimizer(model, optimizer, ckpt.optimizer, world)
+        else:
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, value in ckpt.weights.items():
+                    params[name].copy_(value)
+            optimizer.load_state_dict(ckpt.optimizer)
+    except (ValueError, KeyError, RuntimeError) as exc:  # torch's own checks of a state that does not fit
+        raise TunesmithError(f"checkpoint {path}: its optimizer state does not fit this run's parameters "
+                             f"({str(exc).splitlines()[0][:200]}); delete {path} to resume from the previous "
+                             "checkpoint") from None
+    try:
+        restore_rng(ckpt.rng)
+    except TunesmithError as exc:
+        raise TunesmithError(f"checkpoint file {path / RNG_FILE}: {exc}") from None
     if world.rank:
         own = path / _rank_rng_file(world.rank)
         if own.is_file():
@@ -132,6 +148,24 @@ def load_resume_state(run: RunRecord, model, optimizer, world: World = SINGLE) -
         truncate_metrics(run.run_dir, ckpt.step)
         print(f"resuming {run.run_dir} from {path.name}")
     return state
+
+
+def _check_position(state: TrainState, ckpt, config: RunConfig, source: Path) -> None:
+    """The saved position must be one this checkpoint can hold: its own step (the dir's name and marker), no
+    more epochs than steps, and no more micro-batches into the epoch than the steps so far took."""
+    per_step = config.train.grad_accum * ckpt.state.get("processes", 1)
+    problems = []
+    if state.step != ckpt.step:
+        problems.append(f"step {state.step}, but the checkpoint is of step {ckpt.step}")
+    if state.epoch > state.step:
+        problems.append(f"epoch {state.epoch} after {state.step} steps")
+    if state.micro > state.step * per_step:
+        problems.append(f"{state.micro} micro-batches into the epoch after {state.step} steps of {per_step}")
+    if state.skipped > state.step or state.bad_streak > state.skipped:
+        problems.append(f"{state.skipped} skipped steps ({state.bad_streak} in a row) of {state.step}")
+    if problems:
+        raise TunesmithError(f"{source} records an impossible position ({'; '.join(problems)}): the file was "
+                             f"changed; delete {ckpt.path} to resume from the previous checkpoint")
 
 
 def _trainable_weights(config: RunConfig, model) -> dict[str, torch.Tensor]:
