@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from tunesmith.data.batching import pad_collate
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_atomic
 from tunesmith.train.loss import autocast_for, trained_hidden
 
 LOGIT_CHUNK = 256
@@ -168,9 +169,7 @@ def preference_metrics(policy: dict[str, torch.Tensor], reference: dict[str, tor
 def save_reference(path, logps: dict[str, dict[str, torch.Tensor]], *, fingerprint: str) -> None:
     """Write reference log-probs (``{split: pair_logps output}``) as safetensors, tagged with the data's digest."""
     tensors = {f"{split}.{key}": value.contiguous() for split, values in logps.items() for key, value in values.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"data": fingerprint})
-    tmp.replace(path)
+    write_atomic(path, safetensors_bytes(tensors, metadata={"data": fingerprint}))
 
 
 def load_reference(path, *, fingerprint: str) -> dict[str, dict[str, torch.Tensor]]:

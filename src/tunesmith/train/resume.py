@@ -107,7 +107,7 @@ def load_resume_state(run: RunRecord, model, optimizer, world: World = SINGLE) -
                     saved_processes=ckpt.state.get("processes", 1), processes=world.size)
     state = TrainState.from_json({k: v for k, v in ckpt.state.items() if k not in ("fingerprints", "processes")},
                                  source=str(path / STATE_FILE))
-    _check_position(state, ckpt, run.config, path / STATE_FILE)
+    _check_position(state, ckpt, run.config.train.grad_accum * world.size, path / STATE_FILE)
     expected = set(_trainable_names(run.config, model))
     if set(ckpt.weights) != expected:
         missing, unexpected = sorted(expected - set(ckpt.weights)), sorted(set(ckpt.weights) - expected)
@@ -150,10 +150,10 @@ def load_resume_state(run: RunRecord, model, optimizer, world: World = SINGLE) -
     return state
 
 
-def _check_position(state: TrainState, ckpt, config: RunConfig, source: Path) -> None:
+def _check_position(state: TrainState, ckpt, per_step: int, source: Path) -> None:
     """The saved position must be one this checkpoint can hold: its own step (the dir's name and marker), no
-    more epochs than steps, and no more micro-batches into the epoch than the steps so far took."""
-    per_step = config.train.grad_accum * ckpt.state.get("processes", 1)
+    more epochs than steps, and no more micro-batches into the epoch than the steps so far took (``per_step``:
+    micro-batches a step takes over all processes, which ``check_resumable`` keeps from the checkpoint's run)."""
     problems = []
     if state.step != ckpt.step:
         problems.append(f"step {state.step}, but the checkpoint is of step {ckpt.step}")
