@@ -248,9 +248,22 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
     in the file; otherwise nothing is changed and the error names the keys (usually: an adapter trained for
     another base model).
     """
-    adapter_dir = Path(adapter_dir)
     if lora_modules(model):
         raise TunesmithError("this model already has LoRA adapters; load an adapter into a fresh base model")
+    config, names, tensors = read_adapter(model, adapter_dir)
+    wrap_modules(model, names, config)
+    adapters = lora_modules(model)
+    for name in names:
+        adapters[name].lora_A.weight.data.copy_(tensors[f"{KEY_PREFIX}{name}.lora_A.weight"])
+        adapters[name].lora_B.weight.data.copy_(tensors[f"{KEY_PREFIX}{name}.lora_B.weight"])
+    return config
+
+
+def read_adapter(model: nn.Module, adapter_dir: str | os.PathLike
+                 ) -> tuple[LoRAConfig, list[str], dict[str, torch.Tensor]]:
+    """A PEFT-format LoRA adapter for ``model``'s base, checked against it and not yet applied: its config, the
+    names of the layers it adapts, and its tensors (``KEY_PREFIX<name>.lora_A.weight`` / ``lora_B``)."""
+    adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     config = _read_config(config_path, linear_module_names(model))
     try:
@@ -287,10 +300,4 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
 
     if FINGERPRINT_KEY in metadata:  # adapters made elsewhere (PEFT) carry none and load as before
         _check_base(model, metadata[FINGERPRINT_KEY], weights_path, config_path)
-
-    wrap_modules(model, names, config)
-    adapters = lora_modules(model)
-    for name in names:
-        adapters[name].lora_A.weight.data.copy_(tensors[f"{KEY_PREFIX}{name}.lora_A.weight"])
-        adapters[name].lora_B.weight.data.copy_(tensors[f"{KEY_PREFIX}{name}.lora_B.weight"])
-    return config
+    return config, names, tensors

@@ -1,0 +1,112 @@
+"""Many adapters in one batch (issue 26's foundation): each row of a mixed batch gets exactly what its adapter
+gives alone, base rows exactly the base, and PEFT's own mixed batches (``adapter_names``) agree."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from tinymodels import build_tiny_llama
+
+from tunesmith.errors import TunesmithError
+from tunesmith.peft.io import load_adapter, save_adapter
+from tunesmith.peft.lora import LoRAConfig, inject_lora, lora_modules
+from tunesmith.peft.multi import AdapterSlots, MultiLoRALinear
+
+# three ranks, three target sets (one with rsLoRA)
+SHAPES = {"qv2": LoRAConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj")),
+          "all4": LoRAConfig(r=4, alpha=8, target_modules="all-linear"),
+          "mlp8": LoRAConfig(r=8, alpha=8, target_modules=("gate_proj", "down_proj", "o_proj"), use_rslora=True)}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for seed, (name, config) in enumerate(SHAPES.items()):
+        model = build_tiny_llama()
+        torch.manual_seed(seed)
+        inject_lora(model, config)
+        for module in lora_modules(model).values():  # B = 0 at init: give every adapter a real update
+            torch.nn.init.normal_(module.lora_B.weight, std=0.5)
+        dirs[name] = save_adapter(model, config, root / name, base_model_name_or_path="tiny")
+    return dirs
+
+
+def _alone(name, adapters, ids):
+    model = build_tiny_llama().eval()
+    if name is not None:
+        load_adapter(model, adapters[name])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+ROWS = ["qv2", None, "all4", "mlp8", "qv2", "mlp8"]
+
+
+def test_a_mixed_batch_gives_each_row_its_adapter_alone(adapters):
+    ids = torch.randint(0, 1000, (len(ROWS), 7), generator=torch.Generator().manual_seed(0))
+    model = build_tiny_llama().eval()
+    slots = AdapterSlots(model, adapters)
+    assert slots.slots == {"qv2": 1, "all4": 2, "mlp8": 3}
+    assert all(isinstance(layer, MultiLoRALinear) for layer in slots.layers.values())
+    with torch.no_grad(), slots.rows(ROWS):
+        mixed = model(input_ids=ids).logits
+    base = _alone(None, adapters, ids)  # the base on the same batch (BLAS results depend on the batch's shape)
+    for i, name in enumerate(ROWS):
+        alone = _alone(name, adapters, ids[i:i + 1])[0]
+        if name is None:
+            assert torch.equal(mixed[i], base[i])  # slot 0 adds nothing at all
+            torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(alone, _alone(None, adapters, ids[i:i + 1])[0], atol=1e-3)  # a real update
+    with torch.no_grad():  # outside the block every row is the base
+        torch.testing.assert_close(model(input_ids=ids).logits, _alone(None, adapters, ids), rtol=0, atol=0)
+
+
+def test_greedy_tokens_equal_each_adapter_alone(adapters):
+    prompts = torch.randint(0, 1000, (len(ROWS), 5), generator=torch.Generator().manual_seed(1))
+    model = build_tiny_llama().eval()
+    slots = AdapterSlots(model, adapters)
+
+    def greedy(run, ids, steps=8):
+        for _ in range(steps):
+            with torch.no_grad():
+                ids = torch.cat([ids, run(ids).argmax(-1, keepdim=True)], dim=1)
+        return ids[:, prompts.shape[1]:].tolist()
+
+    def mixed_logits(ids):
+        with slots.rows(ROWS):
+            return model(input_ids=ids).logits[:, -1]
+
+    mixed = greedy(mixed_logits, prompts)
+    for i, name in enumerate(ROWS):
+        single = build_tiny_llama().eval()
+        if name is not None:
+            load_adapter(single, adapters[name])
+        assert mixed[i] == greedy(lambda ids: single(input_ids=ids).logits[:, -1], prompts[i:i + 1])[0], name
+
+
+def test_peft_mixed_batches_agree(adapters):
+    """The outside oracle: PEFT with every adapter loaded and one per row through ``adapter_names``."""
+    ids = torch.randint(0, 1000, (len(ROWS), 6), generator=torch.Generator().manual_seed(2))
+    reference = None
+    for name, path in adapters.items():
+        if reference is None:
+            reference = peft.PeftModel.from_pretrained(build_tiny_llama().eval(), str(path), adapter_name=name)
+        else:
+            reference.load_adapter(str(path), adapter_name=name)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, adapter_names=[name or "__base__" for name in ROWS]).logits
+    model = build_tiny_llama().eval()
+    slots = AdapterSlots(model, adapters)
+    with torch.no_grad(), slots.rows(ROWS):
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_adapter_name_is_named(adapters):
+    slots = AdapterSlots(build_tiny_llama().eval(), adapters)
+    with pytest.raises(TunesmithError, match=r"no adapter named 'nope' is loaded; loaded: qv2, all4, mlp8"):
+        with slots.rows(["nope"]):
+            pass
