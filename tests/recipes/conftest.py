@@ -40,3 +40,20 @@ def make_config(tmp_path, tiny_model_dir, tiny_model_dir_64, data_files):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture()
+def train_tiny(tiny_model_dir, data_files):
+    """``train_tiny(output_dir, name, *overrides)``: a 2-step LoRA run of the tiny model through the CLI, one
+    checkpoint at its end; returns the exit status."""
+    from tunesmith.cli import main
+
+    train, heldout = data_files
+
+    def run(output_dir, name, *overrides) -> int:
+        return main(["train", f"model.source={tiny_model_dir}", f"data.train={train}", f"data.eval={heldout}",
+                     f"output_dir={output_dir}", f"name={name}", "train.progress=false", "eval.task_rows=0",
+                     "eval.before=false", "train.micro_batch_size=4", "train.max_steps=2", "lora.r=4",
+                     "lora.alpha=8", "train.checkpoint_every=2", *overrides])
+
+    return run

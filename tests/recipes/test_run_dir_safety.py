@@ -4,7 +4,6 @@ run writes; nothing is written through a symbolic link that leads outside the ru
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -12,14 +11,6 @@ from tunesmith.cli import main
 from tunesmith.files import check_links, write_atomic
 from tunesmith.recipes.run_dir import LOCK_FILE, MARKER
 from tunesmith.errors import TunesmithError
-
-
-def _train(tmp_path, model_dir, data_files, *extra) -> int:
-    train, heldout = data_files
-    return main(["train", f"model.source={model_dir}", f"data.train={train}", f"data.eval={heldout}",
-                 f"output_dir={tmp_path / 'out'}", "name=victim", "train.progress=false", "eval.task_rows=0",
-                 "eval.before=false", "train.micro_batch_size=4", "train.max_steps=2", "lora.r=4", "lora.alpha=8",
-                 "train.checkpoint_every=2", *extra])
 
 
 def _victim(tmp_path, config_yaml: str):
@@ -43,7 +34,8 @@ def _tree(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
-def test_a_dir_that_merely_holds_a_config_yaml_is_never_cleared(tmp_path, tiny_model_dir, data_files, capsys):
+def test_a_dir_that_merely_holds_a_config_yaml_is_never_cleared(tmp_path, train_tiny, tiny_model_dir, data_files,
+                                                                capsys):
     from tunesmith.config import load_config
 
     train, heldout = data_files
@@ -51,7 +43,7 @@ def test_a_dir_that_merely_holds_a_config_yaml_is_never_cleared(tmp_path, tiny_m
                                 f"output_dir={tmp_path / 'out'}", "name=victim", "train.max_steps=2"])
     victim = _victim(tmp_path, config.to_yaml())
     before = _tree(victim)
-    assert _train(tmp_path, tiny_model_dir, data_files) == 2
+    assert train_tiny(tmp_path / "out", "victim") == 2
     assert _error(capsys) == (f"error: run dir {victim} already exists and was not made by a tunesmith "
                                        f"run (no {MARKER}); choose another name with name=NEW_NAME\n")
     assert _tree(victim) == before and (victim / "notes.txt").read_text() == "precious\n"
@@ -60,7 +52,7 @@ def test_a_dir_that_merely_holds_a_config_yaml_is_never_cleared(tmp_path, tiny_m
     assert _tree(victim) == before and not (victim / LOCK_FILE).exists()
 
 
-def test_clearing_a_failed_start_removes_only_what_the_run_wrote(tmp_path, tiny_model_dir, data_files, capsys):
+def test_clearing_a_failed_start_removes_only_what_the_run_wrote(tmp_path, train_tiny, capsys):
     victim = tmp_path / "out" / "victim"
     victim.mkdir(parents=True)
     # a failed start: tunesmith's marker and config, a metrics log, and a file of the user's own
@@ -70,7 +62,7 @@ def test_clearing_a_failed_start_removes_only_what_the_run_wrote(tmp_path, tiny_
     (victim / ".metrics.jsonl.tmp").write_text("half")
     (victim / "notes.txt").write_text("precious\n")
     capsys.readouterr()
-    assert _train(tmp_path, tiny_model_dir, data_files) == 0
+    assert train_tiny(tmp_path / "out", "victim") == 0
     assert "stopped before its first checkpoint: starting it over" in capsys.readouterr().out
     assert (victim / "notes.txt").read_text() == "precious\n"
     assert not (victim / ".metrics.jsonl.tmp").exists()
@@ -79,9 +71,8 @@ def test_clearing_a_failed_start_removes_only_what_the_run_wrote(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("planted", ["metrics.jsonl.tmp", ".summary.json.tmp", "tb", "checkpoints/.tmp-step-9"])
-def test_a_link_to_outside_the_run_dir_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, data_files,
-                                                                                capsys, planted):
-    assert _train(tmp_path, tiny_model_dir, data_files) == 0
+def test_a_link_to_outside_the_run_dir_is_refused_before_anything_is_written(tmp_path, train_tiny, capsys, planted):
+    assert train_tiny(tmp_path / "out", "victim") == 0
     victim = tmp_path / "out" / "victim"
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -120,8 +111,8 @@ def test_links_inside_the_run_dir_are_fine(tmp_path):
         check_links(run)
 
 
-def test_a_garbage_metrics_line_on_resume_is_one_line(tmp_path, tiny_model_dir, data_files, capsys):
-    assert _train(tmp_path, tiny_model_dir, data_files) == 0
+def test_a_garbage_metrics_line_on_resume_is_one_line(tmp_path, train_tiny, capsys):
+    assert train_tiny(tmp_path / "out", "victim") == 0
     victim = tmp_path / "out" / "victim"
     with open(victim / "metrics.jsonl", "a") as f:
         f.write("garbage\n")
@@ -133,7 +124,7 @@ def test_a_garbage_metrics_line_on_resume_is_one_line(tmp_path, tiny_model_dir, 
 
 @pytest.mark.parametrize("override", ["lora.target_modules=[]", "lora.target_modules=[nonexistent_proj]",
                                       "lora.target_modules=[lm_head]", "dpo.init_adapter=ADAPTER"])
-def test_a_failed_start_leaves_no_run_dir(tmp_path, tiny_model_dir, data_files, capsys, override):
+def test_a_failed_start_leaves_no_run_dir(tmp_path, train_tiny, capsys, override):
     """Every check that can fail on the user's input runs before the run dir is claimed."""
     extra = [override]
     if override.startswith("dpo."):
@@ -145,14 +136,14 @@ def test_a_failed_start_leaves_no_run_dir(tmp_path, tiny_model_dir, data_files, 
         pairs.write_text("".join(json.dumps({"prompt": f"Say {i}", "chosen": f"{i}", "rejected": "no"}) + "\n"
                                  for i in range(8)))
         extra = [f"dpo.init_adapter={adapter}", "method.objective=dpo", f"data.train={pairs}", "data.eval="]
-    assert _train(tmp_path, tiny_model_dir, data_files, *extra) == 2
+    assert train_tiny(tmp_path / "out", "victim", *extra) == 2
     assert _error(capsys).startswith("error: ")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("override", ["name=other", "output_dir=/elsewhere"])
-def test_resume_refuses_to_move_or_rename_the_run(tmp_path, tiny_model_dir, data_files, capsys, override):
-    assert _train(tmp_path, tiny_model_dir, data_files) == 0
+def test_resume_refuses_to_move_or_rename_the_run(tmp_path, train_tiny, capsys, override):
+    assert train_tiny(tmp_path / "out", "victim") == 0
     victim = tmp_path / "out" / "victim"
     capsys.readouterr()
     assert main(["train", "--resume", str(victim), override]) == 2

@@ -14,14 +14,6 @@ from tunesmith.cli import main
 from tunesmith.train.checkpoint import COMPLETE, _write_marker, latest_checkpoint
 
 
-def _train(tmp_path, model_dir, data_files, *extra) -> int:
-    train, heldout = data_files
-    return main(["train", f"model.source={model_dir}", f"data.train={train}", f"data.eval={heldout}",
-                 f"output_dir={tmp_path}", "name=run", "train.progress=false", "eval.task_rows=0",
-                 "eval.before=false", "train.micro_batch_size=4", "train.max_steps=2", "lora.r=4", "lora.alpha=8",
-                 "train.checkpoint_every=2", *extra])
-
-
 def _state(ckpt, change):
     state = json.loads((ckpt / "state.json").read_text())
     (ckpt / "state.json").write_text(json.dumps(change(state)))
@@ -65,9 +57,9 @@ TAMPERS = {
 
 
 @pytest.mark.parametrize("tamper", sorted(TAMPERS))
-def test_a_tampered_checkpoint_is_refused_with_its_file(tmp_path, tiny_model_dir, data_files, capsys, tamper):
+def test_a_tampered_checkpoint_is_refused_with_its_file(tmp_path, train_tiny, capsys, tamper):
     change, message = TAMPERS[tamper]
-    assert _train(tmp_path, tiny_model_dir, data_files) == 0
+    assert train_tiny(tmp_path, "run") == 0
     ckpt = latest_checkpoint(tmp_path / "run")
     change(ckpt)
     (ckpt / COMPLETE).unlink()
