@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.generate import SamplingConfig, generate
+from tunesmith.engine import generate
+from tunesmith.generate import SamplingConfig
 from tunesmith.models import load
 from tunesmith.templates import render_prompt
 

@@ -7,7 +7,8 @@ import torch
 from tinymodels import build_tiny_llama
 
 from tunesmith.errors import TunesmithError
-from tunesmith.generate import SamplingConfig, StreamDecoder, generate, next_tokens
+from tunesmith.engine import generate
+from tunesmith.generate import SamplingConfig, StreamDecoder, next_tokens
 
 EOS = 2
 PROMPTS = [[1, 504, 3100, 28, 1654], [1, 9, 77], [1, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 11], [42]]

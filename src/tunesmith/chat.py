@@ -7,8 +7,9 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
+from tunesmith.engine import generate
 from tunesmith.errors import TunesmithError
-from tunesmith.generate import SamplingConfig, StreamDecoder, generate
+from tunesmith.generate import SamplingConfig, StreamDecoder
 from tunesmith.models.build import BuiltModel, build_model, model_from_flags
 from tunesmith.templates import render_prompt, stop_token_ids
 

@@ -1,8 +1,5 @@
-"""Our own sampling loop over a Hugging Face causal LM and its KV cache, plus streaming detokenisation.
-
-``generate`` is deliberately small and explicit (prefill → sample → feed the token back → ...) rather than a
-call to ``model.generate``: ``chat``, ``compare``, eval and the server all share it, and multi-adapter serving
-will need to step the loop itself.
+"""What generation is made of: sampling settings and the sampler, the left-padded batch layout, streaming
+detokenisation. The one generation loop is ``engine.py``'s ``Engine`` (``generate`` there for a fixed list).
 
 Left padding. A batch of prompts of different lengths is padded on the left so every row's next token sits
 in the last column::
@@ -20,15 +17,12 @@ from __future__ import annotations
 
 import inspect
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from tunesmith.errors import TunesmithError
 
-OnToken = Callable[[int, int], None]
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -41,7 +35,7 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of most likely tokens whose mass reaches ``top_p``."""
     seed: int = 0
-    """Seed of each row's random stream (see ``generate`` for what is reproducible)."""
+    """Seed of the request's random stream (see ``engine.py`` for what is reproducible)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -55,61 +49,6 @@ class SamplingConfig:
 def cache_argument(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache``; use whichever this version's forward takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-@torch.inference_mode()
-def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int],
-             pad_id: int, on_token: OnToken | None = None) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) and return only the new tokens, one list per prompt.
-
-    A row stops at its first token in ``stop_ids`` (that token is not returned and not streamed) or after
-    ``sampling.max_new_tokens`` tokens; the loop ends as soon as every row has stopped. ``on_token(row,
-    token_id)`` is called for each returned token, in order, as it is produced. The model is used as given:
-    put it in ``eval()`` mode first, or dropout stays on.
-
-    Reproducibility. Greedy decoding has no randomness. When sampling, every row owns a ``torch.Generator``
-    seeded with ``sampling.seed`` and draws exactly one uniform number per step, so a row's random stream
-    depends on nothing but the seed: not on its place in the batch nor on its neighbours. Guaranteed: the same
-    model, prompts, config and seed on the same device and software give the same tokens. Also true in
-    practice, but not guaranteed: a prompt gives the same tokens alone as in any batch; the only difference
-    is in the logits, whose floating-point sums may round differently with another padding length or batch
-    size. Two identical prompts in one batch get identical samples; vary the seed for different samples.
-    """
-    if not prompts:
-        return []
-    if any(len(prompt) == 0 for prompt in prompts):
-        raise TunesmithError("generate got an empty prompt; every prompt needs at least one token")
-    device = next(model.parameters()).device
-    stop_ids = set(stop_ids)
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    next_positions = attention_mask.sum(-1, keepdim=True)
-    generators = [torch.Generator(device=device).manual_seed(sampling.seed) for _ in prompts]
-    cache = {cache_argument(model): DynamicCache(config=model.config)}
-    new_tokens: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-
-    for _ in range(sampling.max_new_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
-        tokens = next_tokens(logits.float(), sampling, generators)
-        for row, token in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            if token in stop_ids:
-                done[row] = True
-                continue
-            new_tokens[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-        if all(done):
-            break
-        # Finished rows keep decoding tokens nobody reads: dropping them would mean reshaping the cache.
-        input_ids = tokens[:, None]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=-1)
-        position_ids = next_positions
-        next_positions = next_positions + 1
-    return new_tokens
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +108,7 @@ class StreamDecoder:
     Streaming a batch, one decoder per row::
 
         decoders = [StreamDecoder(tokenizer) for _ in prompts]
-        generate(model, prompts, ..., on_token=lambda row, t: print(row, decoders[row].push(t)))
+        generate(model, prompts, ..., on_token=lambda row, t: print(row, decoders[row].push(t)))  # engine.py
     """
 
     def __init__(self, tokenizer, *, skip_special_tokens: bool = False):

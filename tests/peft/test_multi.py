@@ -110,3 +110,28 @@ def test_an_unknown_adapter_name_is_named(adapters):
     with pytest.raises(TunesmithError, match=r"no adapter named 'nope' is loaded; loaded: qv2, all4, mlp8"):
         with slots.rows(["nope"]):
             pass
+
+
+def test_the_engine_serves_mixed_adapters_token_for_token(adapters):
+    """Continuous batching with one adapter per request: each request's greedy tokens equal its adapter alone."""
+    from tunesmith.engine import Engine, Request
+    from tunesmith.generate import SamplingConfig
+
+    prompts = [torch.randint(3, 1000, (4 + i,), generator=torch.Generator().manual_seed(10 + i)).tolist()
+               for i in range(len(ROWS))]
+    sampling = SamplingConfig(max_new_tokens=6)
+    model = build_tiny_llama().eval()
+    engine = Engine(model, pad_id=0, adapters=AdapterSlots(model, adapters))
+    requests = [engine.submit(Request(p, sampling=sampling, adapter=name)) for p, name in zip(prompts[:3], ROWS)]
+    engine.step()
+    requests += [engine.submit(Request(p, sampling=sampling, adapter=name))  # join mid-flight
+                 for p, name in zip(prompts[3:], ROWS[3:])]
+    engine.run()
+    for request, prompt, name in zip(requests, prompts, ROWS):
+        single = build_tiny_llama().eval()
+        if name is not None:
+            load_adapter(single, adapters[name])
+        alone = Engine(single, pad_id=0)
+        expected = alone.submit(Request(prompt, sampling=sampling))
+        alone.run()
+        assert request.tokens == expected.tokens, name

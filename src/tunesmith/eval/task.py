@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from tunesmith.data.formats import normalise
 from tunesmith.data.sources import load_rows
+from tunesmith.engine import generate
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.score import score_answers
-from tunesmith.generate import SamplingConfig, generate
+from tunesmith.generate import SamplingConfig
 from tunesmith.templates import render_prompt, stop_token_ids
 
 
