@@ -1,8 +1,8 @@
 """The generation engine: continuous batching over one model, each request with its own sampling and adapter.
 
-Requests join and leave between decode steps. A step first prefills the requests waiting to join (together,
-left-padded) and merges their KV cache into the running batch's, then decodes one token for every running
-sequence in one forward; a sequence that finishes (a stop token, its token budget, a cancel) leaves the batch
+Requests join and leave between decode steps. A step decodes one token for every running sequence in one
+forward, then prefills the requests waiting to join (together, left-padded, up to ``max_batch`` rows in all)
+and merges their KV cache into the running batch's; a sequence that finishes (a stop token, its token budget, a cancel) leaves the batch
 at once, its cache rows dropped, so nobody decodes tokens no one reads.
 
 KV cache: one transformers ``DynamicCache`` for the running batch, rows left-padded to the longest sequence
@@ -99,12 +99,14 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        """One token for every running request, and the first for every request that joins: the running rows
+        decode on their cache, then the joiners are prefilled together and merged in (no row waits)."""
         self._leave()
         joining = self._admit()
+        if self.running:
+            self._decode()
         if joining:
             self._prefill(joining)
-        elif self.running:
-            self._decode()
         self._leave()
 
     # --- the batch
@@ -204,13 +206,14 @@ def _left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
 
 def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int], pad_id: int,
              on_token: Callable[[int, int], None] | None = None, adapters=None,
-             adapter_names: list[str | None] | None = None) -> list[list[int]]:
+             adapter_names: list[str | None] | None = None, max_batch: int = 64) -> list[list[int]]:
     """Continue each prompt (token ids) on one engine and return only the new tokens, one list per prompt.
 
     A prompt stops at its first token in ``stop_ids`` (not returned, not streamed) or after
     ``sampling.max_new_tokens`` tokens. ``on_token(row, token_id)`` is called for each returned token as it is
-    produced. ``adapter_names[i]`` (with ``adapters``) is prompt i's adapter. The model is used as given: put it
-    in ``eval()`` mode first, or dropout stays on.
+    produced. ``adapter_names[i]`` (with ``adapters``) is prompt i's adapter. At most ``max_batch`` prompts run
+    at once; the next joins as soon as one finishes. The model is used as given: put it in ``eval()`` mode
+    first, or dropout stays on.
 
     Reproducibility: greedy decoding has no randomness; a sampled prompt's stream depends only on the seed, not
     on its place in the batch or its neighbours. The same model, prompts, config and seed on the same device and
@@ -219,7 +222,7 @@ def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_
     """
     if any(len(prompt) == 0 for prompt in prompts):
         raise TunesmithError("generate got an empty prompt; every prompt needs at least one token")
-    engine = Engine(model, pad_id=pad_id, adapters=adapters)
+    engine = Engine(model, pad_id=pad_id, adapters=adapters, max_batch=max_batch)
     names = adapter_names or [None] * len(prompts)
     requests = [engine.submit(Request(list(prompt), sampling=sampling, stop_ids=frozenset(stop_ids),
                                       adapter=names[row],

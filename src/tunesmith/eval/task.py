@@ -79,16 +79,14 @@ def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 
     ``eval()`` mode first)."""
     prompts = [render_prompt(tokenizer, row.prompt, reasoning=reasoning) if isinstance(row.prompt, list)
                else tokenizer(row.prompt, add_special_tokens=True)["input_ids"] for row in rows]
-    # Similar lengths batch together so left padding stays small.
+    # Similar lengths run together so left padding stays small; up to batch_size at once, continuously batched
+    # (the next prompt joins as soon as an answer ends)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     predictions: list[str] = [""] * len(rows)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    stops = stop_token_ids(tokenizer)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        outputs = generate(model, [prompts[i] for i in chunk], sampling=sampling, stop_ids=stops,
-                           pad_id=tokenizer.pad_token_id)
-        for i, ids in zip(chunk, outputs):
-            predictions[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    outputs = generate(model, [prompts[i] for i in order], sampling=sampling, stop_ids=stop_token_ids(tokenizer),
+                       pad_id=tokenizer.pad_token_id, max_batch=batch_size)
+    for i, ids in zip(order, outputs):
+        predictions[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     metrics = score_answers(predictions, [row.expected for row in rows], [row.subset for row in rows])
     return TaskResult(metrics=metrics, rows=rows, predictions=predictions)
