@@ -135,3 +135,16 @@ def test_the_engine_serves_mixed_adapters_token_for_token(adapters):
         expected = alone.submit(Request(prompt, sampling=sampling))
         alone.run()
         assert request.tokens == expected.tokens, name
+
+
+@pytest.mark.parametrize("rows", [["qv2", None, "mlp8", "qv2"], ["all4", "all4"], ["all4", "qv2", "mlp8", None]],
+                         ids=["segments", "one adapter", "gathered"])
+def test_both_ways_of_computing_a_batch_give_each_row_its_adapter(adapters, rows):
+    """Up to SEGMENTS_MAX adapters run segment by segment, more through one gathered product: the same rows."""
+    ids = torch.randint(0, 1000, (len(rows), 5), generator=torch.Generator().manual_seed(3))
+    model = build_tiny_llama().eval()
+    slots = AdapterSlots(model, adapters)
+    with torch.no_grad(), slots.rows(rows):
+        mixed = model(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], _alone(name, adapters, ids[i:i + 1])[0], rtol=1e-5, atol=1e-5)

@@ -8,9 +8,11 @@ and columns of B contribute exact zeros. For a batch whose row i uses slot kᵢ:
 
     yᵢ = W xᵢ + b + s_kᵢ · B_kᵢ (A_kᵢ xᵢ)
 
-computed as two batched matrix products over the rows' gathered A and B (the idea of Punica's BGMV kernel).
-Nothing is merged, unmerged or switched per request: the rows' slots are an input of the forward, set for one
-forward by ``AdapterSlots.rows``. A row of slot 0 gets the base layer's output untouched.
+computed segment by segment when a batch holds few adapters (the idea of Punica's SGMV kernel): the rows of one
+adapter go through its own A and B (views of the stack at the adapter's rank, nothing gathered or copied) and
+their updates are added into those rows; with more adapters, as two batched products over every row's gathered
+A and B (the idea of BGMV), one product instead of one per adapter. Nothing is merged, unmerged or switched per request: the rows' slots are an input of the
+forward, set for a batch by ``AdapterSlots.rows``. A row of slot 0 gets the base layer's output untouched.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from tunesmith.peft.io import KEY_PREFIX, read_adapter
 from tunesmith.peft.lora import LoRAConfig
 
 
+# Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it one
+# gathered product over every row costs less than a product per adapter (benchmarks/cpu_generate.py).
+SEGMENTS_MAX = 2
+
+
 class MultiLoRALinear(nn.Module):
     """``base_layer`` plus, per row, the update of the adapter in that row's slot (see the module's maths)."""
 
@@ -39,7 +46,9 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(slots + 1, base_layer.out_features, rank, dtype=weight.dtype,
                                                    device=weight.device))
         self.register_buffer("scaling", torch.zeros(slots + 1, dtype=weight.dtype, device=weight.device))
-        self.slot_of_row: torch.Tensor | None = None
+        self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
+        self.groups: list[tuple[int, torch.Tensor | None]] = []  # set by AdapterSlots.rows for one batch
+        self.slot_of_row: torch.Tensor | None = None  # the same, as each row's slot
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         r = a.shape[0]
@@ -48,17 +57,29 @@ class MultiLoRALinear(nn.Module):
         self.lora_A[slot, :r] = a
         self.lora_B[slot, :, :r] = b
         self.scaling[slot] = scaling
+        self.ranks[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        slots = self.slot_of_row
-        if slots is None or not bool((slots != 0).any()):
+        if not self.groups:
             return out
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in): each row its own adapter
-        a, b = self.lora_A[slots], self.lora_B[slots]
-        update = torch.bmm(torch.bmm(rows.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
-        update = update * self.scaling[slots][:, None, None]
-        return out + update.reshape(out.shape).to(out.dtype)
+        if len(self.groups) > SEGMENTS_MAX:  # many adapters in the batch: one gathered product for all rows
+            a, b = self.lora_A[self.slot_of_row], self.lora_B[self.slot_of_row]
+            delta = torch.bmm(torch.bmm(rows.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
+            delta = delta * self.scaling[self.slot_of_row][:, None, None]
+            return out + delta.reshape(out.shape).to(out.dtype)
+        update = out.reshape(x.shape[0], -1, out.shape[-1])
+        for slot, index in self.groups:
+            r = self.ranks.get(slot, 0)
+            if r == 0:  # this adapter does not adapt this layer
+                continue
+            a, b = self.lora_A[slot, :r], self.lora_B[slot, :, :r]  # views: nothing is copied per step
+            part = rows if index is None else rows.index_select(0, index)
+            delta = ((part.to(a.dtype) @ a.T) @ b.T) * self.scaling[slot]
+            update = update + delta.to(out.dtype) if index is None else update.index_add(0, index,
+                                                                                         delta.to(out.dtype))
+        return update.reshape(out.shape)
 
 
 class AdapterSlots:
@@ -101,11 +122,15 @@ class AdapterSlots:
     def rows(self, names: list[str | None]) -> Iterator[None]:
         """Within the block, row i of every batch the model runs uses adapter ``names[i]`` (None: the base)."""
         device = next(iter(self.layers.values())).lora_A.device if self.layers else None
-        slots = torch.tensor([self.slot(name) for name in names], dtype=torch.long, device=device)
+        slots = [self.slot(name) for name in names]
+        groups = [(slot, None if len(set(slots)) == 1 else
+                   torch.tensor([i for i, s in enumerate(slots) if s == slot], dtype=torch.long, device=device))
+                  for slot in sorted(set(slots) - {0})]
+        slot_of_row = torch.tensor(slots, dtype=torch.long, device=device)
         for layer in self.layers.values():
-            layer.slot_of_row = slots
+            layer.groups, layer.slot_of_row = groups, slot_of_row
         try:
             yield
         finally:
             for layer in self.layers.values():
-                layer.slot_of_row = None
+                layer.groups, layer.slot_of_row = [], None
