@@ -7,14 +7,15 @@ import pytest
 from pydantic import BaseModel
 
 from tunesmith.cli import main
-from tunesmith.config import FLOAT_MAX, INT_MAX, SEED_MAX, RunConfig, _leaf_types
+from tunesmith.config import RunConfig
+from tunesmith.config_limits import FLOAT_MAX, INT_MAX, SEED_MAX, leaf_types
 
 
 def numeric_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, bool]]:
     """(dotted key, whether it takes real numbers) for every numeric option, sections included."""
     found = []
     for name, field in model.model_fields.items():
-        leaves = _leaf_types(field.annotation)
+        leaves = leaf_types(field.annotation)
         section = next((t for t in leaves if isinstance(t, type) and issubclass(t, BaseModel)), None)
         if section is not None:
             found += numeric_keys(section, f"{prefix}{name}.")

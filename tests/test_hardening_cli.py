@@ -137,7 +137,7 @@ def test_every_model_loading_verb_takes_the_flag(argv):
 
 def test_an_error_that_echoes_a_huge_value_is_capped(tmp_path, capsys):
     """Issue 25: an error message echoing megabytes of input prints at most ~2,000 characters, head and tail."""
-    from tunesmith.cli import MAX_ERROR_CHARS, capped
+    from tunesmith.errors import MAX_ERROR_CHARS, capped
 
     message = "start " + "x" * 1_000_000 + " end"
     short = capped(message)

@@ -10,8 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from tunesmith.config import SEED_MAX
-from tunesmith.errors import TunesmithError
+from tunesmith.config_limits import SEED_MAX
+from tunesmith.errors import TunesmithError, capped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -420,18 +420,6 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
             "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize}
-
-
-MAX_ERROR_CHARS = 2000
-
-
-def capped(message: str, limit: int = MAX_ERROR_CHARS) -> str:
-    """An error message of at most about ``limit`` characters: a message that echoes user input (a value, a
-    YAML node) can be arbitrarily long, and one line must stay one line a terminal can show."""
-    if len(message) <= limit:
-        return message
-    half = limit // 2
-    return f"{message[:half]} … [{len(message) - 2 * half:,} characters left out] … {message[-half:]}"
 
 
 def main(argv: list[str] | None = None) -> int:

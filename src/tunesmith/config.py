@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunesmith.config_limits import FLOAT_MAX, INT_MAX, MAX_NAME_BYTES, SEED_MAX, leaf_types
 from tunesmith.config_yaml import parse_yaml, read_config_file, set_dotted
 from tunesmith.errors import TunesmithError
 
@@ -30,25 +31,6 @@ class _Identity:
 IDENTITY = _Identity()
 
 
-# The largest value any whole-number option takes (seed: SEED_MAX) and any real-number option: every numeric
-# option is range-checked where it enters, so 1e23 or 2**64 is one error naming the key, not a crash deep
-# inside (an allocation of r = 1e23, a seed torch cannot take).
-INT_MAX = 2**31 - 1
-SEED_MAX = 2**63 - 1
-FLOAT_MAX = 1e9
-MAX_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems take
-
-
-def _leaf_types(annotation) -> set:
-    """The plain types an annotation admits (``int | None`` → {int, NoneType}; Annotated and Literal unwrapped)."""
-    args = get_args(annotation)
-    if not args:
-        return {annotation}
-    if getattr(annotation, "__origin__", None) is Literal:
-        return {type(arg) for arg in args}
-    return set().union(*(_leaf_types(arg) for arg in args if not isinstance(arg, (_Identity, type(Field())))))
-
-
 class _Section(BaseModel):
     # NaN or infinity in any float option is refused: NaN passes no range check, and would train garbage
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -60,7 +42,7 @@ class _Section(BaseModel):
         take, and no string holds a NUL byte (a path with one fails deep inside the operating system)."""
         if isinstance(value, str) and "\0" in value:
             raise ValueError("holds a NUL byte, which no path or name can; remove it")
-        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        leaves = leaf_types(cls.model_fields[info.field_name].annotation)
         if not leaves & {int, float} or bool in leaves:
             return value
         if isinstance(value, bool):

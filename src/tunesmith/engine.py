@@ -163,9 +163,9 @@ class Engine:
             self.running, self._cache, self._mask = list(joining), cache, mask
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_left(mine.keys, width), _left(theirs.keys, width)])
-            mine.values = torch.cat([_left(mine.values, width), _left(theirs.values, width)])
+        self._cache = self._rebuilt([(torch.cat([_left(k1, width), _left(k2, width)]),
+                                      torch.cat([_left(v1, width), _left(v2, width)]))
+                                     for (k1, v1), (k2, v2) in zip(_tensors(self._cache), _tensors(cache))])
         self._mask = torch.cat([_left(self._mask, width, dim=1), _left(mask, width, dim=1)])
         self.running = self.running + list(joining)
 
@@ -187,11 +187,22 @@ class Engine:
         unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns every row pads
         if unused and self._mergeable():
             self._mask = self._mask[:, unused:]
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+            self._cache = self._rebuilt([(k[:, :, unused:], v[:, :, unused:]) for k, v in _tensors(self._cache)])
+
+    def _rebuilt(self, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        """A fresh cache holding ``tensors`` (keys, values per layer), filled through the cache's own ``update``."""
+        cache = DynamicCache(config=self.model.config)
+        for index, (keys, values) in enumerate(tensors):
+            cache.update(keys, values, index)
+        return cache
 
     def _mergeable(self) -> bool:
         return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+
+def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values), read only."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

@@ -27,7 +27,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.models.build import build_model, quant_spec
 from tunesmith.models.load import resolve_dtype
 from tunesmith.peft.io import CONFIG_NAME, WEIGHTS_NAME
-from tunesmith.peft.lora import merged_state_dict
+from tunesmith.peft.merged import merged_state_dict
 from tunesmith.quant.bnb import (QuantSpec, dequantized_weight, is_quantized, keep_training_numerics, quantize_model,
                                  quiet_bitsandbytes_import)
 

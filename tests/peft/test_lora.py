@@ -9,7 +9,8 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.peft.lora import (LoRAConfig, LoRALinear, adapter_parameters, adapters_disabled, freeze_base,
-                                 inject_lora, lora_modules, merge_all, merged_state_dict, unmerge_all)
+                                 inject_lora, lora_modules, merge_all, unmerge_all)
+from tunesmith.peft.merged import merged_state_dict
 
 INPUT_IDS = torch.tensor([[1, 17, 256, 4096, 31, 2]])
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

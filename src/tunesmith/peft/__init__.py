@@ -2,7 +2,8 @@
 
 from tunesmith.peft.io import load_adapter, save_adapter
 from tunesmith.peft.lora import (LoRAConfig, LoRALinear, adapter_parameters, adapters_disabled, freeze_base,
-                                 inject_lora, lora_modules, merge_all, merged_state_dict, unmerge_all)
+                                 inject_lora, lora_modules, merge_all, unmerge_all)
+from tunesmith.peft.merged import merged_state_dict
 
 __all__ = ["LoRAConfig", "LoRALinear", "adapter_parameters", "adapters_disabled", "freeze_base", "inject_lora",
            "load_adapter", "lora_modules", "merge_all", "merged_state_dict", "save_adapter", "unmerge_all"]

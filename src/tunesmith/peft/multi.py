@@ -12,7 +12,7 @@ computed segment by segment when a batch holds few adapters (the idea of Punica'
 adapter go through its own A and B (views of the stack at the adapter's rank, nothing gathered or copied) and
 their updates are added into those rows; with more adapters, as two batched products over every row's gathered
 A and B (the idea of BGMV), one product instead of one per adapter. Nothing is merged, unmerged or switched per request: the rows' slots are an input of the
-forward, set for a batch by ``AdapterSlots.rows``. A row of slot 0 gets the base layer's output untouched.
+forward, a ``RowPlan`` that every layer reads and ``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,10 +35,19 @@ from tunesmith.peft.lora import LoRAConfig
 SEGMENTS_MAX = 2
 
 
+@dataclass
+class RowPlan:
+    """Which rows of the batch being run use which adapter: ``groups`` (slot, row indices or None for every row)
+    for the adapters present, ``slot_of_row`` the same row by row. Empty outside ``AdapterSlots.rows``."""
+
+    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    slot_of_row: torch.Tensor | None = None
+
+
 class MultiLoRALinear(nn.Module):
     """``base_layer`` plus, per row, the update of the adapter in that row's slot (see the module's maths)."""
 
-    def __init__(self, base_layer: nn.Module, slots: int, rank: int):
+    def __init__(self, base_layer: nn.Module, slots: int, rank: int, batch: RowPlan):
         super().__init__()
         self.base_layer = base_layer
         weight = base_layer.weight
@@ -47,8 +57,7 @@ class MultiLoRALinear(nn.Module):
                                                    device=weight.device))
         self.register_buffer("scaling", torch.zeros(slots + 1, dtype=weight.dtype, device=weight.device))
         self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
-        self.groups: list[tuple[int, torch.Tensor | None]] = []  # set by AdapterSlots.rows for one batch
-        self.slot_of_row: torch.Tensor | None = None  # the same, as each row's slot
+        self.batch = batch  # which rows use which slot: AdapterSlots' one plan, shared by every layer
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         r = a.shape[0]
@@ -61,16 +70,17 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if not self.groups:
+        groups, slot_of_row = self.batch.groups, self.batch.slot_of_row
+        if not groups:
             return out
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in): each row its own adapter
-        if len(self.groups) > SEGMENTS_MAX:  # many adapters in the batch: one gathered product for all rows
-            a, b = self.lora_A[self.slot_of_row], self.lora_B[self.slot_of_row]
+        if len(groups) > SEGMENTS_MAX:  # many adapters in the batch: one gathered product for all rows
+            a, b = self.lora_A[slot_of_row], self.lora_B[slot_of_row]
             delta = torch.bmm(torch.bmm(rows.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
-            delta = delta * self.scaling[self.slot_of_row][:, None, None]
+            delta = delta * self.scaling[slot_of_row][:, None, None]
             return out + delta.reshape(out.shape).to(out.dtype)
         update = out.reshape(x.shape[0], -1, out.shape[-1])
-        for slot, index in self.groups:
+        for slot, index in groups:
             r = self.ranks.get(slot, 0)
             if r == 0:  # this adapter does not adapt this layer
                 continue
@@ -97,11 +107,12 @@ class AdapterSlots:
             name: read_adapter(model, path) for name, path in adapters.items()}
         targets = sorted({layer for _, names, _ in loaded.values() for layer in names})
         rank = max((config.rank_for(layer) for config, names, _ in loaded.values() for layer in names), default=1)
+        self.plan = RowPlan()
         self.layers: dict[str, MultiLoRALinear] = {}
         for layer in targets:
             parent_name, _, child = layer.rpartition(".")
             parent = model.get_submodule(parent_name)
-            self.layers[layer] = MultiLoRALinear(getattr(parent, child), len(adapters), rank)
+            self.layers[layer] = MultiLoRALinear(getattr(parent, child), len(adapters), rank, self.plan)
             setattr(parent, child, self.layers[layer])
         for name, (config, names, tensors) in loaded.items():
             for layer in names:
@@ -126,11 +137,8 @@ class AdapterSlots:
         groups = [(slot, None if len(set(slots)) == 1 else
                    torch.tensor([i for i, s in enumerate(slots) if s == slot], dtype=torch.long, device=device))
                   for slot in sorted(set(slots) - {0})]
-        slot_of_row = torch.tensor(slots, dtype=torch.long, device=device)
-        for layer in self.layers.values():
-            layer.groups, layer.slot_of_row = groups, slot_of_row
+        self.plan.groups, self.plan.slot_of_row = groups, torch.tensor(slots, dtype=torch.long, device=device)
         try:
             yield
         finally:
-            for layer in self.layers.values():
-                layer.groups, layer.slot_of_row = [], None
+            self.plan.groups, self.plan.slot_of_row = [], None
