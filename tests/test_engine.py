@@ -110,3 +110,106 @@ def test_bad_requests_are_refused(model):
         engine.submit(Request([]))
     with pytest.raises(TunesmithError, match="this engine serves no adapters"):
         engine.submit(Request([5], adapter="x"))
+
+
+# --- stop strings, streaming text, top_k, attention layouts
+
+def test_stop_strings_cut_the_text_and_streaming_never_sends_a_part_of_one(tokenizer):
+    model = build_tiny_llama(initializer_range=0.5)
+    prompt = tokenizer("The weather today is", add_special_tokens=False)["input_ids"]
+    engine = Engine(model, pad_id=0, tokenizer=tokenizer)
+    free = engine.submit(Request(prompt, sampling=SamplingConfig(max_new_tokens=24), on_text=lambda piece: None))
+    engine.run()
+    text = free.text
+    assert text == tokenizer.decode(free.tokens, clean_up_tokenization_spaces=False) and len(text) > 12
+    stop = text[5:9]  # a stop string that may span tokens
+    pieces = []
+    engine = Engine(model, pad_id=0, tokenizer=tokenizer)
+    cut = engine.submit(Request(prompt, sampling=SamplingConfig(max_new_tokens=24), stop=("never there", stop),
+                                on_text=pieces.append))
+    engine.run()
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+    assert "".join(pieces) == cut.text
+    assert cut.tokens == free.tokens[:len(cut.tokens)] and len(cut.tokens) < len(free.tokens)
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string(tokenizer):
+    from tunesmith.generate import TextStream
+
+    ids = tokenizer("abc</end> tail", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, stops=("</end>",))
+    pieces = [stream.push(i) for i in ids]
+    assert stream.stopped and stream.emitted == "abc" and "".join(pieces) == "abc" and stream.flush() == ""
+    stream = TextStream(tokenizer, stops=("</end>",))
+    pieces = [stream.push(i) for i in tokenizer("ab</en", add_special_tokens=False)["input_ids"]]
+    assert "".join(pieces) == "ab" and not stream.stopped  # "</en" may still become the stop string
+    assert stream.flush() == "</en" and stream.emitted == "ab</en"
+
+
+def test_stop_strings_need_a_tokenizer(model):
+    with pytest.raises(TunesmithError, match="need an engine made with a tokenizer"):
+        Engine(model, pad_id=0).submit(Request([5, 6], stop=("x",)))
+    with pytest.raises(TunesmithError, match="a stop string cannot be empty"):
+        Request([5], stop=("",))
+
+
+def test_top_k_keeps_the_k_most_likely():
+    from tunesmith.generate import next_tokens
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, 2.8, -1.0]])
+    sampling = SamplingConfig(temperature=5.0, top_k=2)
+    picks = {int(next_tokens(logits, sampling, [torch.Generator().manual_seed(s)])[0]) for s in range(200)}
+    assert picks == {1, 2}
+    one = SamplingConfig(max_new_tokens=10, temperature=2.0, top_k=1, seed=3)
+    wide = build_tiny_llama(initializer_range=0.5)
+    assert _alone(wide, _prompt(20, 5), one) == _alone(wide, _prompt(20, 5))
+    with pytest.raises(TunesmithError, match="top_k must be >= 0"):
+        SamplingConfig(top_k=-1)
+
+
+def _hf_greedy(model, prompt, steps):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=steps,
+                         pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["mistral-sliding", "qwen2-mixed-layers"])
+def test_sliding_window_layers_match_transformers_generate(family):
+    """Windows shorter than the sequences: the engine's masks must drop old keys exactly as transformers does."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=4, initializer_range=0.5)
+    torch.manual_seed(0)
+    if family == "mistral-sliding":
+        model = MistralForCausalLM(MistralConfig(**shape)).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1)).eval()
+        assert set(model.config.layer_types) == {"full_attention", "sliding_attention"}
+    prompts = [_prompt(30 + i, 3 + 4 * i) for i in range(3)]
+    engine = Engine(model, pad_id=0)
+    requests = [engine.submit(Request(p, sampling=SamplingConfig(max_new_tokens=10))) for p in prompts]
+    engine.run()
+    for request, prompt in zip(requests, prompts):
+        assert request.tokens == _hf_greedy(model, prompt, 10)
+
+
+def test_a_model_with_other_layers_is_refused():
+    from tunesmith.kv import attention_kinds
+
+    config = build_tiny_llama().config
+    config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(TunesmithError, match="attention-only models; this model \\(llama\\) has linear_attention"):
+        attention_kinds(config)
+
+
+def test_rows_keep_their_cache_when_others_leave_out_of_order(model):
+    """Rows that finish first free cache rows the last running rows move into: nobody's tokens change."""
+    prompts = [_prompt(40 + i, 3 + i) for i in range(6)]
+    budgets = [2, 9, 1, 9, 3, 9]
+    engine = Engine(model, pad_id=0, max_batch=4)
+    requests = [engine.submit(Request(p, sampling=SamplingConfig(max_new_tokens=b))) for p, b in zip(prompts, budgets)]
+    engine.run()
+    for request, prompt, budget in zip(requests, prompts, budgets):
+        assert request.tokens == _alone(model, prompt, SamplingConfig(max_new_tokens=budget))

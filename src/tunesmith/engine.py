@@ -1,34 +1,37 @@
 """The generation engine: continuous batching over one model, each request with its own sampling and adapter.
 
 Requests join and leave between decode steps. A step decodes one token for every running sequence in one
-forward, then prefills the requests waiting to join (together, left-padded, up to ``max_batch`` rows in all)
-and merges their KV cache into the running batch's; a sequence that finishes (a stop token, its token budget, a cancel) leaves the batch
-at once, its cache rows dropped, so nobody decodes tokens no one reads.
+forward, then prefills the requests waiting to join (together, left-padded, up to ``max_batch`` rows in all);
+a sequence that finishes (a stop token, a stop string, its token budget, a cancel) leaves the batch at once, so
+nobody decodes tokens no one reads.
 
-KV cache: one transformers ``DynamicCache`` for the running batch, rows left-padded to the longest sequence
-(``generate.py`` draws the layout): a joining group's cache is padded on the left to the batch's length (or the
-batch's to the group's) and concatenated; pad columns are masked as keys and position ids count only real
-tokens, so a row sees exactly what it would see alone. Models whose cache is not plain (sliding-window or
-hybrid layers) cannot be merged: there a group joins only when the batch is empty.
+KV cache: preallocated slots (``kv.py``), a row per running sequence, each sequence left-aligned in its row,
+so joining or leaving never moves the others. A row sees exactly what it would see alone: its own keys, at
+its own positions.
+
+On CUDA, decode steps replay CUDA graphs recorded per bucket of batch size and cache width
+(``engine_graphs.py``); on the CPU they run eagerly. Prefill always runs eagerly.
 
 Adapters: with ``AdapterSlots`` loaded into the model, each row runs its own adapter (``peft/multi.py``), the
 base model being slot 0; nothing is merged or switched per request.
 
-Sampling is per request (temperature, top_p, seed): each request owns a ``torch.Generator`` seeded with its
-seed and draws one number per token, so its tokens do not depend on its neighbours or on when it joined.
+Sampling is per request (temperature, top_k, top_p, seed): each request owns a ``torch.Generator`` seeded with
+its seed and draws one number per token, so its tokens do not depend on its neighbours or on when it joined.
+With a tokenizer, a request can also stop at strings and stream text (``generate.TextStream``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from tunesmith.engine_graphs import DecodeGraphs
 from tunesmith.errors import TunesmithError
-from tunesmith.generate import SamplingConfig, cache_argument, left_pad, next_tokens
+from tunesmith.generate import SamplingConfig, TextStream, cache_argument, left_pad, next_tokens
+from tunesmith.kv import SlotCache, attention_kinds, attention_masks
 
 
 @dataclass(eq=False)
@@ -40,45 +43,69 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     adapter: str | None = None
     """An adapter loaded in the engine's ``AdapterSlots``; None: the base model."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer (not part of its text); needs an engine with a tokenizer."""
     on_token: Callable[[int], None] | None = None
     """Called with each new token as it is produced (the stop token is not produced)."""
+    on_text: Callable[[str], None] | None = None
+    """Called with each new piece of text (whole characters, never a part of a stop string)."""
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """None while running; "stop" (a stop token), "length" (max_new_tokens) or "cancelled"."""
+    """None while running; "stop" (a stop token or string), "length" (max_new_tokens) or "cancelled"."""
 
     def __post_init__(self):
         if not self.prompt:
             raise TunesmithError("a request needs a prompt of at least one token")
         self.stop_ids = frozenset(self.stop_ids)
+        self.stop = tuple(self.stop)
+        if any(not s for s in self.stop):
+            raise TunesmithError("a stop string cannot be empty")
         self.generator: torch.Generator | None = None
+        self.stream: TextStream | None = None
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def text(self) -> str | None:
+        """The answer's text so far (with a tokenizer), cut before a stop string."""
+        return None if self.stream is None else self.stream.emitted
+
 
 class Engine:
     """Continuous batching over ``model`` (in eval mode). ``submit`` queues a request; ``step`` advances every
-    running request by one token; ``run`` steps until nothing is left."""
+    running request by one token; ``run`` steps until nothing is left. ``graphs``: record decode steps as CUDA
+    graphs (default: on CUDA)."""
 
-    def __init__(self, model, *, pad_id: int, max_batch: int = 64, adapters=None):
+    def __init__(self, model, *, pad_id: int, max_batch: int = 64, adapters=None, tokenizer=None,
+                 graphs: bool | None = None):
+        attention_kinds(model.config)  # a model the cache cannot hold is refused before any request
         self.model = model
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.adapters = adapters
+        self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self._cache = None  # the running rows' KV cache, left-padded
-        self._mask = None  # their attention mask over the cache's columns (0 on pads)
+        self.running: list[Request] = []  # running[i] lives in cache row i
+        self.lengths: list[int] = []  # tokens in each running row's cache
+        self.cache = SlotCache(model.config.num_hidden_layers, self.device)
         self._next: dict[Request, int] = {}  # each running request's sampled token, fed at the next decode
         self._cache_key = cache_argument(model)
+        use_graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.graphs = DecodeGraphs(self) if use_graphs else None
 
     def submit(self, request: Request) -> Request:
         if self.adapters is not None:
             self.adapters.slot(request.adapter)  # an unknown name is refused now, not mid-batch
         elif request.adapter is not None:
             raise TunesmithError(f"request for adapter {request.adapter!r}, but this engine serves no adapters")
+        if request.stop or request.on_text is not None:
+            if self.tokenizer is None:
+                raise TunesmithError("stop strings and text streaming need an engine made with a tokenizer")
+            request.stream = TextStream(self.tokenizer, stops=request.stop)
         request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
         if request.sampling.max_new_tokens == 0:
             request.finish_reason = "length"
@@ -100,9 +127,10 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One token for every running request, and the first for every request that joins: the running rows
-        decode on their cache, then the joiners are prefilled together and merged in (no row waits)."""
+        decode, then the joiners are prefilled together into free rows (no row waits)."""
         self._leave()
-        joining = self._admit()
+        room = self.max_batch - len(self.running)
+        joining, self.waiting = self.waiting[:max(room, 0)], self.waiting[max(room, 0):]
         if self.running:
             self._decode()
         if joining:
@@ -111,108 +139,117 @@ class Engine:
 
     # --- the batch
 
-    def _admit(self) -> list[Request]:
-        room = self.max_batch - len(self.running)
-        if room <= 0 or not self.waiting or (self.running and not self._mergeable()):
-            return []
-        joining, self.waiting = self.waiting[:room], self.waiting[room:]
-        return joining
-
     def _prefill(self, joining: list[Request]) -> None:
-        ids, mask = left_pad([r.prompt for r in joining], self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(joining, ids, mask, positions, cache)
-        self._merge(joining, cache, mask)
+        ids, pads = left_pad([r.prompt for r in joining], self.pad_id, self.device)
+        width = ids.shape[1]
+        positions = (pads.cumsum(-1) - 1).clamp(min=0)
+        lengths = [len(r.prompt) for r in joining]
+        shift = torch.tensor([width - n for n in lengths], device=self.device)
+        sources = (shift[:, None] + torch.arange(width, device=self.device)).clamp(max=width - 1)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        allowed = causal[None] & pads.bool()[:, None, :]
+        masks = attention_masks(self.model.config, allowed, positions, positions, self.dtype)
+        first = len(self.running)
+        self.cache.prefill(first, sources, rows=first + len(joining))
+        logits = self._forward([r.adapter for r in joining], ids, masks, positions, prefill=True)
+        self.running = self.running + joining
+        self.lengths = self.lengths + lengths
         self._take(joining, logits)
 
     def _decode(self) -> None:
-        ids = torch.tensor([[self._next[r]] for r in self.running], dtype=torch.long, device=self.device)
-        positions = self._mask.sum(-1, keepdim=True)  # a row's real tokens so far: the new token's position
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.running), 1)], dim=-1)
-        logits = self._forward(self.running, ids, self._mask, positions, self._cache)
+        count, width = len(self.running), max(self.lengths) + 1
+        self.cache.reserve(count, width)
+        names = [r.adapter for r in self.running]
+        tokens = [self._next[r] for r in self.running]
+        if self.graphs is not None:
+            logits = self.graphs.decode(tokens, self.lengths, names, width)
+        else:
+            columns = torch.tensor(self.lengths, device=self.device)
+            ids = torch.tensor(tokens, device=self.device)[:, None]
+            masks, positions = self.decode_inputs(columns, width)
+            self.cache.decode(count, columns, width)
+            logits = self._forward(names, ids, masks, positions)
+        self.lengths = [n + 1 for n in self.lengths]
         self._take(self.running, logits)
 
-    def _forward(self, requests, ids, mask, positions, cache) -> torch.Tensor:
-        call = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{self._cache_key: cache})
-        if self.adapters is None:
-            return self.model(**call).logits[:, -1].float()
-        with self.adapters.rows([r.adapter for r in requests]):
-            return self.model(**call).logits[:, -1].float()
+    def decode_inputs(self, columns: torch.Tensor, width: int):
+        """The masks and position ids of a decode step whose rows hold ``columns`` tokens (device tensors only:
+        a recorded graph computes them on replay)."""
+        keys = torch.arange(width, device=self.device)[None, :]
+        positions = columns[:, None]
+        allowed = (keys <= positions)[:, None, :]
+        return attention_masks(self.model.config, allowed, positions, keys.expand(len(columns), -1),
+                               self.dtype), positions
+
+    def forward(self, ids, masks, positions) -> torch.Tensor:
+        """Last-position logits (float) of one step through the cache as set up by ``prefill`` / ``decode``."""
+        return self.model(input_ids=ids, attention_mask=masks, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **{self._cache_key: self.cache}).logits[:, -1].float()
+
+    def _forward(self, names, ids, masks, positions, prefill: bool = False) -> torch.Tensor:
+        rows = self.adapters.rows(names, stacked=not prefill) if self.adapters is not None else \
+            contextlib.nullcontext()
+        with rows:
+            return self.forward(ids, masks, positions)
 
     def _take(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """Sample each row's next token and record it; a stop token or the budget finishes the request."""
-        for i, request in enumerate(requests):
-            token = int(next_tokens(logits[i:i + 1], request.sampling, [request.generator])[0])
+        """Sample each row's next token and record it; a stop token, a stop string or the budget finishes the
+        request."""
+        picks = logits.argmax(dim=-1)
+        sampled = [i for i, r in enumerate(requests) if r.sampling.temperature > 0]
+        if sampled:
+            picks = picks.clone()
+            for i in sampled:
+                picks[i] = next_tokens(logits[i:i + 1], requests[i].sampling, [requests[i].generator])[0]
+        for request, token in zip(requests, picks.tolist()):
             self._next[request] = token
             if request.done:  # cancelled while its row was in flight
                 continue
             if token in request.stop_ids:
-                request.finish_reason = "stop"
+                self._finish(request, "stop")
                 continue
             request.tokens.append(token)
             if request.on_token is not None:
                 request.on_token(token)
+            if request.stream is not None:
+                self._text(request, request.stream.push(token))
+                if request.stream.stopped:
+                    self._finish(request, "stop")
+                    continue
             if len(request.tokens) >= request.sampling.max_new_tokens:
-                request.finish_reason = "length"
+                self._finish(request, "length")
 
-    def _merge(self, joining: list[Request], cache, mask: torch.Tensor) -> None:
-        """Append ``joining``'s rows (their cache and mask) to the running batch, left-padding the shorter."""
-        if not self.running:
-            self.running, self._cache, self._mask = list(joining), cache, mask
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        self._cache = self._rebuilt([(torch.cat([_left(k1, width), _left(k2, width)]),
-                                      torch.cat([_left(v1, width), _left(v2, width)]))
-                                     for (k1, v1), (k2, v2) in zip(_tensors(self._cache), _tensors(cache))])
-        self._mask = torch.cat([_left(self._mask, width, dim=1), _left(mask, width, dim=1)])
-        self.running = self.running + list(joining)
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        if request.stream is not None:
+            self._text(request, request.stream.flush())
+
+    @staticmethod
+    def _text(request: Request, piece: str) -> None:
+        if piece and request.on_text is not None:
+            request.on_text(piece)
 
     def _leave(self) -> None:
-        """Drop finished rows from the batch (their cache rows too), and trim pad columns no row needs."""
+        """Drop finished rows: the last running rows move into the rows they free."""
+        count = len(self.running)
         keep = [i for i, r in enumerate(self.running) if not r.done]
-        if len(keep) == len(self.running):
+        if len(keep) == count:
             return
         for request in self.running:
             if request.done:
                 self._next.pop(request, None)
-        if not keep:
-            self.running, self._cache, self._mask = [], None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self.running = [self.running[i] for i in keep]
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        unused = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns every row pads
-        if unused and self._mergeable():
-            self._mask = self._mask[:, unused:]
-            self._cache = self._rebuilt([(k[:, :, unused:], v[:, :, unused:]) for k, v in _tensors(self._cache)])
-
-    def _rebuilt(self, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-        """A fresh cache holding ``tensors`` (keys, values per layer), filled through the cache's own ``update``."""
-        cache = DynamicCache(config=self.model.config)
-        for index, (keys, values) in enumerate(tensors):
-            cache.update(keys, values, index)
-        return cache
-
-    def _mergeable(self) -> bool:
-        return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
-
-
-def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's (keys, values), read only."""
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _left(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """``tensor`` padded with zeros on the left of ``dim`` to ``width``."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+                if request.stream is not None and request.finish_reason == "cancelled":
+                    self._text(request, request.stream.flush())
+        size = len(keep)
+        holes = [i for i in range(size) if self.running[i].done]
+        movers = [i for i in keep if i >= size]
+        if movers:
+            self.cache.move(movers, holes)
+        order = list(range(size))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        self.running = [self.running[i] for i in order]
+        self.lengths = [self.lengths[i] for i in order]
 
 
 def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int], pad_id: int,

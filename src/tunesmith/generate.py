@@ -34,6 +34,8 @@ class SamplingConfig:
     """Softmax temperature; 0 means greedy (argmax, ties go to the lowest token id)."""
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    top_k: int = 0
+    """Sample only among the ``top_k`` most likely tokens (0: no limit); applied before ``top_p``."""
     seed: int = 0
     """Seed of the request's random stream (see ``engine.py`` for what is reproducible)."""
 
@@ -44,6 +46,8 @@ class SamplingConfig:
             raise TunesmithError(f"sampling.temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise TunesmithError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise TunesmithError(f"sampling.top_k must be >= 0 (0: no limit), got {self.top_k}")
 
 
 def cache_argument(model) -> str:
@@ -69,11 +73,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 
 def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from ``(batch, vocab)`` logits: greedy, or temperature + nucleus sampling.
+    """One token per row from ``(batch, vocab)`` logits: greedy, or temperature + top-k + nucleus sampling.
 
     With p = softmax(logits / T) sorted descending (stable, so ties keep the lower id first) and
-    c_i = p_1 + ... + p_i, token i is kept while c_i - p_i < top_p: the smallest prefix whose mass reaches
-    top_p, never empty since c_1 - p_1 = 0. Sampling is by inverse CDF over the kept tokens: with u ~ U[0, 1)
+    c_i = p_1 + ... + p_i, token i is kept while i <= top_k (when top_k > 0) and c_i - p_i < top_p: the
+    smallest prefix whose mass reaches top_p, never empty since c_1 - p_1 = 0. Sampling is by inverse CDF over the kept tokens: with u ~ U[0, 1)
     from the row's generator, pick the first kept i with c_i > u · c_k (c_k the kept mass), so no
     renormalisation is needed.
     """
@@ -84,6 +88,8 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: list
     kept = torch.ones_like(sorted_probs, dtype=torch.bool)
     if sampling.top_p < 1:  # at top_p = 1 rounding in the cumsum could otherwise drop the far tail
         kept = (sorted_probs.cumsum(dim=-1) - sorted_probs) < sampling.top_p
+    if sampling.top_k:
+        kept[..., sampling.top_k:] = False
     cumulative = (sorted_probs * kept).cumsum(dim=-1)
     uniforms = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])
     thresholds = uniforms[:, None] * cumulative[:, -1:]
@@ -136,3 +142,41 @@ class StreamDecoder:
         increment = text[len(self.emitted):]
         self.emitted = text
         return increment
+
+
+class TextStream(StreamDecoder):
+    """A ``StreamDecoder`` that ends at the first of ``stops`` (strings): ``push`` never returns a piece of text
+    that might be the start of a stop string (it is held until the text shows it is not), and once a stop
+    string appears, ``stopped`` is set and the text ends just before it. ``emitted`` is the answer's text."""
+
+    def __init__(self, tokenizer, *, stops: tuple[str, ...] = (), skip_special_tokens: bool = False):
+        super().__init__(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.stops = tuple(stops)
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.token_ids.append(token_id)
+        text = self.text
+        hits = [i for i in (text.find(stop, max(0, len(self.emitted) - len(stop) + 1)) for stop in self.stops)
+                if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(text[:min(hits)])
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        return self._emit(text[:len(text) - self._held(text)])
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._emit(self.text)
+
+    def _held(self, text: str) -> int:
+        """The length of the longest end of ``text`` that begins a stop string (not yet a whole one)."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

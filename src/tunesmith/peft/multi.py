@@ -1,18 +1,22 @@
 """Many LoRA adapters over one base model, each row of a batch with its own (for generation; training uses
 ``LoRALinear``).
 
-Each adapted layer holds its adapters stacked by slot: A as (S+1)×R×d_in, B as (S+1)×d_out×R and a scale per
-slot, where R is the largest rank among the adapters and slot 0 means "no adapter" (zeros). A lower-rank
-adapter is zero-padded to R, and a layer an adapter does not target keeps zeros in its slot: padded rows of A
-and columns of B contribute exact zeros. For a batch whose row i uses slot kᵢ:
+Each adapted layer holds its adapters stacked by slot: A as ((S+1)·R)×d_in and B as d_out×((S+1)·R), slot s
+owning the block of R rows of A and R columns of B at s·R, where R is the largest rank among the adapters and
+slot 0 means "no adapter" (zeros); B is stored already multiplied by the adapter's scale. A lower-rank adapter
+is zero-padded to R, and a layer an adapter does not target keeps zeros in its slot: padded rows of A and
+columns of B contribute exact zeros. For a batch whose row i uses slot kᵢ:
 
-    yᵢ = W xᵢ + b + s_kᵢ · B_kᵢ (A_kᵢ xᵢ)
+    yᵢ = W xᵢ + b + B_kᵢ (A_kᵢ xᵢ)
 
 computed segment by segment when a batch holds few adapters (the idea of Punica's SGMV kernel): the rows of one
-adapter go through its own A and B (views of the stack at the adapter's rank, nothing gathered or copied) and
-their updates are added into those rows; with more adapters, as two batched products over every row's gathered
-A and B (the idea of BGMV), one product instead of one per adapter. Nothing is merged, unmerged or switched per request: the rows' slots are an input of the
-forward, a ``RowPlan`` that every layer reads and ``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output untouched.
+adapter go through its own block of A and B (views, nothing gathered or copied) and their updates are added
+into those rows. With more adapters, every row goes through the whole stack in two products, its own block kept
+by a 0/1 mask over the R·(S+1) columns (the idea of BGMV, without gathering a matrix per row: each adapter's
+weights are read once per step, however many rows use it). Nothing is merged, unmerged or switched per
+request: the rows' slots are an input of the forward, a ``RowPlan`` that every layer reads and
+``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output
+untouched.
 """
 
 from __future__ import annotations
@@ -30,65 +34,67 @@ from tunesmith.peft.io import KEY_PREFIX, read_adapter
 from tunesmith.peft.lora import LoRAConfig
 
 
-# Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it one
-# gathered product over every row costs less than a product per adapter (benchmarks/cpu_generate.py).
+# Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it the
+# whole stack in two products costs less than a product per adapter (benchmarks/cpu_generate.py).
 SEGMENTS_MAX = 2
 
 
 @dataclass
 class RowPlan:
     """Which rows of the batch being run use which adapter: ``groups`` (slot, row indices or None for every row)
-    for the adapters present, ``slot_of_row`` the same row by row. Empty outside ``AdapterSlots.rows``."""
+    for the adapters present, or ``columns``, each row's 0/1 mask over the stacked adapters' columns, when the
+    whole stack is used. Empty outside ``AdapterSlots.rows``."""
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
-    slot_of_row: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
 
 
 class MultiLoRALinear(nn.Module):
     """``base_layer`` plus, per row, the update of the adapter in that row's slot (see the module's maths)."""
 
-    def __init__(self, base_layer: nn.Module, slots: int, rank: int, batch: RowPlan):
+    def __init__(self, base_layer: nn.Module, slots: int, rank: int, batch: RowPlan, dtype: torch.dtype):
         super().__init__()
         self.base_layer = base_layer
-        weight = base_layer.weight
-        self.register_buffer("lora_A", torch.zeros(slots + 1, rank, base_layer.in_features, dtype=weight.dtype,
-                                                   device=weight.device))
-        self.register_buffer("lora_B", torch.zeros(slots + 1, base_layer.out_features, rank, dtype=weight.dtype,
-                                                   device=weight.device))
-        self.register_buffer("scaling", torch.zeros(slots + 1, dtype=weight.dtype, device=weight.device))
+        device = base_layer.weight.device
+        self.rank = rank
+        self.register_buffer("lora_A", torch.zeros((slots + 1) * rank, base_layer.in_features, dtype=dtype,
+                                                   device=device))
+        self.register_buffer("lora_B", torch.zeros(base_layer.out_features, (slots + 1) * rank, dtype=dtype,
+                                                   device=device))
         self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
         self.batch = batch  # which rows use which slot: AdapterSlots' one plan, shared by every layer
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        r = a.shape[0]
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :r] = a
-        self.lora_B[slot, :, :r] = b
-        self.scaling[slot] = scaling
+        r, start = a.shape[0], slot * self.rank
+        block = slice(start, start + self.rank)
+        self.lora_A[block].zero_()
+        self.lora_B[:, block].zero_()
+        self.lora_A[start:start + r] = a
+        self.lora_B[:, start:start + r] = b.to(torch.float32) * scaling
         self.ranks[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        groups, slot_of_row = self.batch.groups, self.batch.slot_of_row
-        if not groups:
+        plan = self.batch
+        if plan.columns is not None:  # the whole stack, each row masked to its own block
+            rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)
+            hidden = (rows @ self.lora_A.T) * plan.columns
+            update = torch.addmm(out.reshape(-1, out.shape[-1]).to(hidden.dtype),
+                                 hidden.reshape(-1, hidden.shape[-1]), self.lora_B.T)
+            return update.reshape(out.shape).to(out.dtype)
+        if not plan.groups:
             return out
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in): each row its own adapter
-        if len(groups) > SEGMENTS_MAX:  # many adapters in the batch: one gathered product for all rows
-            a, b = self.lora_A[slot_of_row], self.lora_B[slot_of_row]
-            delta = torch.bmm(torch.bmm(rows.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
-            delta = delta * self.scaling[slot_of_row][:, None, None]
-            return out + delta.reshape(out.shape).to(out.dtype)
         update = out.reshape(x.shape[0], -1, out.shape[-1])
-        for slot, index in groups:
+        for slot, index in plan.groups:
             r = self.ranks.get(slot, 0)
             if r == 0:  # this adapter does not adapt this layer
                 continue
-            a, b = self.lora_A[slot, :r], self.lora_B[slot, :, :r]  # views: nothing is copied per step
+            start = slot * self.rank
+            a, b = self.lora_A[start:start + r], self.lora_B[:, start:start + r]  # views: nothing is copied
             part = rows if index is None else rows.index_select(0, index)
-            delta = ((part.to(a.dtype) @ a.T) @ b.T) * self.scaling[slot]
-            update = update + delta.to(out.dtype) if index is None else update.index_add(0, index,
-                                                                                         delta.to(out.dtype))
+            delta = ((part.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+            update = update + delta if index is None else update.index_add(0, index, delta)
         return update.reshape(out.shape)
 
 
@@ -108,11 +114,16 @@ class AdapterSlots:
         targets = sorted({layer for _, names, _ in loaded.values() for layer in names})
         rank = max((config.rank_for(layer) for config, names, _ in loaded.values() for layer in names), default=1)
         self.plan = RowPlan()
+        self.rank = rank
         self.layers: dict[str, MultiLoRALinear] = {}
         for layer in targets:
             parent_name, _, child = layer.rpartition(".")
             parent = model.get_submodule(parent_name)
-            self.layers[layer] = MultiLoRALinear(getattr(parent, child), len(adapters), rank, self.plan)
+            base = getattr(parent, child)
+            weight = base.weight
+            dtype = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None) or \
+                torch.float32  # a 4-bit base: its compute dtype
+            self.layers[layer] = MultiLoRALinear(base, len(adapters), rank, self.plan, dtype)
             setattr(parent, child, self.layers[layer])
         for name, (config, names, tensors) in loaded.items():
             for layer in names:
@@ -130,15 +141,39 @@ class AdapterSlots:
         return self.slots[name]
 
     @contextmanager
-    def rows(self, names: list[str | None]) -> Iterator[None]:
-        """Within the block, row i of every batch the model runs uses adapter ``names[i]`` (None: the base)."""
-        device = next(iter(self.layers.values())).lora_A.device if self.layers else None
+    def rows(self, names: list[str | None], *, stacked: bool = True) -> Iterator[None]:
+        """Within the block, row i of every batch the model runs uses adapter ``names[i]`` (None: the base).
+        ``stacked=False`` computes segment by segment whatever the count (prefill: many tokens per row, where a
+        product per adapter costs little and the whole stack's products much)."""
         slots = [self.slot(name) for name in names]
-        groups = [(slot, None if len(set(slots)) == 1 else
-                   torch.tensor([i for i, s in enumerate(slots) if s == slot], dtype=torch.long, device=device))
-                  for slot in sorted(set(slots) - {0})]
-        self.plan.groups, self.plan.slot_of_row = groups, torch.tensor(slots, dtype=torch.long, device=device)
+        present = sorted(set(slots) - {0})
+        if stacked and len(present) > SEGMENTS_MAX:
+            with self.indexed(torch.tensor(slots, dtype=torch.long, device=self._device())):
+                yield
+            return
+        self.plan.groups = [(slot, None if len(set(slots)) == 1 else
+                             torch.tensor([i for i, s in enumerate(slots) if s == slot], dtype=torch.long,
+                                          device=self._device()))
+                            for slot in present]
         try:
             yield
         finally:
-            self.plan.groups, self.plan.slot_of_row = [], None
+            self.plan.groups = []
+
+    @contextmanager
+    def indexed(self, slots: torch.Tensor) -> Iterator[None]:
+        """Like ``rows``, with the rows' slots given as a device tensor and every row through the whole stack
+        (what a recorded CUDA graph replays: no host value decides anything)."""
+        if not self.layers:
+            yield
+            return
+        column_slots = torch.arange(len(self.slots) + 1, device=slots.device).repeat_interleave(self.rank)
+        dtype = next(iter(self.layers.values())).lora_A.dtype
+        self.plan.columns = (slots[:, None] == column_slots[None, :]).to(dtype)[:, None, :]
+        try:
+            yield
+        finally:
+            self.plan.columns = None
+
+    def _device(self) -> torch.device | None:
+        return next(iter(self.layers.values())).lora_A.device if self.layers else None
