@@ -213,3 +213,25 @@ def test_rows_keep_their_cache_when_others_leave_out_of_order(model):
     engine.run()
     for request, prompt, budget in zip(requests, prompts, budgets):
         assert request.tokens == _alone(model, prompt, SamplingConfig(max_new_tokens=budget))
+
+
+def test_a_shared_prompt_start_is_computed_once_and_changes_no_tokens():
+    """Prompts sharing a long start (a system prompt): its keys are computed once and reused by the group and by
+    a request joining later, which runs only the rest of its prompt; every answer equals the prompt alone."""
+    wide = build_tiny_llama(initializer_range=0.5)
+    common = _prompt(50, 40)
+    prompts = [common + _prompt(51 + i, 2 + i) for i in range(4)]
+    seen = []
+    hook = wide.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    engine = Engine(wide, pad_id=0)
+    requests = [engine.submit(Request(p, sampling=GREEDY)) for p in prompts]
+    engine.step()
+    assert seen[:2] == [(1, 40), (4, 5)]  # the shared start once, then each prompt's own tokens
+    late = engine.submit(Request(common + [7, 8, 9], sampling=GREEDY))
+    other = engine.submit(Request(_prompt(70, 6), sampling=GREEDY))
+    engine.step()
+    assert (2, 6) in seen  # the late request's 3 own tokens, left-padded beside the other's 6
+    engine.run()
+    hook.remove()
+    for request in [*requests, late, other]:
+        assert request.tokens == _alone(wide, request.prompt), request.prompt[-3:]

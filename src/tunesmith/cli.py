@@ -51,6 +51,7 @@ def _trust_arg(p: argparse.ArgumentParser) -> None:
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_TEMPERATURE, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=_TOP_P, default=1.0)
+    p.add_argument("--top-k", type=_NON_NEGATIVE, default=0, help="sample among the k most likely (0: all)")
     p.add_argument("--max-tokens", type=_POSITIVE, default=256)
     p.add_argument("--seed", type=_SEED, default=0)
     p.add_argument("--system", help="system prompt")
@@ -259,7 +260,7 @@ def _chat_options(args):
     from tunesmith.generate import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
+                              top_k=args.top_k, seed=args.seed)
     return ChatOptions(system=args.system, reasoning=args.reasoning, sampling=sampling)
 
 

@@ -264,7 +264,8 @@ class EvalConfig(_Section):
     """Held-out rows whose greedy answers are scored (built-in task, or any data with `generate`); 0: none."""
     loss_rows: int | None = Field(None, gt=0)
     """Held-out rows for loss / perplexity (None: all)."""
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(64, gt=0)
+    """Most answers generated at once (the engine's batch; the next row joins as an answer ends)."""
     max_new_tokens: int = Field(48, gt=0)
     report_examples: int = Field(12, ge=0)
 

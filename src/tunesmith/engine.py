@@ -33,6 +33,9 @@ from tunesmith.errors import TunesmithError
 from tunesmith.generate import SamplingConfig, TextStream, cache_argument, left_pad, next_tokens
 from tunesmith.kv import SlotCache, attention_kinds, attention_masks
 
+PREFIX_MIN = 32  # tokens: a shorter shared start is not worth its own forward
+PREFIXES_MAX = 8  # stored prefixes (one per adapter); the oldest goes first
+
 
 @dataclass(eq=False)
 class Request:
@@ -93,6 +96,7 @@ class Engine:
         self.lengths: list[int] = []  # tokens in each running row's cache
         self.cache = SlotCache(model.config.num_hidden_layers, self.device)
         self._next: dict[Request, int] = {}  # each running request's sampled token, fed at the next decode
+        self._prefixes: dict[str | None, tuple[list[int], list]] = {}  # adapter → (shared start, its keys)
         self._cache_key = cache_argument(model)
         use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self.graphs = DecodeGraphs(self) if use_graphs else None
@@ -140,21 +144,74 @@ class Engine:
     # --- the batch
 
     def _prefill(self, joining: list[Request]) -> None:
-        ids, pads = left_pad([r.prompt for r in joining], self.pad_id, self.device)
-        width = ids.shape[1]
-        positions = (pads.cumsum(-1) - 1).clamp(min=0)
-        lengths = [len(r.prompt) for r in joining]
-        shift = torch.tensor([width - n for n in lengths], device=self.device)
-        sources = (shift[:, None] + torch.arange(width, device=self.device)).clamp(max=width - 1)
+        """Prefill ``joining`` in one forward into the rows after the running ones. A row whose prompt starts with
+        a stored prefix (of its adapter) runs only the rest, attending to the prefix's keys first."""
+        self._learn_prefixes(joining)
+        prefixes = [self._prefix_of(r) for r in joining]
+        shared = [0 if p is None else len(p[0]) for p in prefixes]
+        ids, pads = left_pad([r.prompt[n:] for r, n in zip(joining, shared)], self.pad_id, self.device)
+        count, width, head = len(joining), ids.shape[1], max(shared)
+        start = torch.tensor(shared, device=self.device)[:, None]
+        positions = start + (pads.cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         allowed = causal[None] & pads.bool()[:, None, :]
-        masks = attention_masks(self.model.config, allowed, positions, positions, self.dtype)
+        key_positions = positions
+        columns = torch.arange(head + width, device=self.device)[None, :]
+        suffix = torch.tensor([width - len(r.prompt) + n for r, n in zip(joining, shared)], device=self.device)
+        sources = torch.where(columns < start, head - start + columns, head + suffix[:, None] + columns - start)
+        prefix = None
+        if head:  # the prefixes' keys, left-padded to the longest, before the group's own
+            prefix_columns = torch.arange(head, device=self.device)[None, :] - (head - start)
+            allowed = torch.cat([(prefix_columns >= 0)[:, None, :].expand(-1, width, -1), allowed], dim=2)
+            key_positions = torch.cat([prefix_columns.clamp(min=0), positions], dim=1)
+            prefix = [tuple(torch.cat([_left(p[1][layer][i], head) if p else _left(None, head, like=kv[i])
+                                       for p in prefixes]) for i in range(2))
+                      for layer, kv in enumerate(next(p for p in prefixes if p)[1])]
+        masks = attention_masks(self.model.config, allowed, positions, key_positions, self.dtype)
         first = len(self.running)
-        self.cache.prefill(first, sources, rows=first + len(joining))
+        self.cache.prefill(first, sources.clamp(max=head + width - 1), rows=first + count, prefix=prefix)
         logits = self._forward([r.adapter for r in joining], ids, masks, positions, prefill=True)
         self.running = self.running + joining
-        self.lengths = self.lengths + lengths
+        self.lengths = self.lengths + [len(r.prompt) for r in joining]
         self._take(joining, logits)
+
+    def _prefix_of(self, request: Request):
+        stored = self._prefixes.get(request.adapter)
+        if stored is None or len(request.prompt) <= len(stored[0]) or request.prompt[:len(stored[0])] != stored[0]:
+            return None
+        return stored
+
+    def _learn_prefixes(self, joining: list[Request]) -> None:
+        """Store the keys of the start that two or more joiners of one adapter share (at least PREFIX_MIN tokens,
+        e.g. a system prompt), computed once, for them and for whoever joins later with the same start."""
+        by_adapter: dict[str | None, list[list[int]]] = {}
+        for request in joining:
+            if self._prefix_of(request) is None:
+                by_adapter.setdefault(request.adapter, []).append(request.prompt)
+        for adapter, prompts in by_adapter.items():
+            if len(prompts) < 2:
+                continue
+            shared = min(len(p) for p in prompts) - 1
+            for position in range(shared):
+                if any(p[position] != prompts[0][position] for p in prompts):
+                    shared = position
+                    break
+            if shared < PREFIX_MIN:
+                continue
+            tokens = prompts[0][:shared]
+            ids = torch.tensor([tokens], device=self.device)
+            positions = torch.arange(shared, device=self.device)[None, :]
+            allowed = torch.ones(shared, shared, dtype=torch.bool, device=self.device).tril()[None]
+            masks = attention_masks(self.model.config, allowed, positions, positions, self.dtype)
+            collected = self.cache.collect()
+            self._forward([adapter], ids, masks, positions, prefill=True)
+            if len(self._prefixes) >= PREFIXES_MAX and adapter not in self._prefixes:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[adapter] = (tokens, collected)
+
+    def forget_prefixes(self) -> None:
+        """Drop the stored prefixes (an adapter's weights changed)."""
+        self._prefixes.clear()
 
     def _decode(self) -> None:
         count, width = len(self.running), max(self.lengths) + 1
@@ -250,6 +307,16 @@ class Engine:
             order[hole] = mover
         self.running = [self.running[i] for i in order]
         self.lengths = [self.lengths[i] for i in order]
+
+
+def _left(tensor: torch.Tensor | None, width: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor`` (1, heads, n, dim) padded with zeros on the left of its columns to ``width``; None: all zeros
+    shaped like ``like``."""
+    if tensor is None:
+        return like.new_zeros(1, like.shape[1], width, like.shape[3])
+    if tensor.shape[2] == width:
+        return tensor
+    return torch.cat([tensor.new_zeros(1, tensor.shape[1], width - tensor.shape[2], tensor.shape[3]), tensor], dim=2)
 
 
 def generate(model, prompts: list[list[int]], *, sampling: SamplingConfig, stop_ids: Iterable[int], pad_id: int,

@@ -39,9 +39,10 @@ class DecodeGraphs:
         batch = min(_bucket(count), max(_bucket(engine.max_batch), count))
         engine.cache.reserve(max(_bucket(engine.max_batch), batch), width)
         width = engine.cache.shape[1]  # every allocated column: one graph per batch bucket, not per length
-        if self.version != engine.cache.version:
+        version = (engine.cache.version, getattr(engine.adapters, "version", 0))
+        if self.version != version:  # buffers the graphs read were reallocated
             self.graphs.clear()
-            self.version = engine.cache.version
+            self.version = version
         adapters = engine.adapters is not None and any(name is not None for name in names)
         slots = [engine.adapters.slot(name) for name in names] if adapters else []
         host = torch.tensor([tokens + [engine.pad_id] * (batch - count), lengths + [0] * (batch - count),

@@ -15,8 +15,8 @@ only when a row or a column is missing, and a sequence that leaves frees its row
 row into it.
 
 A joining group is prefilled left-padded (``generate.py`` draws that layout) with this cache in "prefill" mode:
-the group's keys attend among themselves and are copied, shifted left past each row's pads, into the rows
-given to the group.
+the group's keys attend among themselves (after a shared prefix's, when the engine has one) and are copied,
+shifted left past each row's pads, into the rows given to the group.
 """
 
 from __future__ import annotations
@@ -99,11 +99,18 @@ class SlotCache:
                     buffers.append(grown)
         self.version += 1
 
-    def prefill(self, first_row: int, sources: torch.Tensor, rows: int) -> None:
+    def prefill(self, first_row: int, sources: torch.Tensor, rows: int, prefix=None) -> None:
         """The next forward prefills rows [first_row, rows): ``sources`` (rows, columns) gives, for each column of
-        a cache row, the column of the left-padded group it copies (a row's pads are skipped)."""
+        a cache row, the column of the left-padded group it copies (a row's pads are skipped). ``prefix``: per
+        layer, (keys, values) computed before for the rows' shared start, attended before the group's own."""
         self.reserve(rows, sources.shape[1])
-        self._target = ("prefill", first_row, sources)
+        self._target = ("prefill", first_row, sources, prefix)
+
+    def collect(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The next forward only records each layer's (keys, values), returned here (filled by the forward)."""
+        collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._target = ("collect", collected)
+        return collected
 
     def decode(self, batch: int, columns: torch.Tensor, width: int) -> None:
         """The next forward decodes one token for rows [0, batch): row i's key goes to column ``columns[i]``,
@@ -125,11 +132,17 @@ class SlotCache:
         if self._target is None:
             raise TunesmithError("SlotCache.update outside a prefill or decode step")
         mode, *target = self._target
+        if mode == "collect":
+            target[0].append((key_states, value_states))
+            return key_states, value_states
         if self.like is None:
             self.like = (key_states.shape[1], key_states.shape[3], key_states.dtype)
             self.reserve(*self._wanted)
         if mode == "prefill":
-            first, sources = target
+            first, sources, prefix = target
+            if prefix is not None:
+                key_states = torch.cat([prefix[layer_idx][0], key_states], dim=2)
+                value_states = torch.cat([prefix[layer_idx][1], value_states], dim=2)
             index = sources[:, None, :, None].expand(-1, key_states.shape[1], -1, key_states.shape[3])
             rows = slice(first, first + sources.shape[0])
             self.keys[layer_idx][rows, :, :sources.shape[1]] = key_states.gather(2, index)

@@ -148,3 +148,31 @@ def test_both_ways_of_computing_a_batch_give_each_row_its_adapter(adapters, rows
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], _alone(name, adapters, ids[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prefixes_of_two_lengths_in_one_prefill(adapters):
+    """Each adapter stores its own shared start; joiners of both, with starts of different lengths, prefill in one
+    forward (the shorter prefix left-padded): every answer equals its adapter alone."""
+    from tunesmith.engine import Engine, Request
+    from tunesmith.generate import SamplingConfig
+
+    def ints(seed, n):
+        return torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    sampling = SamplingConfig(max_new_tokens=6)
+    starts = {"qv2": ints(80, 40), "all4": ints(81, 34)}
+    model = build_tiny_llama().eval()
+    engine = Engine(model, pad_id=0, adapters=AdapterSlots(model, adapters))
+    first = [engine.submit(Request(starts[name] + ints(82 + i, 3), sampling=sampling, adapter=name))
+             for name in starts for i in range(2)]
+    engine.step()
+    late = [engine.submit(Request(starts[name] + ints(90 + i, 2 + i), sampling=sampling, adapter=name))
+            for i, name in enumerate(starts)]
+    engine.run()
+    for request in [*first, *late]:
+        single = build_tiny_llama().eval()
+        load_adapter(single, adapters[request.adapter])
+        alone = Engine(single, pad_id=0)
+        expected = alone.submit(Request(request.prompt, sampling=sampling))
+        alone.run()
+        assert request.tokens == expected.tokens, request.adapter

@@ -310,8 +310,19 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's linear layers by name. A serving wrapper (``serves_as_linear``: the multi-adapter layer)
+    stands for the linear layer it wraps, under that layer's name, so adapters are read against a served model
+    as against its base."""
+    modules = dict(model.named_modules())
+    return {name: module for name, module in modules.items()
+            if getattr(module, "serves_as_linear", False) or (
+                isinstance(module, nn.Linear) and not getattr(modules.get(name.rpartition(".")[0]),
+                                                              "serves_as_linear", False))}
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return list(linear_layers(model))
 
 
 def _short_name(module_name: str) -> str:
@@ -338,7 +349,7 @@ def select_target_modules(model: nn.Module, target_modules: tuple[str, ...] | st
 
     With ``strict``, every target name must match something; otherwise at least one must.
     """
-    linear = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linear = linear_layers(model)
     if target_modules == ALL_LINEAR:
         return [name for name, module in linear.items() if not _is_output_head(name, module, model)]
     selected = [name for name in linear if any(_matches(name, t) for t in target_modules)]

@@ -31,7 +31,7 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.peft.io import KEY_PREFIX, read_adapter
-from tunesmith.peft.lora import LoRAConfig
+from tunesmith.peft.lora import LoRAConfig, linear_module_names, select_target_modules
 
 
 # Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it the
@@ -52,6 +52,8 @@ class RowPlan:
 class MultiLoRALinear(nn.Module):
     """``base_layer`` plus, per row, the update of the adapter in that row's slot (see the module's maths)."""
 
+    serves_as_linear = True  # adapters are read against it as against the linear layer it wraps
+
     def __init__(self, base_layer: nn.Module, slots: int, rank: int, batch: RowPlan, dtype: torch.dtype):
         super().__init__()
         self.base_layer = base_layer
@@ -63,6 +65,25 @@ class MultiLoRALinear(nn.Module):
                                                    device=device))
         self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
         self.batch = batch  # which rows use which slot: AdapterSlots' one plan, shared by every layer
+
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+    weight = property(lambda self: self.base_layer.weight)
+
+    def resize(self, rank: int) -> None:
+        """Room for adapters of rank up to ``rank`` (each slot's block grows; what it holds stays)."""
+        slots = self.lora_A.shape[0] // self.rank
+        grown_a = self.lora_A.new_zeros(slots * rank, self.lora_A.shape[1])
+        grown_b = self.lora_B.new_zeros(self.lora_B.shape[0], slots * rank)
+        grown_a.view(slots, rank, -1)[:, :self.rank] = self.lora_A.view(slots, self.rank, -1)
+        grown_b.view(-1, slots, rank)[:, :, :self.rank] = self.lora_B.view(-1, slots, self.rank)
+        self.lora_A, self.lora_B, self.rank = grown_a, grown_b, rank
+
+    def clear_slot(self, slot: int) -> None:
+        block = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.lora_A[block].zero_()
+        self.lora_B[:, block].zero_()
+        self.ranks.pop(slot, None)
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         r, start = a.shape[0], slot * self.rank
@@ -99,38 +120,78 @@ class MultiLoRALinear(nn.Module):
 
 
 class AdapterSlots:
-    """``adapters`` (name → PEFT adapter dir) loaded into ``model`` side by side, slot i+1 for the i-th.
+    """Adapters loaded into ``model`` side by side, each in a slot (1 to ``capacity``); ``rows`` picks one per
+    row of a batch.
 
-    Every adapter is read and checked against the unwrapped base first (``read_adapter``: keys, shapes, the
-    base it was trained on), then the union of their target layers is wrapped once. Adapters of different
-    ranks and target modules share the model; ``rows`` picks one per row of a batch.
+    ``adapters`` (name → PEFT adapter dir) are loaded now; ``load`` and ``unload`` change them later (a server).
+    Every adapter is read and checked against the base first (``read_adapter``: keys, shapes, the base it was
+    trained on); the layers wrapped are those the first adapters target plus ``targets`` ("all-linear" for a
+    server, whose later adapters may target any layer). Adapters of different ranks and target modules share
+    the model: a later adapter of a higher rank grows every layer's stack (``version`` counts such changes,
+    which recorded CUDA graphs depend on).
     """
 
-    def __init__(self, model: nn.Module, adapters: dict[str, str | os.PathLike]):
+    def __init__(self, model: nn.Module, adapters: dict[str, str | os.PathLike] | None = None, *,
+                 capacity: int | None = None, targets: str | tuple[str, ...] | None = None):
+        adapters = dict(adapters or {})
         self.model = model
-        self.slots = {name: slot for slot, name in enumerate(adapters, start=1)}
-        loaded: dict[str, tuple[LoRAConfig, list[str], dict[str, torch.Tensor]]] = {
-            name: read_adapter(model, path) for name, path in adapters.items()}
-        targets = sorted({layer for _, names, _ in loaded.values() for layer in names})
-        rank = max((config.rank_for(layer) for config, names, _ in loaded.values() for layer in names), default=1)
+        self.capacity = max(capacity or 0, len(adapters), 1)
+        read = {name: read_adapter(model, path) for name, path in adapters.items()}
+        wrapped = {layer for _, names, _ in read.values() for layer in names}
+        if targets is not None:
+            wrapped |= set(select_target_modules(model, targets, strict=False))
+        self.rank = max((config.rank_for(layer) for config, names, _ in read.values() for layer in names),
+                        default=1)
         self.plan = RowPlan()
-        self.rank = rank
+        self.version = 0
+        self.slots: dict[str, int] = {}
         self.layers: dict[str, MultiLoRALinear] = {}
-        for layer in targets:
+        for layer in [name for name in linear_module_names(model) if name in wrapped]:
             parent_name, _, child = layer.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
             weight = base.weight
             dtype = weight.dtype if weight.is_floating_point() else getattr(base, "compute_dtype", None) or \
                 torch.float32  # a 4-bit base: its compute dtype
-            self.layers[layer] = MultiLoRALinear(base, len(adapters), rank, self.plan, dtype)
+            self.layers[layer] = MultiLoRALinear(base, self.capacity, self.rank, self.plan, dtype)
             setattr(parent, child, self.layers[layer])
-        for name, (config, names, tensors) in loaded.items():
-            for layer in names:
-                r, alpha = config.rank_for(layer), config.alpha_for(layer)
-                scaling = alpha / (r ** 0.5) if config.use_rslora else alpha / r
-                self.layers[layer].set_slot(self.slots[name], tensors[f"{KEY_PREFIX}{layer}.lora_A.weight"],
-                                            tensors[f"{KEY_PREFIX}{layer}.lora_B.weight"], scaling)
+        for name, adapter in read.items():
+            self.apply(name, adapter)
+
+    def load(self, name: str, path: str | os.PathLike) -> None:
+        """Read the adapter at ``path`` and put it in a free slot under ``name`` (replacing one of that name)."""
+        self.apply(name, read_adapter(self.model, path))
+
+    def apply(self, name: str, adapter: tuple[LoRAConfig, list[str], dict[str, torch.Tensor]]) -> None:
+        """Put an adapter already read (``read_adapter``) in a slot under ``name``."""
+        config, names, tensors = adapter
+        outside = [layer for layer in names if layer not in self.layers]
+        if outside:
+            raise TunesmithError(f"adapter {name!r} adapts {', '.join(outside[:4])}, which this model's adapter "
+                                 f"slots do not wrap (wrapped: {len(self.layers)} layers)")
+        slot = self.slots.get(name) or next((s for s in range(1, self.capacity + 1)
+                                             if s not in self.slots.values()), None)
+        if slot is None:
+            raise TunesmithError(f"all {self.capacity} adapter slots are in use; unload one first")
+        rank = max((config.rank_for(layer) for layer in names), default=1)
+        if rank > self.rank:
+            for layer in self.layers.values():
+                layer.resize(rank)
+            self.rank = rank
+            self.version += 1
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        for layer in names:
+            r, alpha = config.rank_for(layer), config.alpha_for(layer)
+            scaling = alpha / (r ** 0.5) if config.use_rslora else alpha / r
+            self.layers[layer].set_slot(slot, tensors[f"{KEY_PREFIX}{layer}.lora_A.weight"],
+                                        tensors[f"{KEY_PREFIX}{layer}.lora_B.weight"], scaling)
+        self.slots[name] = slot
+
+    def unload(self, name: str) -> None:
+        slot = self.slots.pop(name)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter ``name``; None is the base model (slot 0)."""
@@ -167,7 +228,7 @@ class AdapterSlots:
         if not self.layers:
             yield
             return
-        column_slots = torch.arange(len(self.slots) + 1, device=slots.device).repeat_interleave(self.rank)
+        column_slots = torch.arange(self.capacity + 1, device=slots.device).repeat_interleave(self.rank)
         dtype = next(iter(self.layers.values())).lora_A.dtype
         self.plan.columns = (slots[:, None] == column_slots[None, :]).to(dtype)[:, None, :]
         try:
