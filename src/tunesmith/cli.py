@@ -139,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _trust_arg(p)
 
+    p = verbs.add_parser("serve", help="an OpenAI-compatible server for a model and many LoRA adapters")
+    p.add_argument("--model", default="default", help="a model, or a run dir (its base, its adapter by the run's name)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter served as NAME (repeatable)")
+    p.add_argument("--adapters", metavar="DIR", help="adapter root: each subdir is an adapter, named by its dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_NON_NEGATIVE, default=8000)
+    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (or TUNESMITH_API_KEY)")
+    p.add_argument("--admin-key", help="turns on /admin/adapters/load|unload (or TUNESMITH_ADMIN_KEY)")
+    p.add_argument("--max-loaded", type=_POSITIVE, default=8, help="adapters resident at once (LRU)")
+    p.add_argument("--max-batch", type=_POSITIVE, default=32, help="sequences decoded together")
+    p.add_argument("--max-queue", type=_POSITIVE, default=256, help="requests waiting beyond the batch (then 429)")
+    p.add_argument("--max-body", type=_POSITIVE, default=1 << 20, help="largest request body in bytes (then 413)")
+    p.add_argument("--grace", type=_POSITIVE, default=600, help="seconds SIGTERM waits for running requests")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    _trust_arg(p)
+
     p = verbs.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base; write a plain HF model dir")
     p.add_argument("source", metavar="RUN_DIR_OR_ADAPTER")
     p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
@@ -360,6 +377,12 @@ def cmd_eval(args) -> None:
     print(json.dumps(report) if args.json else format_eval(report))
 
 
+def cmd_serve(args) -> None:
+    from tunesmith.serve.launch import serve
+
+    serve(args)
+
+
 def cmd_merge(args) -> None:
     from tunesmith.merge import merge
 
@@ -420,7 +443,8 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize}
+            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

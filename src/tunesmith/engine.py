@@ -52,9 +52,13 @@ class Request:
     """Called with each new token as it is produced (the stop token is not produced)."""
     on_text: Callable[[str], None] | None = None
     """Called with each new piece of text (whole characters, never a part of a stop string)."""
+    on_finish: Callable[["Request"], None] | None = None
+    """Called once when the request ends, whatever the reason (after its last text)."""
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """None while running; "stop" (a stop token or string), "length" (max_new_tokens) or "cancelled"."""
+    """None while running; "stop" (a stop token or string), "length" (max_new_tokens), "cancelled" or "error"
+    (the step failed: ``error`` says why)."""
+    error: str | None = None
 
     def __post_init__(self):
         if not self.prompt:
@@ -120,10 +124,17 @@ class Engine:
     def cancel(self, request: Request) -> None:
         """Stop ``request``; it leaves the batch before the next step (its tokens so far stay)."""
         if not request.done:
-            request.finish_reason = "cancelled"
+            self._finish(request, "cancelled")
         if request in self.waiting:
             self.waiting.remove(request)
 
+    def abort(self, error: str) -> None:
+        """End every request (a step failed: the batch's state cannot be trusted) and start empty."""
+        for request in self.running + self.waiting:
+            if not request.done:
+                request.error = error
+                self._finish(request, "error")
+        self.running, self.waiting, self.lengths, self._next = [], [], [], {}
     def run(self) -> None:
         while self.waiting or self.running:
             self.step()
@@ -280,6 +291,8 @@ class Engine:
         request.finish_reason = reason
         if request.stream is not None:
             self._text(request, request.stream.flush())
+        if request.on_finish is not None:
+            request.on_finish(request)
 
     @staticmethod
     def _text(request: Request, piece: str) -> None:
@@ -295,8 +308,6 @@ class Engine:
         for request in self.running:
             if request.done:
                 self._next.pop(request, None)
-                if request.stream is not None and request.finish_reason == "cancelled":
-                    self._text(request, request.stream.flush())
         size = len(keep)
         holes = [i for i in range(size) if self.running[i].done]
         movers = [i for i in keep if i >= size]
