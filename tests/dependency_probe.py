@@ -42,6 +42,7 @@ def verbs(model: str, work: Path) -> list[list[str]]:
         ["merge", str(run), "--out", str(work / "merged"), "--check-rows", "2"],
         ["compare", "--model", model, "--model", str(work / "merged"), "--prompt", "Hi", "--max-tokens", "2"],
         ["quantize", "report", "--model", model, "--rows", "2", "--json"],
+        ["export", model, "--gguf", str(work / "probe.gguf")],
         ["demo", f"model.source={model}", f"output_dir={work / 'runs'}", "name=demo", "eval.before=false", *quick],
     ]
 

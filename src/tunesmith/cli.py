@@ -156,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _trust_arg(p)
 
+    p = verbs.add_parser("export", help="write the merged model as a GGUF file for llama.cpp / Ollama, checked")
+    p.add_argument("source", help="a run dir, or a model (with --adapter)")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf")
+    p.add_argument("--adapter", help="a PEFT adapter dir merged first (default: the run's)")
+    p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    p.add_argument("--json", action="store_true", help="print the checks' summary as JSON")
+    _trust_arg(p)
+
     p = verbs.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base; write a plain HF model dir")
     p.add_argument("source", metavar="RUN_DIR_OR_ADAPTER")
     p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
@@ -383,6 +391,25 @@ def cmd_serve(args) -> None:
     serve(args)
 
 
+def cmd_export(args) -> None:
+    from tunesmith.export import ExportCheckFailed, export_gguf
+
+    try:
+        summary = export_gguf(args.source, args.gguf, adapter=args.adapter, kind=args.type,
+                              trust_remote_code=args.trust_remote_code)
+    except ExportCheckFailed as error:
+        print(json.dumps(error.summary, indent=2))
+        raise
+    if args.json:
+        print(json.dumps(summary))
+        return
+    logits = summary["checks"]["logits"]
+    print(f"wrote {summary['file']} ({args.type}, {summary['bytes'] / 2**20:.1f} MiB); checks passed: logits "
+          f"mean KL {logits['mean_kl']:.2e}, top-1 {logits['top1_agreement']:.1%}; tokenizer "
+          f"{summary['checks']['tokenizer']['texts']} texts; chat template; end token "
+          f"{summary['checks']['end_token']['token']}. Summary: {summary['file']}.json")
+
+
 def cmd_merge(args) -> None:
     from tunesmith.merge import merge
 
@@ -444,7 +471,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
             "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
