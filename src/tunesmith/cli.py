@@ -12,6 +12,9 @@ from pathlib import Path
 
 from tunesmith.config_limits import SEED_MAX
 from tunesmith.errors import TunesmithError, capped
+from tunesmith.export import add_export_arguments
+from tunesmith.serve.launch import add_serve_arguments
+from tunesmith.launch import launch_torchrun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,28 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_arg(p)
 
     p = verbs.add_parser("serve", help="an OpenAI-compatible server for a model and many LoRA adapters")
-    p.add_argument("--model", default="default", help="a model, or a run dir (its base, its adapter by the run's name)")
-    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter served as NAME (repeatable)")
-    p.add_argument("--adapters", metavar="DIR", help="adapter root: each subdir is an adapter, named by its dir")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_NON_NEGATIVE, default=8000)
-    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (or TUNESMITH_API_KEY)")
-    p.add_argument("--admin-key", help="turns on /admin/adapters/load|unload (or TUNESMITH_ADMIN_KEY)")
-    p.add_argument("--max-loaded", type=_POSITIVE, default=8, help="adapters resident at once (LRU)")
-    p.add_argument("--max-batch", type=_POSITIVE, default=32, help="sequences decoded together")
-    p.add_argument("--max-queue", type=_POSITIVE, default=256, help="requests waiting beyond the batch (then 429)")
-    p.add_argument("--max-body", type=_POSITIVE, default=1 << 20, help="largest request body in bytes (then 413)")
-    p.add_argument("--grace", type=_POSITIVE, default=600, help="seconds SIGTERM waits for running requests")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_serve_arguments(p, _NON_NEGATIVE, _POSITIVE)
     _trust_arg(p)
 
     p = verbs.add_parser("export", help="write the merged model as a GGUF file for llama.cpp / Ollama, checked")
-    p.add_argument("source", help="a run dir, or a model (with --adapter)")
-    p.add_argument("--gguf", required=True, metavar="OUT.gguf")
-    p.add_argument("--adapter", help="a PEFT adapter dir merged first (default: the run's)")
-    p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
-    p.add_argument("--json", action="store_true", help="print the checks' summary as JSON")
+    add_export_arguments(p)
     _trust_arg(p)
 
     p = verbs.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base; write a plain HF model dir")
@@ -306,41 +292,13 @@ def cmd_compare(args) -> None:
                   device=args.device, width=args.width, trust_remote_code=args.trust_remote_code))
 
 
-def _launch_torchrun(args) -> None:
-    """``--gpus N``: the same train command, as N processes started by torchrun on this machine."""
-    import subprocess
-
-    import torch
-
-    from tunesmith.train.dist import launched_by_torchrun
-
-    if launched_by_torchrun():
-        raise TunesmithError("--gpus starts torchrun itself; under torchrun, drop --gpus "
-                             "(torchrun's --nproc-per-node sets the number of processes)")
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if available < args.gpus:
-        raise TunesmithError(f"--gpus {args.gpus} asks for {args.gpus} CUDA GPUs but this machine has {available}; "
-                             f"use --gpus {available} or fewer" if available else
-                             f"--gpus {args.gpus} needs CUDA GPUs and this machine has none; to run {args.gpus} "
-                             f"processes on the CPU (gloo), start them with torchrun: torchrun --nproc-per-node "
-                             f"{args.gpus} -m tunesmith train ... model.device=cpu")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-               "-m", "tunesmith", "train"]
-    command += ["--config", args.config] if args.config else []
-    command += ["--resume", args.resume] if args.resume else []
-    command += ["--trust-remote-code"] if args.trust_remote_code else []
-    returncode = subprocess.run(command + ["--", *args.overrides]).returncode
-    if returncode:
-        raise SystemExit(returncode)  # rank 0 printed the error; torchrun reported which rank failed
-
-
 def cmd_train(args) -> None:
     import contextlib
 
     from tunesmith.train.dist import SharedError, launched_by_torchrun, on_rank0, process_group
 
     if args.gpus:
-        return _launch_torchrun(args)
+        return launch_torchrun(args)
     # Under torchrun every rank parses the same config: an error there is printed once, by rank 0
     quiet_rank = launched_by_torchrun() and os.environ.get("RANK", "0") != "0"
     try:
@@ -392,7 +350,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from tunesmith.export import ExportCheckFailed, export_gguf
+    from tunesmith.export import ExportCheckFailed, export_gguf, summary_line
 
     try:
         summary = export_gguf(args.source, args.gguf, adapter=args.adapter, kind=args.type,
@@ -400,14 +358,7 @@ def cmd_export(args) -> None:
     except ExportCheckFailed as error:
         print(json.dumps(error.summary, indent=2))
         raise
-    if args.json:
-        print(json.dumps(summary))
-        return
-    logits = summary["checks"]["logits"]
-    print(f"wrote {summary['file']} ({args.type}, {summary['bytes'] / 2**20:.1f} MiB); checks passed: logits "
-          f"mean KL {logits['mean_kl']:.2e}, top-1 {logits['top1_agreement']:.1%}; tokenizer "
-          f"{summary['checks']['tokenizer']['texts']} texts; chat template; end token "
-          f"{summary['checks']['end_token']['token']}. Summary: {summary['file']}.json")
+    print(json.dumps(summary) if args.json else summary_line(summary))
 
 
 def cmd_merge(args) -> None:

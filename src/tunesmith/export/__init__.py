@@ -22,8 +22,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from tunesmith.errors import TunesmithError
 
 # (mean KL ≤, top-1 agreement ≥, max |Δlogit| / logit std ≤ or None), from the embedded model's exports (README)
@@ -85,6 +83,15 @@ def export_gguf(source: str, out: str | os.PathLike, *, adapter: str | None = No
     return summary
 
 
+def add_export_arguments(p) -> None:
+    """``tunesmith export``'s flags."""
+    p.add_argument("source", help="a run dir, or a model (with --adapter)")
+    p.add_argument("--gguf", required=True, metavar="OUT.gguf")
+    p.add_argument("--adapter", help="a PEFT adapter dir merged first (default: the run's)")
+    p.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
+    p.add_argument("--json", action="store_true", help="print the checks' summary as JSON")
+
+
 class ExportCheckFailed(TunesmithError):
     def __init__(self, summary: dict):
         failed = [name for name, check in summary["checks"].items() if not check["passed"]]
@@ -118,6 +125,7 @@ def check_gguf(path: Path, reference, tokenizer, *, kind: str, end_id: int) -> d
     """Read ``path`` back (transformers' GGUF loader) and run the module's checks against ``reference`` (the
     model as it ran: base plus adapter, which the merged model equals up to rounding); a summary with
     ``passed``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.templates import render_prompt
@@ -164,3 +172,11 @@ def check_gguf(path: Path, reference, tokenizer, *, kind: str, end_id: int) -> d
     checks["end_token"] = {"eos_token_id": file_eos, "end_of_turn_id": end_id,
                            "token": tokenizer.convert_ids_to_tokens(end_id), "passed": file_eos == end_id}
     return {"passed": all(check["passed"] for check in checks.values()), "checks": checks}
+
+
+def summary_line(summary: dict) -> str:
+    logits, checks = summary["checks"]["logits"], summary["checks"]
+    return (f"wrote {summary['file']} ({summary['type']}, {summary['bytes'] / 2**20:.1f} MiB); checks passed: logits "
+            f"mean KL {logits['mean_kl']:.2e}, top-1 {logits['top1_agreement']:.1%}; tokenizer "
+            f"{checks['tokenizer']['texts']} texts; chat template; end token {checks['end_token']['token']}. "
+            f"Summary: {summary['file']}.json")

@@ -8,6 +8,24 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 
 
+def add_serve_arguments(p, whole_number, positive) -> None:
+    """``tunesmith serve``'s flags (the command line's parser and its number types)."""
+    p.add_argument("--model", default="default", help="a model, or a run dir (its base, its adapter by the run's name)")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", help="an adapter served as NAME (repeatable)")
+    p.add_argument("--adapters", metavar="DIR", help="adapter root: each subdir is an adapter, named by its dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=whole_number, default=8000)
+    p.add_argument("--api-key", help="required as 'Authorization: Bearer KEY' (or TUNESMITH_API_KEY)")
+    p.add_argument("--admin-key", help="turns on /admin/adapters/load|unload (or TUNESMITH_ADMIN_KEY)")
+    p.add_argument("--max-loaded", type=positive, default=8, help="adapters resident at once (LRU)")
+    p.add_argument("--max-batch", type=positive, default=32, help="sequences decoded together")
+    p.add_argument("--max-queue", type=positive, default=256, help="requests waiting beyond the batch (then 429)")
+    p.add_argument("--max-body", type=positive, default=1 << 20, help="largest request body in bytes (then 413)")
+    p.add_argument("--grace", type=positive, default=600, help="seconds SIGTERM waits for running requests")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+
+
 def build_server(model: str, *, adapters: list[str] = (), adapter_root: str | None = None, dtype: str = "auto",
                  device: str = "auto", trust_remote_code: bool = False, **config):
     """A ``Server`` for ``model`` (a model source, or a run dir: its base, with its adapter under the run's
