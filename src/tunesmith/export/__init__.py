@@ -26,7 +26,7 @@ from tunesmith.errors import TunesmithError
 
 # (mean KL ≤, top-1 agreement ≥, max |Δlogit| / logit std ≤ or None), from the embedded model's exports (README)
 BOUNDS = {"f16": (1e-4, 0.98, 0.1), "bf16": (1e-3, 0.95, 0.5), "q8_0": (0.02, 0.93, None),
-          "q5_1": (0.5, 0.6, None), "q5_0": (0.5, 0.6, None), "q4_1": (1.0, 0.5, None), "q4_0": (1.0, 0.5, None)}
+          "q5_1": (0.2, 0.75, None), "q5_0": (0.2, 0.75, None), "q4_1": (0.3, 0.7, None), "q4_0": (0.3, 0.7, None)}
 TEXTS = ["Hello, world!", "Grüße aus Köln — naïve café, Ωμέγα, Привет мир, 你好，世界, こんにちは, 안녕하세요",
          "emoji 👍🏽 🇫🇷 👩‍👩‍👧 ✨", "def f(x):\n\treturn x ** 2  # square\n", "    four spaces\n\n\n  and\ttabs\t\t",
          "numbers 1234567890 3.14159 -42 1e-9", "   leading and trailing   ", "JSON: {\"a\": [1, 2, {\"b\": null}]}"]

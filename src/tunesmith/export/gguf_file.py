@@ -133,7 +133,7 @@ def write_gguf(path: Path, *, state: dict[str, torch.Tensor], config, tokenizer,
     writer.add_file_type(_FILE_TYPES[kind])
     _write_tokenizer(writer, tokenizer, chat_template, end_id)
     for tensor_name, array in gguf_tensors(state, config, arch):
-        data, qtype = _encode(tensor_name, array, kind)
+        data, qtype = _encode(tensor_name, array, kind, config.num_hidden_layers)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -141,10 +141,13 @@ def write_gguf(path: Path, *, state: dict[str, torch.Tensor], config, tokenizer,
     writer.close()
 
 
+# In the 4- and 5-bit types: the embeddings, the output head, the value and down projections, and the whole
+# first and last blocks (what llama.cpp's own quantization mixes keep at higher precision) are written at 8 bits.
+EIGHT_BIT_IN_LOW_TYPES = ("token_embd.weight", "output.weight", "attn_v.weight", "ffn_down.weight")
 _FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
 
 
-def _encode(name: str, array: np.ndarray, kind: str):
+def _encode(name: str, array: np.ndarray, kind: str, blocks: int):
     """The tensor's bytes in ``kind`` (1D tensors stay f32; a row length the block size does not divide: f16)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -156,8 +159,9 @@ def _encode(name: str, array: np.ndarray, kind: str):
     if kind == "bf16":
         return gguf.quants.quantize(array.astype(np.float32), Q.BF16), Q.BF16
     qtype = {"q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}[kind]
-    if name == "output.weight" and kind != "q8_0":
-        qtype = Q.Q8_0  # the output head at 8 bits, as llama.cpp's own quantizer keeps it higher
+    index = int(name.split(".")[1]) if name.startswith("blk.") else None
+    if name.endswith(EIGHT_BIT_IN_LOW_TYPES) or (index is not None and not 0 < index < blocks - 1):
+        qtype = Q.Q8_0  # the tensors whose rounding costs most stay at 8 bits, as llama.cpp's mixes keep them
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if array.shape[-1] % block:
         return array.astype(np.float16), Q.F16
