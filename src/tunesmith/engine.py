@@ -134,7 +134,9 @@ class Engine:
             if not request.done:
                 request.error = error
                 self._finish(request, "error")
-        self.running, self.waiting, self.lengths, self._next = [], [], [], {}
+        for state in (self.running, self.waiting, self.lengths, self._next):  # the engine's own, emptied
+            state.clear()
+
     def run(self) -> None:
         while self.waiting or self.running:
             self.step()

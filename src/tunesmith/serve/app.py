@@ -284,12 +284,16 @@ def create_app(server: Server) -> FastAPI:
                   for name, count in sorted(server.requests_by_model.items())]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
+    async def _read(request: HttpRequest, kind):
+        """The checked key, then the request's body, the adapter its model names and that model's tokenizer."""
+        _check_key(request, config.api_key)
+        body = parse_body(await _body(request, config.max_body), kind, max_n=config.max_n)
+        adapter = server.resolve_model(body.model)
+        return body, adapter, server.tokenizer_for(adapter)
+
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
-        _check_key(request, config.api_key)
-        body = parse_body(await _body(request, config.max_body), ChatBody, max_n=config.max_n)
-        adapter = server.resolve_model(body.model)
-        tokenizer = server.tokenizer_for(adapter)
+        body, adapter, tokenizer = await _read(request, ChatBody)
         try:
             prompt = render_prompt(tokenizer, body.conversation(), reasoning=body.reasoning_mode())
         except (TunesmithError, ValueError) as error:
@@ -299,10 +303,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        _check_key(request, config.api_key)
-        body = parse_body(await _body(request, config.max_body), CompletionBody, max_n=config.max_n)
-        adapter = server.resolve_model(body.model)
-        tokenizer = server.tokenizer_for(adapter)
+        body, adapter, tokenizer = await _read(request, CompletionBody)
         prompt = tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
         if not prompt:
             raise ServeError(400, "the prompt is empty", code="empty_prompt")
