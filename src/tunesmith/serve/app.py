@@ -1,8 +1,8 @@
 """The HTTP side of ``tunesmith serve``: OpenAI's routes on FastAPI over one engine (``worker.py``).
 
 Every generating request becomes ``n`` engine requests; their text comes back through an asyncio queue as the
-engine produces it (server-sent events when ``stream`` is on). Adapters load on first use, at most
-``max_loaded`` at once: the least recently used one that no request is using goes first.
+engine produces it (server-sent events when ``stream`` is on). Which adapters are resident, and when one loads or
+goes, is ``resident.py``'s part.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.engine import Engine, Request
 from tunesmith.errors import TunesmithError
 from tunesmith.generate import SamplingConfig
-from tunesmith.peft.io import read_adapter
 from tunesmith.serve.registry import AdapterRegistry, ServeError, check_name
+from tunesmith.serve.resident import ResidentAdapters
 from tunesmith.serve.requests import ChatBody, CompletionBody, parse_body
 from tunesmith.serve.worker import Worker
 from tunesmith.templates import render_prompt, stop_token_ids
@@ -49,80 +49,16 @@ class Server:
         self.engine = Engine(model, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                              max_batch=config.max_batch, adapters=slots, tokenizer=tokenizer)
         self.worker = Worker(self.engine)
-        self.loaded: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently used first
-        self.in_use: collections.Counter = collections.Counter()
         self.outstanding = 0  # engine requests submitted and not finished
         self.requests_by_model: collections.Counter = collections.Counter()
-        self.load_lock = asyncio.Lock()
-        self.freed = asyncio.Event()  # set when an adapter's last running request ends
+        self.adapters = ResidentAdapters(model, slots, registry, self.worker, self.engine,
+                                         max_loaded=config.max_loaded, slot_wait=config.slot_wait)
         self.context = getattr(model.config, "max_position_embeddings", None)
 
-    # --- adapters
-
-    async def acquire(self, name: str | None) -> None:
-        """Make sure adapter ``name`` is loaded and count one more request using it (``release`` undoes)."""
-        if name is None:
-            return
-        self.in_use[name] += 1
-        if name in self.loaded:  # no await between the check and the count: it cannot be evicted meanwhile
-            self.loaded.move_to_end(name)
-            return
-        try:
-            async with self.load_lock:
-                if name not in self.loaded:
-                    await self._load(name)
-        except BaseException:
-            self.release(name)
-            raise
-
-    def release(self, name: str | None) -> None:
-        if name is not None:
-            self.in_use[name] -= 1
-            if self.in_use[name] <= 0:
-                self.freed.set()
-
-    async def _load(self, name: str) -> None:
-        path = self.registry.resolve(name)
-        try:
-            adapter = await asyncio.to_thread(read_adapter, self.model, path)
-        except TunesmithError as error:
-            raise ServeError(400, f"adapter {name!r} cannot be loaded: {error}", code="adapter_load_failed") from None
-        victim = None
-        deadline = time.monotonic() + self.config.slot_wait
-        while len(self.loaded) >= self.config.max_loaded:
-            victim = next((n for n in self.loaded if self.in_use[n] <= 0), None)
-            if victim is not None:
-                del self.loaded[victim]  # from now on a request for it waits for the lock and loads it again
-                break
-            self.freed.clear()  # every resident adapter serves a request: wait for one to finish
-            try:
-                await asyncio.wait_for(self.freed.wait(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise ServeError(503, f"all {self.config.max_loaded} adapter slots serve running requests; retry",
-                                 kind="server_error", code="adapters_busy", headers={"Retry-After": "1"}) from None
-
-        def swap() -> None:
-            if victim is not None:
-                self.slots.unload(victim)
-            self.slots.apply(name, adapter)
-            self.engine.forget_prefixes()
-
-        try:
-            await asyncio.wrap_future(self.worker.call(swap))
-        except TunesmithError as error:
-            raise ServeError(400, f"adapter {name!r} cannot be loaded: {error}", code="adapter_load_failed") from None
-        self.loaded[name] = None
-
-    async def unload(self, name: str) -> bool:
-        async with self.load_lock:
-            if name not in self.loaded:
-                return False
-            if self.in_use[name] > 0:
-                raise ServeError(409, f"adapter {name!r} serves running requests", code="adapter_busy")
-            await asyncio.wrap_future(self.worker.call(lambda: (self.slots.unload(name),
-                                                                self.engine.forget_prefixes())))
-            del self.loaded[name]
-            return True
+    @property
+    def loaded(self) -> list[str]:
+        """The resident adapters, least recently used first."""
+        return list(self.adapters.loaded)
 
     # --- generation
 
@@ -174,7 +110,7 @@ class Server:
                                     on_finish=lambda r, i=index: loop.call_soon_threadsafe(
                                         events.put_nowait, ("done", i, r))))
         try:
-            await self.acquire(adapter)
+            await self.adapters.acquire(adapter)
         except BaseException:
             self.outstanding -= n
             raise
@@ -188,7 +124,7 @@ class Server:
                 yield event
         finally:
             self.outstanding -= n
-            self.release(adapter)
+            self.adapters.release(adapter)
             if finished < n:  # the client went away: free the rows at the next step
                 self.worker.call(lambda: [self.engine.cancel(r) for r in requests])
 
@@ -313,14 +249,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/admin/adapters/load")
     async def admin_load(request: HttpRequest):
         name = await _admin_name(request)
-        await server.acquire(name)
-        server.release(name)
+        await server.adapters.acquire(name)
+        server.adapters.release(name)
         return {"loaded": name, "resident": list(server.loaded)}
 
     @app.post("/admin/adapters/unload")
     async def admin_unload(request: HttpRequest):
         name = await _admin_name(request)
-        return {"unloaded": name if await server.unload(name) else None, "resident": list(server.loaded)}
+        return {"unloaded": name if await server.adapters.unload(name) else None, "resident": list(server.loaded)}
 
     async def _admin_name(request: HttpRequest) -> str:
         if config.admin_key is None:
