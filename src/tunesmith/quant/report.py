@@ -40,10 +40,11 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
             if type(module) is nn.Linear and module is not head}
 
 
-def stored_bits(fmt: str, out_features: int, in_features: int) -> int:
-    """Bits stored for one weight matrix in ``fmt``, scales included (see the module docstring)."""
+def stored_bits(fmt: str, out_features: int, in_features: int, blocksize: int = BLOCK) -> int:
+    """Bits stored for one weight matrix in ``fmt``, scales included (see the module docstring; the 4-bit
+    formats with one absmax per ``blocksize`` weights)."""
     n = out_features * in_features
-    blocks = math.ceil(n / BLOCK)
+    blocks = math.ceil(n / blocksize)
     return {
         "fp32": 32 * n,
         "bf16": 16 * n,
