@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from tunesmith.errors import TunesmithError
+
 SHAPES = {
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, tie_word_embeddings=False),
@@ -244,3 +246,29 @@ def _importable(stack: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(stack) is not None
+
+
+def bench_command(args) -> None:
+    """``tunesmith bench``'s command line: the runs, on a GPU (``--shape tiny``: the harness on the CPU)."""
+    import tempfile
+
+    import torch
+
+    if args.shape != "tiny" and not torch.cuda.is_available():
+        raise TunesmithError("bench measures GPU training and no CUDA GPU is visible; --shape tiny runs the harness "
+                             "on the CPU as a smoke test")
+    extra = {}
+    for item in args.extra:
+        name, _, overrides = item.partition("=")
+        if not name or not overrides:
+            raise TunesmithError(f"--extra {item!r}: write NAME=key=value,key=value")
+        extra[name] = overrides.split(",")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from tunesmith.models.load import load_tokenizer
+
+        tokenizer = tempfile.mkdtemp(prefix="tunesmith-tok-")
+        load_tokenizer("default").save_pretrained(tokenizer)
+    run_bench(tokenizer_dir=tokenizer, shape=args.shape, method=args.method,
+              runs=args.runs.split(",") if args.runs else None, steps=args.steps, baselines=args.baselines,
+              work=args.work, timeout=args.timeout, extra=extra)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tunesmith.config_limits import SEED_MAX
 from tunesmith.errors import TunesmithError, capped
 from tunesmith.export import add_export_arguments
+from tunesmith.plan.cli import add_estimate_arguments
 from tunesmith.serve.launch import add_serve_arguments
 from tunesmith.launch import launch_torchrun
 
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("export", help="write the merged model as a GGUF file for llama.cpp / Ollama, checked")
     add_export_arguments(p)
+    _trust_arg(p)
+
+    p = verbs.add_parser("estimate", help="predict a training config's peak GPU memory; --fit picks settings that fit")
+    add_estimate_arguments(p, _POSITIVE)
     _trust_arg(p)
 
     p = verbs.add_parser("merge", help="fold a LoRA/QLoRA adapter into its base; write a plain HF model dir")
@@ -388,30 +393,15 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import tempfile
+    from tunesmith.bench import bench_command
 
-    import torch
+    bench_command(args)
 
-    from tunesmith.bench import run_bench
 
-    if args.shape != "tiny" and not torch.cuda.is_available():
-        raise TunesmithError("bench measures GPU training and no CUDA GPU is visible; --shape tiny runs the harness "
-                             "on the CPU as a smoke test")
-    extra = {}
-    for item in args.extra:
-        name, _, overrides = item.partition("=")
-        if not name or not overrides:
-            raise TunesmithError(f"--extra {item!r}: write NAME=key=value,key=value")
-        extra[name] = overrides.split(",")
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        from tunesmith.models.load import load_tokenizer
+def cmd_estimate(args) -> None:
+    from tunesmith.plan.cli import run_estimate
 
-        tokenizer = tempfile.mkdtemp(prefix="tunesmith-tok-")
-        load_tokenizer("default").save_pretrained(tokenizer)
-    run_bench(tokenizer_dir=tokenizer, shape=args.shape, method=args.method,
-              runs=args.runs.split(",") if args.runs else None, steps=args.steps, baselines=args.baselines,
-              work=args.work, timeout=args.timeout, extra=extra)
+    run_estimate(args)
 
 
 def cmd_demo(args) -> None:
@@ -422,7 +412,7 @@ def cmd_demo(args) -> None:
 
 COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, "train": cmd_train,
             "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "merge": cmd_merge, "quantize": cmd_quantize,
-            "serve": cmd_serve, "export": cmd_export}
+            "serve": cmd_serve, "export": cmd_export, "estimate": cmd_estimate}
 
 
 def main(argv: list[str] | None = None) -> int:

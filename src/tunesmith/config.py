@@ -15,8 +15,8 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunesmith.config_limits import FLOAT_MAX, INT_MAX, MAX_NAME_BYTES, SEED_MAX, leaf_types
-from tunesmith.config_yaml import parse_yaml, read_config_file, set_dotted
+from tunesmith.config_limits import FLOAT_MAX, INT_MAX, MAX_NAME_BYTES, SEED_MAX, leaf_types, parse_memory
+from tunesmith.config_yaml import explain_validation, parse_yaml, read_config_file, set_dotted
 from tunesmith.errors import TunesmithError
 
 
@@ -270,6 +270,27 @@ class EvalConfig(_Section):
     report_examples: int = Field(12, ge=0)
 
 
+class PlanSection(_Section):
+    mode: Literal["off", "auto"] = "off"
+    """auto: before training, choose the micro-batch, accumulation (the effective batch kept), checkpointing,
+    optimizer and CUDA graphs that fit the GPU and train fastest (`tunesmith estimate --fit`). `plan: auto` is
+    short for `plan: {mode: auto}`."""
+    memory: str | None = None
+    """The memory to fit, e.g. 80GiB; None: the GPU's own."""
+    margin: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the memory left free (the estimate's measured error is within ±10%)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data):
+        return {"mode": data} if isinstance(data, str) else data
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        return value if value is None or parse_memory(value) else value
+
+
 class RunConfig(_Section):
     name: str | None = None
     """The run dir's name under output_dir; None: `<method>-<date>-<time>`, chosen when the run starts."""
@@ -284,6 +305,7 @@ class RunConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    plan: PlanSection = Field(default_factory=PlanSection)
     dpo: DPOSection | None = None
     """Preference tuning options; present exactly when method.objective is dpo (defaults filled in)."""
 
@@ -334,19 +356,6 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _explain(exc: ValidationError, origin: str) -> TunesmithError:
-    problems = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            problems.append(f"unknown key {key!r}")
-        elif not key:  # a rule across sections
-            problems.append(error["msg"].removeprefix("Value error, "))
-        else:
-            problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})")
-    return TunesmithError(f"{origin}: " + "; ".join(problems))
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = (), *,
                 trust_remote_code: bool = False) -> RunConfig:
     """Read ``path`` (or the built-in defaults), apply ``key.sub=value`` overrides, and validate.
@@ -368,7 +377,7 @@ def _resolve(tree: dict, origin: str, overrides: list[str], trust_remote_code: b
     try:
         config = RunConfig.model_validate(tree)
     except ValidationError as exc:
-        raise _explain(exc, origin) from None
+        raise explain_validation(exc, origin) from None
     if config.model.trust_remote_code and not trust_remote_code:
         print(f"note: model.trust_remote_code in {origin} is ignored; only the --trust-remote-code flag lets a "
               "model run its own code", file=sys.stderr)
@@ -408,7 +417,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = (), *, trust_rem
     except TunesmithError as exc:
         raise TunesmithError(f"{exc}{damaged}") from None
     except ValidationError as exc:
-        raise TunesmithError(f"{_explain(exc, str(path))}{damaged}") from None
+        raise TunesmithError(f"{explain_validation(exc, str(path))}{damaged}") from None
     config = _resolve(tree, str(path), overrides, trust_remote_code)
     return config.model_copy(update={"name": run_dir.name, "output_dir": str(run_dir.parent)})
 
@@ -423,7 +432,7 @@ def parse_saved_config(text: str, origin: str) -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        raise _explain(exc, origin) from None
+        raise explain_validation(exc, origin) from None
 
 
 def identity_keys(section: type[BaseModel] = RunConfig, prefix: str = "") -> tuple[str, ...]:

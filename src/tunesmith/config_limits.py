@@ -6,6 +6,7 @@ deep inside (an allocation of r = 1e23, a seed torch cannot take).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal, get_args, get_origin
 
 INT_MAX = 2**31 - 1
@@ -16,6 +17,7 @@ FLOAT_MAX = 1e9
 """Real-number options."""
 MAX_NAME_BYTES = 255
 """The longest file name Linux, macOS and Windows file systems take."""
+GIB, MIB = 2 ** 30, 2 ** 20
 
 
 def leaf_types(annotation) -> set:
@@ -27,3 +29,18 @@ def leaf_types(annotation) -> set:
         return {type(arg) for arg in get_args(annotation)}
     args = get_args(annotation)
     return set().union(*(leaf_types(arg) for arg in args)) if args else {annotation}
+
+
+def parse_memory(text: str) -> int:
+    """``"80GiB"``, ``"80GB"``, ``"512MiB"``, ``"1.5TiB"`` or a byte count → bytes."""
+    units = {"": 1, "b": 1, "kib": 2 ** 10, "mib": MIB, "gib": GIB, "tib": 2 ** 40, "kb": 10 ** 3, "mb": 10 ** 6,
+             "gb": 10 ** 9, "tb": 10 ** 12}
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a memory size; write it like 80GiB, 24GB or 512MiB")
+    return int(value * units[unit])

@@ -106,11 +106,32 @@ def read_config_file(path: str | Path) -> dict:
     return tree
 
 
+SHORT_FORMS = {"plan": "mode"}
+"""Sections a plain value may stand for: ``plan: auto`` is ``plan: {mode: auto}`` (a later ``plan.memory=…``
+override adds to it)."""
+
+
 def set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
-    for key in keys[:-1]:
+    for depth, key in enumerate(keys[:-1]):
+        if depth == 0 and key in SHORT_FORMS and node.get(key) is not None and not isinstance(node[key], dict):
+            node[key] = {SHORT_FORMS[key]: node[key]}
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise TunesmithError(f"override {dotted}={raw}: {key} is not a section")
     node[keys[-1]] = parse_yaml(raw, f"override {dotted}={raw}") if raw != "" else None
+
+
+def explain_validation(exc, origin: str) -> TunesmithError:
+    """A pydantic ``ValidationError`` as one message naming each key and what is wrong with it."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        elif not key:  # a rule across sections
+            problems.append(error["msg"].removeprefix("Value error, "))
+        else:
+            problems.append(f"{key}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})")
+    return TunesmithError(f"{origin}: " + "; ".join(problems))

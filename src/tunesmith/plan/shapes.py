@@ -58,10 +58,10 @@ def read_shape(config, *, trust_remote_code: bool = False) -> Shape:
     linears = {name: (m.out_features, m.in_features) for name, m in linear_layers(model).items()
                if m is not head_module}
     short = {name.rsplit(".", 1)[-1] for name in linears}
-    if not layers or not short <= set(PROJECTIONS):
+    if not layers or short != set(PROJECTIONS):
         raise TunesmithError(f"{config.model.source}: a {hf.model_type} model with linear layers "
-                             f"{', '.join(sorted(short - set(PROJECTIONS)) or 'none')}; the memory model knows "
-                             f"decoders whose blocks hold {', '.join(PROJECTIONS)}")
+                             f"{', '.join(sorted(short)) or 'none'}; the memory model knows decoders whose blocks "
+                             f"hold exactly {', '.join(PROJECTIONS)} (Llama, Mistral, Qwen2/3, SmolLM, Gemma)")
     heads = text.num_attention_heads
     block = Block(hidden=text.hidden_size, intermediate=text.intermediate_size, heads=heads,
                   kv_heads=getattr(text, "num_key_value_heads", None) or heads,

@@ -30,9 +30,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tunesmith.config_limits import GIB, MIB
 from tunesmith.quant.report import stored_bits
 
-GIB, MIB = 2 ** 30, 2 ** 20
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 MLP_INPUTS = ("gate_proj", "up_proj")
 PROJECTIONS = ATTENTION_INPUTS + ("o_proj",) + MLP_INPUTS + ("down_proj",)
@@ -119,18 +119,3 @@ def paged(name: str) -> bool:
     """Paged optimizer state lives in CUDA unified memory, outside PyTorch's allocator: it is not in
     ``max_memory_allocated`` and the driver moves it to host memory when the GPU runs short."""
     return name.startswith("paged")
-
-
-def parse_memory(text: str) -> int:
-    """``"80GiB"``, ``"80GB"``, ``"512MiB"``, ``"1.5TiB"`` or a byte count → bytes."""
-    units = {"": 1, "b": 1, "kib": 2 ** 10, "mib": MIB, "gib": GIB, "tib": 2 ** 40, "kb": 10 ** 3, "mb": 10 ** 6,
-             "gb": 10 ** 9, "tb": 10 ** 12}
-    number = text.strip().rstrip("BbIiKkMmGgTt")
-    unit = text.strip()[len(number):].lower()
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a memory size; write it like 80GiB, 24GB or 512MiB")
-    return int(value * units[unit])

@@ -114,7 +114,7 @@ def finish_run(setup: RunSetup, result: TrainResult, started: float, *, evaluate
                "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
                "dropped": setup.drops, "layout": result.layout.summary(),
                "kernels": result.kernels, "graphs": result.graphs,
-               "blas_workspace": setup.blas_workspace,
+               "blas_workspace": setup.blas_workspace, "plan": setup.plan,
                "environment": run_environment(torch.device(setup.device), setup.dtype)}
     write_json(setup.run_dir / "summary.json", summary)
     examples = []

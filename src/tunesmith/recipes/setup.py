@@ -51,6 +51,7 @@ class RunSetup:
     layout: Layout | None = None  # the training layout (train/layout.py): chosen here, installed by the engine
     graphs: dict | None = None  # train/graphs.py's choice (the engine's result adds what it recorded)
     blas_workspace: dict | None = None  # train/kernels.py's set_blas_workspace (summary.json's "blas_workspace")
+    plan: dict | None = None  # plan: auto's choice (plan/fit.py; summary.json's "plan")
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -111,7 +112,14 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None, adapter: 
     """Tokenizer, data (refused early when nothing is trained, or when its kind does not fit the objective),
     then the model and what trains in it (a fresh adapter, or ``adapter`` to continue), then the run dir (locked:
     run the rest inside ``hold_run_dir(setup)``); ``adjust_model(model)`` may change the dense weights before a
-    QLoRA base is quantized. Everything that can fail on the user's input fails before the dir is claimed."""
+    QLoRA base is quantized. Everything that can fail on the user's input fails before the dir is claimed.
+    With ``plan: auto`` the settings that fit the GPU replace the config's first (plan/fit.py)."""
+    plan = None
+    if config.plan.mode == "auto":
+        from tunesmith.plan.fit import plan_run
+
+        config, plan = plan_run(config, gpus=current().size)
+        print(plan.line())
     tokenizer = build_tokenizer(config.model)
     options = TokenizeOptions.from_config(config.data)
     train = prepare(config.data.train, tokenizer, options, fmt=config.data.format,
@@ -145,7 +153,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None, adapter: 
     return RunSetup(config=config, run_dir=run_dir, tokenizer=tokenizer, model=built.model, device=built.device,
                     dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
                     resume=resume, lock=lock, drops=drops, params=params, quantization=built.quantization,
-                    layout=layout, graphs=graphs, blas_workspace=blas)
+                    layout=layout, graphs=graphs, blas_workspace=blas, plan=plan.summary() if plan else None)
 
 
 def trainable_parameters(config: RunConfig, model, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:
