@@ -29,7 +29,7 @@ KEYS = numeric_keys()
 
 def test_the_walk_finds_the_numeric_options():
     keys = dict(KEYS)
-    assert len(KEYS) == 34
+    assert len(KEYS) == 35 and keys["plan.margin"] is True
     assert keys["seed"] is False and keys["lora.r"] is False and keys["optim.lr"] is True
     assert keys["optim.betas"] is True and keys["dpo.beta"] is True and keys["train.blas_workspace_mib"] is False
     assert "train.graphs" not in keys and "eval.before" not in keys  # booleans (and "auto") are not numbers

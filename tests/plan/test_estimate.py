@@ -34,7 +34,7 @@ def test_shape_equals_the_real_model_and_its_real_adapters(tiny_model_dir, targe
 
 
 def test_the_breakdown_of_a_tiny_lora_run_by_hand(tiny_model_dir):
-    config = _config(tiny_model_dir)
+    config = _config(tiny_model_dir, "train.graphs=false")
     shape = read_shape(config)
     result = estimate(config, shape, settings_of(config), memory=80 * 2 ** 30)
     terms = {t["term"]: t["bytes"] for t in result.terms}
@@ -52,13 +52,19 @@ def test_the_breakdown_of_a_tiny_lora_run_by_hand(tiny_model_dir):
         "final norm and head": tokens * (4 * 32 + 4) + tokens * 49152 * 6 + tokens * 32 * 2,
         "cuBLAS workspaces": 2 * 32 * MIB}
     outside = {t["term"]: t["bytes"] for t in result.outside}
-    assert outside == {"allocator slack": int(0.3 * 2 * tokens * per_block), "CUDA context": 512 * MIB}
+    assert outside == {"allocator slack": int(0.05 * 2 * tokens * per_block), "CUDA context": 512 * MIB}
     assert result.allocated == sum(terms.values()) and result.total == result.allocated + sum(outside.values())
     # checkpointing: every block's input, then one block recomputed; a 4 MiB workspace under auto
-    checkpointed = _config(tiny_model_dir, "train.gradient_checkpointing=true")
+    checkpointed = _config(tiny_model_dir, "train.gradient_checkpointing=true", "train.graphs=false")
     terms = {t["term"]: t["bytes"] for t in estimate(checkpointed, shape, settings_of(checkpointed)).terms}
     assert terms["block inputs (checkpointing)"] == 2 * tokens * 32 * 2 and terms["recomputed block"] == \
         tokens * per_block and "activations" not in terms and terms["cuBLAS workspaces"] == 2 * 4 * MIB
+    # under CUDA graphs (the default on a GPU) activations are 8% lower (fitted to measurements) and the
+    # allocator keeps more cached blocks (30%)
+    graphed = estimate(_config(tiny_model_dir), shape, settings_of(_config(tiny_model_dir)))
+    assert graphed.settings.graphs and {t["term"]: t["bytes"] for t in graphed.terms}["activations"] == int(
+        2 * tokens * per_block * 0.92)
+    assert graphed.outside[0]["bytes"] == int(0.3 * 2 * tokens * per_block * 0.92)
 
 
 def test_full_qlora_and_two_gpus(tiny_model_dir_64):

@@ -24,6 +24,10 @@ SLACK = {"eager": 0.05, "graphs": 0.30}
 """Cached-but-free blocks as a share of the micro-batch's memory, measured (BENCHMARKS.md, TinyLlama QLoRA on an
 H200): reserved / allocated 12.58 / 11.99 eager, 14.67 / 11.15 under graphs, 1.74 / 1.53 graphed and
 checkpointed."""
+GRAPHED_ACTIVATIONS = 0.92
+"""Under CUDA graphs (one varlen row per micro-batch) the same batches peaked lower than eager by 8% of their
+activations: TinyLlama mb 8 × 512, QLoRA 11.15–11.23 against 11.99 GiB, LoRA 11.73–12.05 against 12.93 (H200,
+BENCHMARKS.md). Which saved tensor the padded path adds is not pinned down; the factor is fitted to those runs."""
 DEFAULT_WORKSPACE_MIB = 32  # cuBLAS's workspace on Hopper GPUs, one per stream that runs products (two)
 
 
@@ -126,15 +130,15 @@ def estimate(config, shape: Shape, settings: Settings, *, cuda: bool = True, mem
     ranks = {} if method == "full" else shape.block_ranks()
     part = block_activations(shape.block, b=b, ranks=ranks, full=method == "full",
                              dropout=method != "full" and config.lora.dropout > 0)
-    per_block = sum(part.values())
+    per_block = sum(part.values()) * (GRAPHED_ACTIVATIONS if s.graphs else 1)
     if s.checkpointing:
         add("block inputs (checkpointing)", shape.layers * t * shape.block.hidden * b,
             f"{shape.layers} blocks × {t:,} tokens × {shape.block.hidden} × {b} bytes")
-        add("recomputed block", t * per_block, f"one block's activations, {per_block:,} bytes per token")
+        add("recomputed block", t * per_block, f"one block's activations, {per_block:,.0f} bytes per token")
     else:
         add("activations", shape.layers * t * per_block,
-            f"{shape.layers} blocks × {t:,} tokens × {per_block:,} bytes per token ("
-            + ", ".join(f"{k} {v:,}" for k, v in part.items()) + ")")
+            f"{shape.layers} blocks × {t:,} tokens × {per_block:,.0f} bytes per token ("
+            + ", ".join(f"{k} {v:,}" for k, v in part.items()) + (", × 0.92 under graphs" if s.graphs else "") + ")")
     add("backward temporaries", t * backward_working_set(shape.block, b=b), "one block's gradients in flight")
     add("final norm and head", t * (4 * shape.block.hidden + 4) + head_buffers(
         shape.vocab, shape.block.hidden, t, b=b, softcap=shape.softcap,
