@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.export import quants
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 TYPES = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -165,7 +166,9 @@ def _encode(name: str, array: np.ndarray, kind: str, blocks: int):
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if array.shape[-1] % block:
         return array.astype(np.float16), Q.F16
-    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    if qtype == Q.Q8_0:
+        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    return quants.quantize(array, kind), qtype  # each block's scale fitted (export/quants.py)
 
 
 def _write_tokenizer(writer, tokenizer, chat_template: str, end_id: int) -> None:
