@@ -146,6 +146,19 @@ def test_cli_exit_codes(family_dirs, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_four_bit_blocks_are_fitted_on_calibration_rows(tmp_path, tokenizer):
+    # four blocks at width 64: the middle two hold 4-bit tensors (the first and last stay at 8 bits)
+    model_dir = _save(build_tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=4), tmp_path / "m",
+                      tokenizer)
+    summary = export_gguf(str(model_dir), tmp_path / "m.gguf", kind="q4_1")
+    assert summary["passed"] and summary["calibration"] == {"rows": 64, "source": "the built-in task's training rows"}
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.1.attn_q.weight"] == "Q4_1" and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert export_gguf(str(model_dir), tmp_path / "m8.gguf", kind="q8_0")["calibration"] is None
+
+
 def test_embedded_model_q8_0(tmp_path):
     summary = export_gguf("default", tmp_path / "smollm2.gguf", kind="q8_0")
     assert summary["passed"] and summary["checks"]["logits"]["top1_agreement"] >= 0.95

@@ -13,6 +13,10 @@ Checks, against the run's own model and tokenizer:
   (multilingual, emoji, code, whitespace runs, every special token, a rendered conversation);
 - chat template: the stored template renders a conversation to the run's text;
 - end token: the file's end-of-sequence token is the end-of-turn token the run trained on.
+
+The 4- and 5-bit types fit each block of 32 weights to its values weighted by how much each input matters
+(``quants.py``, ``calibrate.py``: the mean squared activations on calibration rows, the run's own training rows
+where there is a run); the summary names the rows.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tunesmith.errors import TunesmithError
 # (mean KL ≤, top-1 agreement ≥, max |Δlogit| / logit std ≤ or None), from the embedded model's exports (README)
 BOUNDS = {"f16": (1e-4, 0.98, 0.1), "bf16": (1e-3, 0.95, 0.5), "q8_0": (0.02, 0.93, None),
           "q5_1": (0.2, 0.75, None), "q5_0": (0.2, 0.75, None), "q4_1": (0.3, 0.7, None), "q4_0": (0.3, 0.7, None)}
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # fitted with the inputs' importance (export/calibrate.py)
 TEXTS = ["Hello, world!", "Grüße aus Köln — naïve café, Ωμέγα, Привет мир, 你好，世界, こんにちは, 안녕하세요",
          "emoji 👍🏽 🇫🇷 👩‍👩‍👧 ✨", "def f(x):\n\treturn x ** 2  # square\n", "    four spaces\n\n\n  and\ttabs\t\t",
          "numbers 1234567890 3.14159 -42 1e-9", "   leading and trailing   ", "JSON: {\"a\": [1, 2, {\"b\": null}]}"]
@@ -61,6 +66,13 @@ def export_gguf(source: str, out: str | os.PathLike, *, adapter: str | None = No
     architecture(model.config)
     pre_tokenizer(tokenizer)
     end_id = _end_of_turn(tokenizer)
+    calibration, importance = None, None
+    if kind in LOW_BIT:  # which inputs matter, for fitting the low-bit blocks (export/calibrate.py)
+        from tunesmith.export.calibrate import calibration_rows, input_importance
+
+        rows, origin = calibration_rows(source, tokenizer, trust_remote_code=trust_remote_code)
+        importance = input_importance(model, rows)
+        calibration = {"rows": len(rows), "source": origin}
     state = merged_state_dict(model)
     fd, temp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     os.close(fd)
@@ -68,9 +80,9 @@ def export_gguf(source: str, out: str | os.PathLike, *, adapter: str | None = No
     try:
         write_gguf(temp, state=state, config=model.config, tokenizer=tokenizer,
                    chat_template=tokenizer.chat_template or "", end_id=end_id, kind=kind,
-                   name=Path(source).name)
+                   name=Path(source).name, importance=importance)
         summary = check_gguf(temp, model, tokenizer, kind=kind, end_id=end_id)
-        summary.update({"file": str(out), "type": kind, "source": str(source),
+        summary.update({"file": str(out), "type": kind, "source": str(source), "calibration": calibration,
                         "adapter": str(adapter_dir) if adapter_dir else None, "bytes": temp.stat().st_size})
         if not summary["passed"]:
             raise ExportCheckFailed(summary)

@@ -113,7 +113,9 @@ def gguf_tensors(state: dict[str, torch.Tensor], config, arch: str):
 
 
 def write_gguf(path: Path, *, state: dict[str, torch.Tensor], config, tokenizer, chat_template: str, end_id: int,
-               kind: str, name: str) -> None:
+               kind: str, name: str, importance: dict | None = None) -> None:
+    """The GGUF file; ``importance``: llama.cpp tensor name → its inputs' mean squared activation, which the 4- and
+    5-bit blocks are fitted with (``export/calibrate.py``)."""
     import gguf
 
     arch = architecture(config)
@@ -134,7 +136,7 @@ def write_gguf(path: Path, *, state: dict[str, torch.Tensor], config, tokenizer,
     writer.add_file_type(_FILE_TYPES[kind])
     _write_tokenizer(writer, tokenizer, chat_template, end_id)
     for tensor_name, array in gguf_tensors(state, config, arch):
-        data, qtype = _encode(tensor_name, array, kind, config.num_hidden_layers)
+        data, qtype = _encode(tensor_name, array, kind, config.num_hidden_layers, (importance or {}).get(tensor_name))
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -148,7 +150,7 @@ EIGHT_BIT_IN_LOW_TYPES = ("token_embd.weight", "output.weight", "attn_v.weight",
 _FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
 
 
-def _encode(name: str, array: np.ndarray, kind: str, blocks: int):
+def _encode(name: str, array: np.ndarray, kind: str, blocks: int, importance: np.ndarray | None = None):
     """The tensor's bytes in ``kind`` (1D tensors stay f32; a row length the block size does not divide: f16)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -168,7 +170,7 @@ def _encode(name: str, array: np.ndarray, kind: str, blocks: int):
         return array.astype(np.float16), Q.F16
     if qtype == Q.Q8_0:
         return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
-    return quants.quantize(array, kind), qtype  # each block's scale fitted (export/quants.py)
+    return quants.quantize(array, kind, importance), qtype  # each block's scale fitted (export/quants.py)
 
 
 def _write_tokenizer(writer, tokenizer, chat_template: str, end_id: int) -> None:

@@ -33,9 +33,10 @@ def _half(value: np.ndarray) -> np.ndarray:
     return value.astype(np.float16).astype(np.float32)
 
 
-def fit_blocks(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_blocks(x: np.ndarray, kind: str, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes (uint8), d and m (fp16 values, shape (n, 1)) for blocks ``x`` (n × 32, float32) in ``kind``; for the
-    scale-only types m = −z·d."""
+    scale-only types m = −z·d. ``w`` (n × 32): each weight's importance in the squared error (default 1)."""
+    w = np.ones_like(x) if w is None else w
     levels, offset = LEVELS[kind], kind.endswith("_1")
     zero = (levels + 1) // 2
     if offset:
@@ -47,7 +48,7 @@ def fit_blocks(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.nda
         m = -zero * d
     q = _codes(x, d, m, levels)
     best_q, best_d, best_m = q, d, m
-    best = ((x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
+    best = (w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
     for step in STEPS:  # the extremes spread over a few more or fewer steps than the codes have
         if offset:
             d = _half((x.max(axis=1, keepdims=True) - low) / (levels + step))
@@ -55,38 +56,41 @@ def fit_blocks(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.nda
             d = _half(extreme / -(zero + step / 2))
             m = -zero * d
         q = _codes(x, d, m, levels)
-        error = ((x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
+        error = (w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
         better = error < best
         best = np.where(better, error, best)
         best_q, best_d, best_m = (np.where(better, new, old) for new, old in ((q, best_q), (d, best_d), (m, best_m)))
     q, d, m = best_q, best_d, best_m
     for _ in range(ROUNDS):
         if offset:
-            qm, xm = q.mean(axis=1, keepdims=True), x.mean(axis=1, keepdims=True)
-            spread = ((q - qm) ** 2).sum(axis=1, keepdims=True)
+            total = w.sum(axis=1, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
-                fitted = np.where(spread > 0, ((q - qm) * (x - xm)).sum(axis=1, keepdims=True) / spread, d)
+                qm, xm = (w * q).sum(axis=1, keepdims=True) / total, (w * x).sum(axis=1, keepdims=True) / total
+                spread = (w * (q - qm) ** 2).sum(axis=1, keepdims=True)
+                fitted = np.where(spread > 0, (w * (q - qm) * (x - xm)).sum(axis=1, keepdims=True) / spread, d)
             d = _half(fitted)
             m = _half(np.where(spread > 0, xm - fitted * qm, m))
         else:
             c = q - zero
-            norm = (c * c).sum(axis=1, keepdims=True)
+            norm = (w * c * c).sum(axis=1, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
-                d = _half(np.where(norm > 0, (c * x).sum(axis=1, keepdims=True) / norm, d))
+                d = _half(np.where(norm > 0, (w * c * x).sum(axis=1, keepdims=True) / norm, d))
             m = -zero * d
         q = _codes(x, d, m, levels)
-        error = ((x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
+        error = (w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
         better = error < best
         best = np.where(better, error, best)
         best_q, best_d, best_m = (np.where(better, new, old) for new, old in ((q, best_q), (d, best_d), (m, best_m)))
     return best_q.astype(np.uint8), best_d, best_m
 
 
-def quantize(array: np.ndarray, kind: str) -> np.ndarray:
-    """``array`` (rows × columns, columns a multiple of 32) as ``kind``'s bytes, one row of blocks per row."""
-    rows = array.shape[0]
+def quantize(array: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """``array`` (rows × columns, columns a multiple of 32) as ``kind``'s bytes, one row of blocks per row;
+    ``importance`` (columns): each input's weight in the squared error (its mean squared activation)."""
+    rows, columns = array.shape
     x = np.ascontiguousarray(array, dtype=np.float32).reshape(-1, BLOCK)
-    q, d, m = fit_blocks(x, kind)
+    w = None if importance is None else np.broadcast_to(importance.astype(np.float32), (rows, columns)).reshape(-1, BLOCK)
+    q, d, m = fit_blocks(x, kind, w)
     low, high = q[:, :BLOCK // 2], q[:, BLOCK // 2:]
     parts = [d.astype(np.float16).view(np.uint8)]
     if kind.endswith("_1"):
