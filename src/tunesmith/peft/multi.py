@@ -47,6 +47,7 @@ class RowPlan:
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
     columns: torch.Tensor | None = None
+    span: tuple[int, int] | None = None  # the stack's columns ``columns`` covers (None: all of them)
 
 
 class MultiLoRALinear(nn.Module):
@@ -97,11 +98,15 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         plan = self.batch
-        if plan.columns is not None:  # the whole stack, each row masked to its own block
-            rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.lora_A.dtype)
-            hidden = (rows @ self.lora_A.T) * plan.columns
+        if plan.columns is not None:  # the whole stack (or the span of the slots present), each row masked
+            a, b = self.lora_A, self.lora_B
+            if plan.span is not None:
+                a, b = a[plan.span[0] * self.rank:plan.span[1] * self.rank], b[:, plan.span[0] * self.rank:
+                                                                                plan.span[1] * self.rank]
+            rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+            hidden = (rows @ a.T) * plan.columns
             update = torch.addmm(out.reshape(-1, out.shape[-1]).to(hidden.dtype),
-                                 hidden.reshape(-1, hidden.shape[-1]), self.lora_B.T)
+                                 hidden.reshape(-1, hidden.shape[-1]), b.T)
             return update.reshape(out.shape).to(out.dtype)
         if not plan.groups:
             return out
@@ -208,8 +213,9 @@ class AdapterSlots:
         product per adapter costs little and the whole stack's products much)."""
         slots = [self.slot(name) for name in names]
         present = sorted(set(slots) - {0})
-        if stacked and len(present) > SEGMENTS_MAX:
-            with self.indexed(torch.tensor(slots, dtype=torch.long, device=self._device())):
+        if stacked and len(present) > SEGMENTS_MAX:  # only the slots from the first to the last present
+            with self.indexed(torch.tensor(slots, dtype=torch.long, device=self._device()),
+                              span=(present[0], present[-1] + 1)):
                 yield
             return
         self.plan.groups = [(slot, None if len(set(slots)) == 1 else
@@ -222,19 +228,22 @@ class AdapterSlots:
             self.plan.groups = []
 
     @contextmanager
-    def indexed(self, slots: torch.Tensor) -> Iterator[None]:
+    def indexed(self, slots: torch.Tensor, span: tuple[int, int] | None = None) -> Iterator[None]:
         """Like ``rows``, with the rows' slots given as a device tensor and every row through the whole stack
-        (what a recorded CUDA graph replays: no host value decides anything)."""
+        (what a recorded CUDA graph replays: no host value decides anything), or through the slots
+        ``span`` = (first, end) only."""
         if not self.layers:
             yield
             return
-        column_slots = torch.arange(self.capacity + 1, device=slots.device).repeat_interleave(self.rank)
+        first, end = span or (0, self.capacity + 1)
+        column_slots = torch.arange(first, end, device=slots.device).repeat_interleave(self.rank)
         dtype = next(iter(self.layers.values())).lora_A.dtype
         self.plan.columns = (slots[:, None] == column_slots[None, :]).to(dtype)[:, None, :]
+        self.plan.span = span
         try:
             yield
         finally:
-            self.plan.columns = None
+            self.plan.columns, self.plan.span = None, None
 
     def _device(self) -> torch.device | None:
         return next(iter(self.layers.values())).lora_A.device if self.layers else None
