@@ -80,3 +80,15 @@ def test_estimate_fit_prints_the_overrides(tiny_cpu, capsys):
     config = load_config(None, tiny_cpu + report["overrides"])
     again = estimate(config, read_shape(config), settings_of(config, cuda=False), cuda=False)
     assert report["estimate"]["allocated_bytes"] == again.allocated
+
+
+def test_a_planned_run_resumes_with_the_same_plan(tiny_cpu, tmp_path, capsys):
+    planned = tiny_cpu + ["name=resumed", "plan=auto", "plan.memory=100MB", "train.checkpoint_every=1"]
+    assert main(["train", *planned]) == 0
+    run = tmp_path / "runs" / "resumed"
+    # the saved config holds the chosen settings and plan: auto; re-planned on resume, it keeps them (the
+    # effective batch is the same), so the checkpoint's identity matches
+    assert main(["train", "--resume", str(run), "train.max_steps=3"]) == 0
+    assert "plan: the settings as given" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open() if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]
