@@ -32,11 +32,11 @@ def calibration_rows(source: str, tokenizer, *, trust_remote_code: bool = False)
     if is_run_dir(Path(source)):
         run = load_run_config(source, trust_remote_code=trust_remote_code)
         data, origin, options = run.data.train, f"the run's training data ({run.data.train})", run.data
-    try:
+    try:  # a seeded sample of the rows, drawn before tokenizing (a large dataset is not tokenized whole)
         prepared = prepare(data, tokenizer, TokenizeOptions.from_config(options) if options else TokenizeOptions(),
-                           invalid_rows="drop")
+                           invalid_rows="drop", sample=ROWS)
     except TunesmithError:  # the run's data moved or is unreadable here: the built-in rows still calibrate
-        prepared = prepare(BUILTIN_NAME, tokenizer, TokenizeOptions(), invalid_rows="drop")
+        prepared = prepare(BUILTIN_NAME, tokenizer, TokenizeOptions(), invalid_rows="drop", sample=ROWS)
         origin = "the built-in task's training rows (the run's data could not be read)"
     return [example["input_ids"] for example in prepared.examples[:ROWS]], origin
 
