@@ -11,7 +11,10 @@ its ``metrics.jsonl`` and tokens/s the median of the steps after the first two. 
 
     python benchmarks/gpu_memory_plan.py --tok TOKENIZER_DIR [--only NAME,...] [--steps 4]
 
-One JSON line per run, then a markdown table (predicted, measured, error) for BENCHMARKS.md.
+One JSON line per run, then a markdown table (predicted, measured, error) for BENCHMARKS.md. Without a GPU:
+
+    python benchmarks/gpu_memory_plan.py --predict-only   # the grid's predictions (config.json dirs, no weights)
+    python benchmarks/gpu_memory_plan.py --earlier        # the estimate against peaks earlier sessions measured
 """
 
 from __future__ import annotations
@@ -60,6 +63,55 @@ GRID = {  # name → (shape, overrides); LoRA r16 on every linear layer unless t
 }
 
 
+# Peaks earlier sessions measured on one H200 (BENCHMARKS.md, the sections named) whose batches were all at their
+# largest: (what, shape, overrides, measured GiB). The 8B rows ran before CUDA graphs existed: eager.
+_RECIPE = ["lora.r=64", "lora.alpha=32", "lora.dropout=0.1",
+           "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "data.max_length=512"]
+_MB8 = ["train.micro_batch_size=8", "train.grad_accum=1"]
+_8B = ["lora.r=16", "lora.alpha=32", "data.batching=pack", "train.micro_batch_size=1", "train.graphs=false"]
+EARLIER = [
+    ("ts_recipe (re-check of 8d4be77)", "tinyllama", _RECIPE + QLORA + CKPT + [
+        "train.micro_batch_size=2", "train.grad_accum=4", "optim.name=paged_adamw_32bit"], 1.53),
+    ("ts_fast (re-check of 8d4be77)", "tinyllama", _RECIPE + QLORA + _MB8, 11.15),
+    ("ts_eager (CUDA graphs, call 8)", "tinyllama", _RECIPE + QLORA + _MB8 + ["train.graphs=false"], 11.99),
+    ("ts_lora_g (CUDA graphs, call 4)", "tinyllama", _RECIPE + _MB8, 11.73),
+    ("ts_lora_graphs (CUDA graphs, call 7)", "tinyllama", _RECIPE + _MB8, 12.05),
+    ("LoRA bf16 mb 8 (fused node, call 1)", "tinyllama", _RECIPE + _MB8 + ["train.graphs=false"], 12.93),
+    ("8B QLoRA 2048, checkpointing", "llama8b", _8B + QLORA + CKPT + ["data.max_length=2048",
+                                                                     "data.token_budget=2048"], 5.87),
+    ("8B QLoRA 2048", "llama8b", _8B + QLORA + ["data.max_length=2048", "data.token_budget=2048"], 17.30),
+    ("8B LoRA 2048", "llama8b", _8B + ["data.max_length=2048", "data.token_budget=2048"], 26.55),
+    ("8B QLoRA 4096", "llama8b", _8B + QLORA + ["data.max_length=4096", "data.token_budget=4096"], 30.23),
+    ("8B LoRA 4096", "llama8b", _8B + ["data.max_length=4096", "data.token_budget=4096"], 39.48),
+]
+
+
+def config_dir(shape: str, out: Path, vocab: int = 49152) -> Path:
+    """A dir holding only ``config.json`` for ``shape`` (``tunesmith bench``'s shapes, the embedded tokenizer's
+    vocabulary): all the estimate reads."""
+    from tunesmith.bench import SHAPES
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+              "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "hidden_act": "silu", **SHAPES[shape]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def print_predictions(earlier: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if earlier:
+            print("| run | shape | measured GiB | predicted GiB | error |\n|---|---|---|---|---|")
+            for what, shape, extra, measured in EARLIER:
+                gib = predicted([f"model.source={config_dir(shape, Path(tmp) / shape)}", *extra])["predicted_gib"]
+                print(f"| {what} | {shape} | {measured:.2f} | {gib:.2f} | {100 * (gib / measured - 1):+.1f}% |")
+            return
+        print("| run | tokens / micro-batch | predicted GiB |\n|---|---|---|")
+        for name, (shape, extra) in GRID.items():
+            p = predicted([f"model.source={config_dir(shape, Path(tmp) / shape)}", "lora.r=16", *extra])
+            print(f"| {name} | {p['tokens_per_micro_batch']:,} | {p['predicted_gib']:.2f} |")
+
+
 def long_chats(path: Path, n: int, words: int) -> None:
     """``n`` chats whose answers run past ``words`` tokens (truncated to the run's length)."""
     vocabulary = "the model learns to follow instructions and answer questions about science history code".split()
@@ -101,10 +153,17 @@ def one_run(name: str, model_dir: Path, data: Path, steps: int, work: Path) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tok", required=True, help="a tokenizer dir (the embedded model's)")
+    parser.add_argument("--tok", help="a tokenizer dir (the embedded model's); needed to train")
     parser.add_argument("--only", help="comma-separated run names (default: the whole grid)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--predict-only", action="store_true", help="print the grid's predictions, train nothing")
+    parser.add_argument("--earlier", action="store_true", help="the estimate against earlier measured peaks")
     args = parser.parse_args()
+    if args.predict_only or args.earlier:
+        print_predictions(args.earlier)
+        return
+    if args.tok is None:
+        parser.error("--tok is needed to train (or pass --predict-only / --earlier)")
     import torch
 
     from tunesmith.bench import build_model_dir

@@ -38,7 +38,7 @@ def calibration_rows(source: str, tokenizer, *, trust_remote_code: bool = False)
     except TunesmithError:  # the run's data moved or is unreadable here: the built-in rows still calibrate
         prepared = prepare(BUILTIN_NAME, tokenizer, TokenizeOptions(), invalid_rows="drop", sample=ROWS)
         origin = "the built-in task's training rows (the run's data could not be read)"
-    return [example["input_ids"] for example in prepared.examples[:ROWS]], origin
+    return [example["input_ids"] for example in prepared.examples], origin
 
 
 def input_importance(model, rows: list[list[int]]) -> dict[str, np.ndarray]:

@@ -39,49 +39,46 @@ def fit_blocks(x: np.ndarray, kind: str, w: np.ndarray | None = None) -> tuple[n
     w = np.ones_like(x) if w is None else w
     levels, offset = LEVELS[kind], kind.endswith("_1")
     zero = (levels + 1) // 2
+    best = None
+
+    def keep(d, m):
+        """Round the codes for (d, m); each block keeps whichever of these and its best so far errs less."""
+        nonlocal best
+        q = _codes(x, d, m, levels)
+        candidate = ((w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True), q, d, m)
+        best = candidate if best is None else tuple(np.where(candidate[0] < best[0], new, old)
+                                                    for new, old in zip(candidate, best))
+        return q
+
     if offset:
         low, high = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-        d, m = _half((high - low) / levels), _half(low)
+        m = _half(low)
+        keep(_half((high - low) / levels), m)
+        for step in STEPS:  # the extremes spread over a few more or fewer steps than the codes have
+            keep(_half((high - low) / (levels + step)), m)
     else:
         extreme = np.take_along_axis(x, np.abs(x).argmax(axis=1, keepdims=True), axis=1)
-        d = _half(extreme / -zero)
-        m = -zero * d
-    q = _codes(x, d, m, levels)
-    best_q, best_d, best_m = q, d, m
-    best = (w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
-    for step in STEPS:  # the extremes spread over a few more or fewer steps than the codes have
-        if offset:
-            d = _half((x.max(axis=1, keepdims=True) - low) / (levels + step))
-        else:
+        for step in (0.0,) + STEPS:
             d = _half(extreme / -(zero + step / 2))
-            m = -zero * d
-        q = _codes(x, d, m, levels)
-        error = (w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
-        better = error < best
-        best = np.where(better, error, best)
-        best_q, best_d, best_m = (np.where(better, new, old) for new, old in ((q, best_q), (d, best_d), (m, best_m)))
-    q, d, m = best_q, best_d, best_m
-    for _ in range(ROUNDS):
+            keep(d, -zero * d)
+    _, q, d, m = best
+    for _ in range(ROUNDS):  # least squares for d (and m) with the codes fixed, then the codes again
         if offset:
             total = w.sum(axis=1, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 qm, xm = (w * q).sum(axis=1, keepdims=True) / total, (w * x).sum(axis=1, keepdims=True) / total
                 spread = (w * (q - qm) ** 2).sum(axis=1, keepdims=True)
                 fitted = np.where(spread > 0, (w * (q - qm) * (x - xm)).sum(axis=1, keepdims=True) / spread, d)
-            d = _half(fitted)
-            m = _half(np.where(spread > 0, xm - fitted * qm, m))
+            d, m = _half(fitted), _half(np.where(spread > 0, xm - fitted * qm, m))
         else:
             c = q - zero
             norm = (w * c * c).sum(axis=1, keepdims=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 d = _half(np.where(norm > 0, (w * c * x).sum(axis=1, keepdims=True) / norm, d))
             m = -zero * d
-        q = _codes(x, d, m, levels)
-        error = (w * (x - (d * q + m)) ** 2).sum(axis=1, keepdims=True)
-        better = error < best
-        best = np.where(better, error, best)
-        best_q, best_d, best_m = (np.where(better, new, old) for new, old in ((q, best_q), (d, best_d), (m, best_m)))
-    return best_q.astype(np.uint8), best_d, best_m
+        q = keep(d, m)
+    _, q, d, m = best
+    return q.astype(np.uint8), d, m
 
 
 def quantize(array: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:

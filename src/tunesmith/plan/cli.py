@@ -20,29 +20,19 @@ def add_estimate_arguments(p, positive) -> None:
     p.add_argument("--json", action="store_true")
 
 
-def _gpu_memory(text: str | None) -> int | None:
-    from tunesmith.config_limits import parse_memory
-
-    if text is not None:
-        try:
-            return parse_memory(text)
-        except ValueError as error:
-            raise TunesmithError(f"--gpu-memory: {error}") from None
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-
-
 def run_estimate(args) -> None:
     from tunesmith.config import load_config
     from tunesmith.models.load import resolve_device
     from tunesmith.plan.estimate import estimate, format_estimate, settings_of
-    from tunesmith.plan.fit import apply_plan, choose
+    from tunesmith.plan.fit import apply_plan, choose, memory_to_fit
     from tunesmith.plan.shapes import read_shape
 
     config = load_config(args.config, args.overrides, trust_remote_code=args.trust_remote_code)
     cuda = config.model.device == "auto" or resolve_device(config.model.device).type == "cuda"
-    memory = _gpu_memory(args.gpu_memory or config.plan.memory)
+    try:
+        memory = memory_to_fit(args.gpu_memory or config.plan.memory)
+    except ValueError as error:
+        raise TunesmithError(f"--gpu-memory: {error}") from None
     margin = config.plan.margin if args.margin is None else args.margin
     if not 0 <= margin < 1:
         raise TunesmithError(f"--margin {margin}: give a share of the memory in [0, 1)")

@@ -135,23 +135,31 @@ def apply_plan(config, plan: Plan):
     return config.model_copy(update=update)
 
 
-def plan_run(config, *, gpus: int = 1):
-    """``config`` with ``plan: auto`` applied (and the plan), for the GPU the run trains on, or for
-    ``plan.memory`` (a run on the CPU needs it: there is no GPU memory to read)."""
+def memory_to_fit(text: str | None, device=None) -> int | None:
+    """``text`` (e.g. 80GiB) in bytes; without it the memory of the CUDA ``device`` (default: the first GPU), or
+    None where there is no GPU."""
     import torch
 
     from tunesmith.config_limits import parse_memory
+
+    if text is not None:
+        return parse_memory(text)
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        return torch.cuda.get_device_properties(device if device is not None else 0).total_memory
+    return None
+
+
+def plan_run(config, *, gpus: int = 1):
+    """``config`` with ``plan: auto`` applied (and the plan), for the GPU the run trains on, or for
+    ``plan.memory`` (a run on the CPU needs it: there is no GPU memory to read)."""
     from tunesmith.models.load import resolve_device
     from tunesmith.plan.shapes import read_shape
 
     device = resolve_device(config.model.device)
-    cuda = device.type == "cuda"
-    if config.plan.memory is not None:
-        memory = parse_memory(config.plan.memory)
-    elif cuda:
-        memory = torch.cuda.get_device_properties(device).total_memory
-    else:
+    memory = memory_to_fit(config.plan.memory, device)
+    if memory is None:
         raise TunesmithError("plan: auto on the CPU needs the memory to fit, e.g. plan.memory=8GiB (there is no GPU "
                              "memory to read)")
-    plan = choose(config, read_shape(config), memory=memory, margin=config.plan.margin, gpus=gpus, cuda=cuda)
+    plan = choose(config, read_shape(config), memory=memory, margin=config.plan.margin, gpus=gpus,
+                  cuda=device.type == "cuda")
     return apply_plan(config, plan), plan
