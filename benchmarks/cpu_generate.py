@@ -28,16 +28,19 @@ from tunesmith.peft.multi import AdapterSlots
 from tunesmith.templates import render_prompt, stop_token_ids
 
 
-def make_adapters(count: int, out: Path) -> dict[str, Path]:
+def make_adapters(count: int, out: Path, model_source: str = "default") -> dict[str, Path]:
+    """``count`` rank-16 adapters over every linear layer of ``model_source``, each with its own seeded random
+    A and B (the model is loaded once)."""
+    model = load(model_source, dtype="fp32", device="cpu").model
+    config = LoRAConfig(r=16, alpha=32, target_modules="all-linear")
+    inject_lora(model, config)
     paths = {}
     for i in range(count):
-        model = load("default", dtype="fp32", device="cpu").model
         torch.manual_seed(i)
-        config = LoRAConfig(r=16, alpha=32, target_modules="all-linear")
-        inject_lora(model, config)
         for module in lora_modules(model).values():
+            torch.nn.init.kaiming_uniform_(module.lora_A.weight, a=5 ** 0.5)
             torch.nn.init.normal_(module.lora_B.weight, std=0.01)
-        paths[f"a{i}"] = save_adapter(model, config, out / f"a{i}", base_model_name_or_path="default")
+        paths[f"a{i}"] = save_adapter(model, config, out / f"a{i}", base_model_name_or_path=model_source)
     return paths
 
 

@@ -68,11 +68,18 @@ def timed(name: str, run, useful: int, extra: dict | None = None) -> dict:
     return row
 
 
-def run_engine(model, requests, batch: int, slots=None, use_adapters: bool = True, graphs: bool = True):
-    from tunesmith.engine import Engine, Request
+def make_engine(model, batch: int, slots=None, graphs: bool = True):
+    """One engine per setting, kept across its runs as a server keeps it: its decode graphs are recorded once,
+    by the warm-up, not inside a timed run."""
+    from tunesmith.engine import Engine
+
+    return Engine(model, pad_id=0, max_batch=batch, adapters=slots, graphs=graphs)
+
+
+def run_engine(engine, requests, use_adapters: bool = True):
+    from tunesmith.engine import Request
     from tunesmith.generate import SamplingConfig
 
-    engine = Engine(model, pad_id=0, max_batch=batch, adapters=slots, graphs=graphs)
     for r in requests:
         engine.submit(Request(r["prompt"], sampling=SamplingConfig(max_new_tokens=r["budget"]),
                               adapter=r["adapter"] if use_adapters else None))
@@ -108,7 +115,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--switching", type=int, default=16, help="requests run one at a time, switching")
-    parser.add_argument("--skip", default="", help="comma-separated runs to leave out: eager,hf_base")
+    parser.add_argument("--skip", default="", help="comma-separated runs to leave out: eager,hf_base,peft")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     import peft
@@ -120,9 +127,9 @@ def main() -> None:
     useful = sum(r["budget"] for r in requests)
     info = {"shape": args.shape, "device": torch.cuda.get_device_name(), "batch": args.batch}
     print(json.dumps({**info, "requests": len(requests), "useful_tokens": useful}), flush=True)
-    run_engine(model, requests[:args.batch], args.batch, use_adapters=False)  # warm-up: graphs, kernels
-    base = timed("engine, base traffic, no adapters loaded",
-                 lambda: run_engine(model, requests, args.batch, use_adapters=False), useful)
+    engine = make_engine(model, args.batch)
+    run_engine(engine, requests, use_adapters=False)  # warm-up: every graph bucket, the cache at its largest
+    base = timed("engine, base traffic, no adapters loaded", lambda: run_engine(engine, requests, False), useful)
     if "hf_base" not in skip:
         timed("transformers generate, base traffic, batched", lambda: run_hf(model, requests, args.batch, False),
               useful)
@@ -136,26 +143,31 @@ def main() -> None:
         for i in range(args.adapters):
             wrapped.save_pretrained(Path(tmp) / "peft", selected_adapters=[f"a{i}"])
             dirs[f"a{i}"] = Path(tmp) / "peft" / f"a{i}"
-        peft_batched = timed("transformers generate + PEFT, mixed batches (adapter_names)",
-                             lambda: run_hf(wrapped, requests, args.batch, True), useful)
-        subset = requests[:args.switching]
-        timed("transformers generate + PEFT, one request at a time, switching adapters",
-              lambda: run_switching(wrapped, subset), sum(r["budget"] for r in subset))
+        peft_batched = None
+        if "peft" not in skip:
+            peft_batched = timed("transformers generate + PEFT, mixed batches (adapter_names)",
+                                 lambda: run_hf(wrapped, requests, args.batch, True), useful)
+            subset = requests[:args.switching]
+            timed("transformers generate + PEFT, one request at a time, switching adapters",
+                  lambda: run_switching(wrapped, subset), sum(r["budget"] for r in subset))
         model = wrapped.unload()
         slots = AdapterSlots(model, dirs)
-        loaded = timed("engine, base traffic, 8 adapters loaded",
-                       lambda: run_engine(model, requests, args.batch, slots, use_adapters=False), useful)
-        run_engine(model, requests[:args.batch], args.batch, slots)  # warm-up: the adapter graphs
-        holder = {}
-        mixed = timed("engine, mixed traffic over the adapters, CUDA graphs",
-                      lambda: holder.setdefault("engine", run_engine(model, requests, args.batch, slots)), useful)
-        print(json.dumps({"graphs": holder["engine"].graphs.summary()}), flush=True)
+        engine = make_engine(model, args.batch, slots)
+        run_engine(engine, requests, use_adapters=False)  # warm-up: base graphs and mixed graphs, every bucket
+        run_engine(engine, requests)
+        loaded = timed(f"engine, base traffic, {args.adapters} adapters loaded",
+                       lambda: run_engine(engine, requests, False), useful)
+        mixed = timed("engine, mixed traffic over the adapters, CUDA graphs", lambda: run_engine(engine, requests),
+                      useful)
+        print(json.dumps({"graphs": engine.graphs.summary()}), flush=True)
         if "eager" not in skip:
-            timed("engine, mixed traffic over the adapters, eager",
-                  lambda: run_engine(model, requests, args.batch, slots, graphs=False), useful)
+            eager = make_engine(model, args.batch, slots, graphs=False)
+            timed("engine, mixed traffic over the adapters, eager", lambda: run_engine(eager, requests), useful)
     print(json.dumps({**info, "mixed_vs_base": round(mixed["tokens_per_s"] / base["tokens_per_s"], 2),
                       "base_loaded_vs_base": round(loaded["tokens_per_s"] / base["tokens_per_s"], 3),
-                      "mixed_vs_peft_batched": round(mixed["tokens_per_s"] / peft_batched["tokens_per_s"], 2)}),
+                      "mixed_vs_base_loaded": round(mixed["tokens_per_s"] / loaded["tokens_per_s"], 2),
+                      "mixed_vs_peft_batched": peft_batched and round(mixed["tokens_per_s"] /
+                                                                      peft_batched["tokens_per_s"], 2)}),
           flush=True)
 
 

@@ -61,6 +61,12 @@ GRID = {  # name → (shape, overrides); LoRA r16 on every linear layer unless t
     "8b-qlora-pack4096-ckpt": ("llama8b", _pack(4096) + QLORA + CKPT),
     "8b-qlora-1024x4": ("llama8b", _pad(1024, 4) + QLORA),
 }
+# plan: auto on the real GPU: settings as given that do not fit; the run's own summary.json names the plan chosen,
+# and its prediction is what the measurement is compared with.
+AUTO = {
+    "8b-lora-2048x16-auto": ("llama8b", _pad(2048, 16) + ["plan=auto"]),
+    "3b-full-1024x16-auto": ("smol3b", _pad(1024, 16) + FULL + ["plan=auto"]),
+}
 
 
 # Peaks earlier sessions measured on one H200 (BENCHMARKS.md, the sections named) whose batches were all at their
@@ -134,7 +140,7 @@ def predicted(overrides: list[str]) -> dict:
 
 
 def one_run(name: str, model_dir: Path, data: Path, steps: int, work: Path) -> dict:
-    shape, extra = GRID[name]
+    shape, extra = {**GRID, **AUTO}[name]
     overrides = [f"model.source={model_dir}", f"data.train={data}", "data.eval=", "eval.before=false",
                  "eval.task_rows=0", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=null",
                  "train.progress=false", "lora.r=16", "lora.alpha=32", "optim.lr=2e-4", f"output_dir={work}",
@@ -147,8 +153,24 @@ def one_run(name: str, model_dir: Path, data: Path, steps: int, work: Path) -> d
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     measured = max(r["peak_memory_gib"] for r in rows)
+    plan = json.loads((work / name / "summary.json").read_text()).get("plan")
+    if plan:  # plan: auto: the prediction of the settings it chose
+        result.update(plan=plan, predicted_gib=plan["chosen_allocated_gib"])
     return {**result, "measured_gib": measured, "error_pct": 100 * (result["predicted_gib"] / measured - 1),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:] or rows)}
+
+
+def verify_run(name: str, model_dir: Path, data: Path) -> dict:
+    """``tunesmith estimate --fit --verify`` on ``name``'s settings: the plan, then two steps trained with it."""
+    code = "import sys; from tunesmith.cli import main; sys.exit(main(['estimate', *sys.argv[1:]]))"
+    overrides = [f"model.source={model_dir}", f"data.train={data}", "lora.r=16", "lora.alpha=32",
+                 *(o for o in AUTO[name][1] if o != "plan=auto")]
+    proc = subprocess.run([sys.executable, "-c", code, "--fit", "--verify", "--json", *overrides],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"run": f"{name} (estimate --fit --verify)", "error": proc.stderr[-1500:]}
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"run": f"{name} (estimate --fit --verify)", "overrides": report["overrides"], **report["verify"]}
 
 
 def main() -> None:
@@ -158,6 +180,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--predict-only", action="store_true", help="print the grid's predictions, train nothing")
     parser.add_argument("--earlier", action="store_true", help="the estimate against earlier measured peaks")
+    parser.add_argument("--verify", help="comma-separated AUTO names to run through tunesmith estimate --fit --verify")
     args = parser.parse_args()
     if args.predict_only or args.earlier:
         print_predictions(args.earlier)
@@ -168,18 +191,23 @@ def main() -> None:
 
     from tunesmith.bench import build_model_dir
 
-    names = args.only.split(",") if args.only else list(GRID)
+    names = args.only.split(",") if args.only is not None else list(GRID)
+    names = [n for n in names if n]
     device = torch.cuda.get_device_name(0)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "long.jsonl"
         long_chats(data, 64, 4200)
         for name in names:
-            model_dir = Path(tmp) / GRID[name][0]
-            build_model_dir(GRID[name][0], args.tok, model_dir)
+            model_dir = Path(tmp) / {**GRID, **AUTO}[name][0]
+            build_model_dir({**GRID, **AUTO}[name][0], args.tok, model_dir)
             result = {"device": device, **one_run(name, model_dir, data, args.steps, Path(tmp) / "runs")}
             print(json.dumps(result), flush=True)
             results.append(result)
+        for name in filter(None, (args.verify or "").split(",")):
+            model_dir = Path(tmp) / AUTO[name][0]
+            build_model_dir(AUTO[name][0], args.tok, model_dir)
+            print(json.dumps({"device": device, **verify_run(name, model_dir, data)}), flush=True)
     print(f"\n{device}, torch {torch.__version__}\n")
     print("| run | tokens / micro-batch | predicted GiB | measured GiB | error | tokens/s |\n|---|---|---|---|---|---|")
     for r in results:

@@ -113,6 +113,8 @@ def build_model_dir(shape: str, tokenizer_dir: str, out: Path) -> int:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the runs that follow, in other processes, get the GPU whole
     return len(tokenizer)
 
 

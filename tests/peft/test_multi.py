@@ -176,3 +176,33 @@ def test_prefixes_of_two_lengths_in_one_prefill(adapters):
         expected = alone.submit(Request(request.prompt, sampling=sampling))
         alone.run()
         assert request.tokens == expected.tokens, request.adapter
+
+
+def test_the_whole_stack_runs_one_a_product_per_shared_input(adapters):
+    """q/k/v (and gate/up) keep their A stacks side by side: the first called computes every sibling's part,
+    regrouped after each rank growth; every row still equals its adapter alone, and a sibling called with
+    another input computes its own."""
+    ids = torch.randint(0, 1000, (4, 6), generator=torch.Generator().manual_seed(5))
+    model = build_tiny_llama().eval()
+    slots = AdapterSlots(model, {"qv2": adapters["qv2"]}, capacity=3, targets="all-linear")
+    slots.load("all4", adapters["all4"])  # rank 2 → 4 → 8: the stacks grow and are regrouped twice
+    slots.load("mlp8", adapters["mlp8"])
+    attention = "model.layers.0.self_attn."
+    q, k, v = (slots.layers[attention + name] for name in ("q_proj", "k_proj", "v_proj"))
+    assert q.group is k.group is v.group is not None and q.group.intact()
+    assert q.lora_A.untyped_storage().data_ptr() == v.lora_A.untyped_storage().data_ptr()
+    assert slots.layers["model.layers.0.mlp.gate_proj"].group is slots.layers["model.layers.0.mlp.up_proj"].group
+    assert slots.layers["model.layers.0.mlp.down_proj"].group is None
+    rows = ["all4", "qv2", "mlp8", None]
+    index = torch.tensor([slots.slot(name) for name in rows])
+    with torch.no_grad(), slots.indexed(index):
+        mixed = model(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], _alone(name, adapters, ids[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+    x, y = torch.randn(2, 4, 1, q.in_features, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), slots.indexed(index):
+        q(x)
+        assert q.group.input is x and q.group.pending == {1, 2}  # k's and v's parts wait for them
+        got = k(y)  # another input: k's own product
+    with torch.no_grad(), slots.rows(rows, stacked=False):
+        torch.testing.assert_close(got, k(y), rtol=1e-5, atol=1e-5)

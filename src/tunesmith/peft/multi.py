@@ -13,7 +13,11 @@ computed segment by segment when a batch holds few adapters (the idea of Punica'
 adapter go through its own block of A and B (views, nothing gathered or copied) and their updates are added
 into those rows. With more adapters, every row goes through the whole stack in two products, its own block kept
 by a 0/1 mask over the R·(S+1) columns (the idea of BGMV, without gathering a matrix per row: each adapter's
-weights are read once per step, however many rows use it). Nothing is merged, unmerged or switched per
+weights are read once per step, however many rows use it). Layers that read the same input (q/k/v, gate/up)
+keep their stacks of A side by side in one tensor, so the whole-stack path runs one A product (and one mask)
+for all of them: the first of them called with an input computes every sibling's part, the siblings called
+with that same tensor take theirs (a sibling called with another input computes its own: the grouping is a
+saving, never an assumption). Nothing is merged, unmerged or switched per
 request: the rows' slots are an input of the forward, a ``RowPlan`` that every layer reads and
 ``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output
 untouched.
@@ -37,6 +41,8 @@ from tunesmith.peft.lora import LoRAConfig, linear_module_names, select_target_m
 # Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it the
 # whole stack in two products costs less than a product per adapter (benchmarks/cpu_generate.py).
 SEGMENTS_MAX = 2
+# Layers of one module that read the same input in the model families served (a guess checked at every call).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 @dataclass
@@ -48,6 +54,47 @@ class RowPlan:
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
     columns: torch.Tensor | None = None
     span: tuple[int, int] | None = None  # the stack's columns ``columns`` covers (None: all of them)
+    tiled: dict[int, torch.Tensor] = field(default_factory=dict)  # ``columns`` repeated for n layers side by side
+
+
+class SharedInput:
+    """Adapted layers that read one input tensor: their A stacks live side by side in ``storage`` (each
+    layer's ``lora_A`` is a view of its rows), and the first of them called with an input computes the masked
+    ``x Aᵀ`` of all of them; each sibling then takes its part once."""
+
+    def __init__(self, layers: list["MultiLoRALinear"]):
+        self.layers = layers
+        self.storage = torch.cat([layer.lora_A for layer in layers])
+        height = layers[0].lora_A.shape[0]
+        for i, layer in enumerate(layers):
+            layer.lora_A = self.storage[i * height:(i + 1) * height]
+            layer.group = self
+        self.input: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] = []
+        self.pending: set[int] = set()
+
+    def intact(self) -> bool:
+        """Every layer's ``lora_A`` still a view of ``storage`` (a model moved or cast since has new tensors)."""
+        height, start = self.layers[0].lora_A.shape[0], self.storage.data_ptr()
+        step = height * self.storage.shape[1] * self.storage.element_size()
+        return all(layer.lora_A.data_ptr() == start + i * step and layer.group is self
+                   for i, layer in enumerate(self.layers))
+
+    def hidden(self, layer: "MultiLoRALinear", rows: torch.Tensor, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        index = self.layers.index(layer)
+        if self.input is x and index in self.pending:  # a sibling computed it for this very input
+            self.pending.discard(index)
+            part = self.parts[index]
+            if not self.pending:
+                self.input, self.parts = None, []
+            return part
+        count = len(self.layers)
+        if count not in plan.tiled:
+            plan.tiled[count] = plan.columns.repeat(1, 1, count)
+        hidden = (rows @ self.storage.T) * plan.tiled[count]
+        self.parts = list(hidden.split(layer.lora_A.shape[0], dim=-1))
+        self.input, self.pending = x, set(range(count)) - {index}
+        return self.parts[index]
 
 
 class MultiLoRALinear(nn.Module):
@@ -65,6 +112,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(base_layer.out_features, (slots + 1) * rank, dtype=dtype,
                                                    device=device))
         self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
+        self.group: SharedInput | None = None  # siblings reading the same input (AdapterSlots groups them)
         self.batch = batch  # which rows use which slot: AdapterSlots' one plan, shared by every layer
 
     in_features = property(lambda self: self.base_layer.in_features)
@@ -78,7 +126,7 @@ class MultiLoRALinear(nn.Module):
         grown_b = self.lora_B.new_zeros(self.lora_B.shape[0], slots * rank)
         grown_a.view(slots, rank, -1)[:, :self.rank] = self.lora_A.view(slots, self.rank, -1)
         grown_b.view(-1, slots, rank)[:, :, :self.rank] = self.lora_B.view(-1, slots, self.rank)
-        self.lora_A, self.lora_B, self.rank = grown_a, grown_b, rank
+        self.lora_A, self.lora_B, self.rank, self.group = grown_a, grown_b, rank, None  # AdapterSlots regroups
 
     def clear_slot(self, slot: int) -> None:
         block = slice(slot * self.rank, (slot + 1) * self.rank)
@@ -104,7 +152,10 @@ class MultiLoRALinear(nn.Module):
                 a, b = a[plan.span[0] * self.rank:plan.span[1] * self.rank], b[:, plan.span[0] * self.rank:
                                                                                 plan.span[1] * self.rank]
             rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-            hidden = (rows @ a.T) * plan.columns
+            if self.group is not None and plan.span is None and self.group.intact():
+                hidden = self.group.hidden(self, rows, x, plan)
+            else:
+                hidden = (rows @ a.T) * plan.columns
             update = torch.addmm(out.reshape(-1, out.shape[-1]).to(hidden.dtype),
                                  hidden.reshape(-1, hidden.shape[-1]), b.T)
             return update.reshape(out.shape).to(out.dtype)
@@ -160,8 +211,21 @@ class AdapterSlots:
                 torch.float32  # a 4-bit base: its compute dtype
             self.layers[layer] = MultiLoRALinear(base, self.capacity, self.rank, self.plan, dtype)
             setattr(parent, child, self.layers[layer])
+        self._group()
         for name, adapter in read.items():
             self.apply(name, adapter)
+
+    def _group(self) -> None:
+        """Put the layers that read one input (a block's q/k/v, its gate/up) into a ``SharedInput`` each."""
+        for siblings in SIBLINGS:
+            by_parent: dict[str, list[MultiLoRALinear]] = {}
+            for name, layer in self.layers.items():
+                parent, _, child = name.rpartition(".")
+                if child in siblings:
+                    by_parent.setdefault(parent, []).append(layer)
+            for layers in by_parent.values():
+                if len(layers) > 1 and len({layer.in_features for layer in layers}) == 1:
+                    SharedInput(layers)
 
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Read the adapter at ``path`` and put it in a free slot under ``name`` (replacing one of that name)."""
@@ -183,6 +247,7 @@ class AdapterSlots:
             for layer in self.layers.values():
                 layer.resize(rank)
             self.rank = rank
+            self._group()
             self.version += 1
         for layer in self.layers.values():
             layer.clear_slot(slot)
@@ -243,7 +308,7 @@ class AdapterSlots:
         try:
             yield
         finally:
-            self.plan.columns, self.plan.span = None, None
+            self.plan.columns, self.plan.span, self.plan.tiled = None, None, {}
 
     def _device(self) -> torch.device | None:
         return next(iter(self.layers.values())).lora_A.device if self.layers else None

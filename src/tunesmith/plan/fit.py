@@ -136,8 +136,9 @@ def apply_plan(config, plan: Plan):
 
 
 def memory_to_fit(text: str | None, device=None) -> int | None:
-    """``text`` (e.g. 80GiB) in bytes; without it the memory of the CUDA ``device`` (default: the first GPU), or
-    None where there is no GPU."""
+    """``text`` (e.g. 80GiB) in bytes; without it what the CUDA ``device`` (default: the first GPU) has free now,
+    plus what this process's allocator already holds (other processes' memory is not ours to plan with), or None
+    where there is no GPU."""
     import torch
 
     from tunesmith.config_limits import parse_memory
@@ -145,7 +146,9 @@ def memory_to_fit(text: str | None, device=None) -> int | None:
     if text is not None:
         return parse_memory(text)
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        return torch.cuda.get_device_properties(device if device is not None else 0).total_memory
+        index = device if device is not None else 0
+        free, _total = torch.cuda.mem_get_info(index)
+        return free + torch.cuda.memory_reserved(index)
     return None
 
 
