@@ -416,7 +416,12 @@ COMMANDS = {"template": cmd_template, "chat": cmd_chat, "compare": cmd_compare, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (``estimate a=1 --gpus 2 b=2``) are overrides too, in order
+        if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     # the hub library's per-file download and shard-loading bars tell a user of local models nothing; set before
     # transformers is first imported (every verb imports it lazily), and a user's own setting wins
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -59,6 +59,8 @@ def test_the_breakdown_of_a_tiny_lora_run_by_hand(tiny_model_dir):
     terms = {t["term"]: t["bytes"] for t in estimate(checkpointed, shape, settings_of(checkpointed)).terms}
     assert terms["block inputs (checkpointing)"] == 2 * tokens * 32 * 2 and terms["recomputed block"] == \
         tokens * per_block and "activations" not in terms and terms["cuBLAS workspaces"] == 2 * 4 * MIB
+    # ... whose backward's gradients in flight take the place of the activations it frees (fitted: the H100 grid)
+    assert terms["backward temporaries"] == 0
     # under CUDA graphs (the default on a GPU) activations are 8% lower (fitted to measurements) and the
     # allocator keeps more cached blocks (30%)
     graphed = estimate(_config(tiny_model_dir), shape, settings_of(_config(tiny_model_dir)))
@@ -96,6 +98,10 @@ def test_estimate_cli_json_and_refusals(tiny_model_dir, capsys):
     assert report["parameters"] == sum(p.numel() for p in build_tiny_llama().parameters())
     assert report["estimate"]["memory_bytes"] == 8 * 2 ** 30 and report["estimate"]["allocated_bytes"] == sum(
         t["bytes"] for t in report["estimate"]["terms"])
+    # key=value overrides after an option are overrides too, applied in order (the last one wins)
+    assert main(["estimate", "train.micro_batch_size=5", "--gpu-memory", "8GiB", f"model.source={tiny_model_dir}",
+                 "--json", "train.micro_batch_size=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimate"]["settings"]["micro_batch_size"] == 3
     assert main(["estimate", f"model.source={tiny_model_dir}", "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory: 'lots' is not a memory size" in capsys.readouterr().err
     assert main(["estimate", f"model.source={tiny_model_dir}", "--verify"]) == 2
