@@ -13,6 +13,10 @@ row's budget does not count those tokens). Runs, all in one process:
   ``adapter_names`` (PEFT at its best), and one request at a time switching adapters (as most people run it)
 - transformers ``generate`` on the base traffic, batched (the base stack)
 
+The engine runs keep one engine per setting, as a server does: a warm-up over the whole traffic records every
+decode graph first, so no timed run records one. ``--skip peft,hf_base,eager`` leaves runs out (the PEFT runs
+take minutes at 8B).
+
     python benchmarks/gpu_generate.py --shape tinyllama-1.1b --requests 256 --batch 64
 """
 
