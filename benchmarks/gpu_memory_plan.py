@@ -67,6 +67,7 @@ AUTO = {
     "8b-lora-2048x16-auto": ("llama8b", _pad(2048, 16) + ["plan=auto"]),
     "3b-full-1024x16-auto": ("smol3b", _pad(1024, 16) + FULL + ["plan=auto"]),
 }
+RUNS = {**GRID, **AUTO}
 
 
 # Peaks earlier sessions measured on one H200 (BENCHMARKS.md, the sections named) whose batches were all at their
@@ -140,7 +141,7 @@ def predicted(overrides: list[str]) -> dict:
 
 
 def one_run(name: str, model_dir: Path, data: Path, steps: int, work: Path) -> dict:
-    shape, extra = {**GRID, **AUTO}[name]
+    shape, extra = RUNS[name]
     overrides = [f"model.source={model_dir}", f"data.train={data}", "data.eval=", "eval.before=false",
                  "eval.task_rows=0", f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=null",
                  "train.progress=false", "lora.r=16", "lora.alpha=32", "optim.lr=2e-4", f"output_dir={work}",
@@ -154,8 +155,9 @@ def one_run(name: str, model_dir: Path, data: Path, steps: int, work: Path) -> d
     rows = [r for r in rows if "loss" in r]
     measured = max(r["peak_memory_gib"] for r in rows)
     plan = json.loads((work / name / "summary.json").read_text()).get("plan")
-    if plan:  # plan: auto: the prediction of the settings it chose
-        result.update(plan=plan, predicted_gib=plan["chosen_allocated_gib"])
+    if plan:  # plan: auto: the prediction and the micro-batch of the settings it chose
+        result.update(plan=plan, predicted_gib=plan["chosen_allocated_gib"],
+                      tokens_per_micro_batch=plan["chosen"]["tokens"])
     return {**result, "measured_gib": measured, "error_pct": 100 * (result["predicted_gib"] / measured - 1),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:] or rows)}
 
@@ -199,8 +201,8 @@ def main() -> None:
         data = Path(tmp) / "long.jsonl"
         long_chats(data, 64, 4200)
         for name in names:
-            model_dir = Path(tmp) / {**GRID, **AUTO}[name][0]
-            build_model_dir({**GRID, **AUTO}[name][0], args.tok, model_dir)
+            model_dir = Path(tmp) / RUNS[name][0]
+            build_model_dir(RUNS[name][0], args.tok, model_dir)
             result = {"device": device, **one_run(name, model_dir, data, args.steps, Path(tmp) / "runs")}
             print(json.dumps(result), flush=True)
             results.append(result)

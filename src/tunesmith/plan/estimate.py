@@ -135,14 +135,13 @@ def estimate(config, shape: Shape, settings: Settings, *, cuda: bool = True, mem
         add("block inputs (checkpointing)", shape.layers * t * shape.block.hidden * b,
             f"{shape.layers} blocks × {t:,} tokens × {shape.block.hidden} × {b} bytes")
         add("recomputed block", t * per_block, f"one block's activations, {per_block:,.0f} bytes per token")
+        # measured: adding them over-predicted every checkpointed run on the H100 grid (BENCHMARKS.md)
+        add("backward temporaries", 0, "one block's gradients in flight take the place of the recomputed "
+            "activations its backward frees")
     else:
         add("activations", shape.layers * t * per_block,
             f"{shape.layers} blocks × {t:,} tokens × {per_block:,.0f} bytes per token ("
             + ", ".join(f"{k} {v:,}" for k, v in part.items()) + (", × 0.92 under graphs" if s.graphs else "") + ")")
-    if s.checkpointing:  # measured: adding them over-predicted every checkpointed run on the H100 grid
-        add("backward temporaries", 0, "one block's gradients in flight take the place of the recomputed "
-            "activations its backward frees")
-    else:
         add("backward temporaries", t * backward_working_set(shape.block, b=b), "one block's gradients in flight")
     add("final norm and head", t * (4 * shape.block.hidden + 4) + head_buffers(
         shape.vocab, shape.block.hidden, t, b=b, softcap=shape.softcap,
