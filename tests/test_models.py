@@ -130,3 +130,27 @@ def test_model_from_flags_names_the_flag(tiny_model_dir):
     assert model_from_flags(str(tiny_model_dir), template="chatml", trust_remote_code=True).model_dump() == {
         "source": str(tiny_model_dir), "template": "chatml", "dtype": "auto", "device": "auto",
         "trust_remote_code": True}
+
+
+def test_gguf_parsed_once_writes_what_transformers_own_reading_writes(tmp_path, monkeypatch, embedded_dir):
+    """The conversion parses the file once (transformers alone parses it three times): the same bytes come out as
+    transformers' own unpatched reading writes, and the gguf package is left as it was."""
+    import contextlib
+
+    import gguf
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    parses = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or reader(*a, **k))
+    defaults._convert_gguf(defaults.embedded_gguf_path(), tmp_path / "once")
+    assert len(parses) == 1
+    monkeypatch.setattr(defaults, "_gguf_read_once", contextlib.nullcontext)
+    defaults._convert_gguf(defaults.embedded_gguf_path(), tmp_path / "plain")
+    assert len(parses) == 4  # config, tokenizer, weights
+    monkeypatch.undo()
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, names)
+    written = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "once").iterdir()) and "model.safetensors" in written
+    for name in written:
+        assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+        assert (tmp_path / "once" / name).read_bytes() == (embedded_dir / name).read_bytes(), name

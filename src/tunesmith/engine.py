@@ -158,7 +158,10 @@ class Engine:
 
     def _prefill(self, joining: list[Request]) -> None:
         """Prefill ``joining`` in one forward into the rows after the running ones. A row whose prompt starts with
-        a stored prefix (of its adapter) runs only the rest, attending to the prefix's keys first."""
+        a stored prefix (of its adapter) runs only the rest, attending to the prefix's keys first. Joiners of one
+        adapter take rows side by side (each adapter's rows are then one slice of the batch)."""
+        if self.adapters is not None:
+            joining = sorted(joining, key=lambda r: self.adapters.slot(r.adapter))
         self._learn_prefixes(joining)
         prefixes = [self._prefix_of(r) for r in joining]
         shared = [0 if p is None else len(p[0]) for p in prefixes]

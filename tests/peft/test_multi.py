@@ -137,14 +137,23 @@ def test_the_engine_serves_mixed_adapters_token_for_token(adapters):
         assert request.tokens == expected.tokens, name
 
 
-@pytest.mark.parametrize("rows", [["qv2", None, "mlp8", "qv2"], ["all4", "all4"], ["all4", "qv2", "mlp8", None]],
-                         ids=["segments", "one adapter", "gathered"])
+@pytest.mark.parametrize("rows", [["qv2", None, "mlp8", "qv2"], ["qv2", "qv2", None, "mlp8"], ["all4", "all4"],
+                                  ["all4", "qv2", "mlp8", None], ["mlp8", "all4", "qv2", "qv2"]],
+                         ids=["segments", "segments side by side", "one adapter", "gathered", "whole stack"])
 def test_both_ways_of_computing_a_batch_give_each_row_its_adapter(adapters, rows):
-    """Up to SEGMENTS_MAX adapters run segment by segment, more through one gathered product: the same rows."""
+    """Up to SEGMENTS_MAX adapters run segment by segment (rows side by side as slices of the batch, others by
+    index), more through one gathered product over the span of slots present (or the whole stack, when every
+    slot is present): the same rows."""
     ids = torch.randint(0, 1000, (len(rows), 5), generator=torch.Generator().manual_seed(3))
     model = build_tiny_llama().eval()
     slots = AdapterSlots(model, adapters)
+    if rows[0] == "qv2" and rows[1] == "qv2":
+        assert slots._rows_of([slots.slot(name) for name in rows], slots.slot("qv2")) == slice(0, 2)
     with torch.no_grad(), slots.rows(rows):
+        if len(set(rows) - {None}) == len(adapters):
+            assert slots.plan.columns is not None and slots.plan.span is None
+        elif len(set(rows) - {None}) > 2:
+            assert slots.plan.span is not None
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], _alone(name, adapters, ids[i:i + 1])[0], rtol=1e-5, atol=1e-5)

