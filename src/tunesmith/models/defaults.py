@@ -80,9 +80,9 @@ def dequantized_dir(gguf_path: str | os.PathLike) -> Path:
 def _gguf_read_once() -> Iterator[None]:
     """Within the block, a GGUF file is parsed once and llama.cpp's tensor-name table made once per (architecture,
     layers). transformers parses the file three times (config, tokenizer, weights; each parse builds Python
-    objects for the whole vocabulary) and rebuilds the table for every module of the model: 16.9 s of a 17 s
-    conversion of the embedded model on a 2-core machine, 7.4 s with this (the files written are the same bytes:
-    tested). The readers are only read, never changed."""
+    objects for the whole vocabulary) and rebuilds the table for every module of the model: the embedded model
+    converted in 16.9 s on a 2-core machine, in 7.4 s with this (BENCHMARKS.md; the files written are the same
+    bytes: tested). The readers are only read, never changed."""
     import gguf
 
     reader, names = gguf.GGUFReader, gguf.get_tensor_name_map

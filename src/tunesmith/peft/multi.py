@@ -49,11 +49,11 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 @dataclass
 class RowPlan:
-    """Which rows of the batch being run use which adapter: ``groups`` (slot, its rows: a slice of the batch, row
-    indices, or None for every row) for the adapters present, or ``columns``, each row's 0/1 mask over the stacked
+    """Which rows of the batch being run use which adapter: ``groups`` (slot, its rows: a slice of the batch when
+    they sit side by side, else their indices) for the adapters present, or ``columns``, each row's 0/1 mask over the stacked
     adapters' columns, when the whole stack is used. Empty outside ``AdapterSlots.rows``."""
 
-    groups: list[tuple[int, slice | torch.Tensor | None]] = field(default_factory=list)
+    groups: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
     columns: torch.Tensor | None = None
     span: tuple[int, int] | None = None  # the slots (first, end) whose columns ``columns`` covers (None: all)
     tiled: dict[int, torch.Tensor] = field(default_factory=dict)  # ``columns`` repeated for n layers side by side
@@ -173,8 +173,7 @@ class MultiLoRALinear(nn.Module):
                 continue
             start = self.block(slot).start
             a, b = self.lora_A[start:start + r], self.lora_B[:, start:start + r]  # views: nothing is copied
-            if index is None or isinstance(index, slice):  # every row, or rows side by side: views, in place
-                index = index or slice(None)
+            if isinstance(index, slice):  # rows side by side (every row, at most): views, in place
                 update[index] += ((rows[index].to(a.dtype) @ a.T) @ b.T).to(out.dtype)
                 continue
             delta = ((rows.index_select(0, index).to(a.dtype) @ a.T) @ b.T).to(out.dtype)
@@ -315,11 +314,10 @@ class AdapterSlots:
         finally:
             self.plan.columns, self.plan.span, self.plan.tiled = None, None, {}
 
-    def _rows_of(self, slots: list[int], slot: int) -> slice | torch.Tensor | None:
-        """The rows of ``slots`` that use ``slot``: None (all), a slice (side by side) or their indices."""
+    def _rows_of(self, slots: list[int], slot: int) -> slice | torch.Tensor:
+        """The rows of ``slots`` that use ``slot``: a slice when they sit side by side (all of them, at most), else
+        their indices."""
         rows = [i for i, s in enumerate(slots) if s == slot]
-        if len(rows) == len(slots):
-            return None
         if rows[-1] - rows[0] == len(rows) - 1:
             return slice(rows[0], rows[-1] + 1)
         return torch.tensor(rows, dtype=torch.long, device=self._device())
