@@ -14,9 +14,11 @@ from tunesmith.config import load_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.eval.cli import run_eval
-from tunesmith.eval.evaluate import heldout_loss
+from tunesmith.eval.evaluate import agreed_answers, evaluate, heldout_loss
+from tunesmith.eval.task import answer_prompts, answer_rows
 from tunesmith.models import load
 from tunesmith.peft.io import load_adapter
+from tunesmith.templates import stop_token_ids
 
 NEW_TOKENS = 6
 
@@ -24,6 +26,10 @@ NEW_TOKENS = 6
 def reference_answer(model, tokenizer, prompt) -> str:
     """transformers' greedy answer: a message list through the tokenizer's chat template with the generation
     prompt, a plain string as training tokenizes it; stopping at the template's end of turn / EOS."""
+    return tokenizer.decode(reference_tokens(model, tokenizer, prompt), skip_special_tokens=True).strip()
+
+
+def reference_tokens(model, tokenizer, prompt) -> list[int]:
     if isinstance(prompt, list):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True,
                                             return_tensors="pt")["input_ids"]
@@ -33,7 +39,7 @@ def reference_answer(model, tokenizer, prompt) -> str:
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
                              eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return [t for t in out[0, ids.shape[1]:].tolist() if t not in stops]
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +204,60 @@ def test_eval_run_dir_uses_the_runs_tokenization_and_scores_before_after(last_tu
     assert [s["after"] for s in report["samples"]] == after
     assert [s["before"] for s in report["samples"]] == [reference_answer(hf_tiny, tokenizer, r["messages"][:-1])
                                                        for r in rows]
+
+
+def test_answers_the_loss_pass_determines_are_what_transformers_generates(tmp_path, tiny_model_dir, hf_tiny,
+                                                                          tokenizer):
+    """``evaluate`` takes from the held-out loss pass the start of each row's greedy answer (all of it where the
+    expected answer is the greedy one) and generates only the rest: the answers are transformers' greedy ones
+    whatever the expected answers hold, and the loss is the plain pass's."""
+    prompts = conversations() + [[{"role": "user", "content": "Say hello"}]]
+    tokens = [reference_tokens(hf_tiny, tokenizer, p) for p in prompts]
+    answers = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    # Expected answers as their tokens' text, unstripped, so the template renders those very tokens: the greedy
+    # answer itself; its first two tokens and then other words; another answer; the greedy answer again
+    expected = [tokenizer.decode(tokens[0]), tokenizer.decode(tokens[1][:2]) + " zebra yak",
+                "not what greedy decoding says", tokenizer.decode(tokens[3])]
+    data = write_jsonl(tmp_path / "mine.jsonl", [{"messages": p + [{"role": "assistant", "content": e}]}
+                                                 for p, e in zip(prompts, expected)])
+    loaded = load(str(tiny_model_dir))
+    model = loaded.model.eval()
+    examples = prepare(data, tokenizer, TokenizeOptions(max_length=512)).examples
+    rows = answer_rows(data)
+    metrics, task = evaluate(model, tokenizer, examples=examples, rows=rows, max_new_tokens=NEW_TOKENS)
+    assert task.predictions == answers
+    assert metrics["eval_loss"] == heldout_loss(model, examples, pad_id=tokenizer.pad_token_id)["eval_loss"]
+    assert metrics["exact_match"] == 0.5 and task.reused == 1
+    # What the pass determined: row 3 whole; row 1 its first two tokens and the token after them (where greedy
+    # decoding leaves the expected answer); row 2 only its first token. Row 0's expected text, though the greedy
+    # answer's, tokenizes otherwise from its second word on ("Ġlev ermis" is rendered "Ġlever mis"): the walk
+    # stops there, and the rest is generated.
+    picks = {}
+    heldout_loss(model, examples, pad_id=tokenizer.pad_token_id, picks=picks)
+    known = agreed_answers(answer_prompts(tokenizer, rows), examples, picks, stop_token_ids(tokenizer), NEW_TOKENS)
+    assert {row: (len(answer), complete) for row, (answer, complete) in known.items()} == {
+        0: (2, False), 1: (3, False), 2: (1, False), 3: (NEW_TOKENS, True)}
+    assert all(answer == tokens[row][:len(answer)] for row, (answer, _) in known.items())
+    # each pick is the argmax of transformers' own logits at that position
+    for index, example in enumerate(examples):
+        with torch.no_grad():
+            logits = hf_tiny(torch.tensor([example["input_ids"]])).logits[0]
+        trained = [t for t in range(1, len(example["labels"])) if example["labels"][t] != -100]
+        assert picks[index] == [int(logits[t - 1].argmax()) for t in trained]
+
+
+@pytest.mark.parametrize("picked, limit, known", [
+    ([10, 11, 12, 99], 48, ([10, 11, 12], True)),  # greedy agrees up to the stop token
+    ([10, 11, 99, 7], 48, ([10, 11], True)),  # greedy stops early: the answer is complete there
+    ([10, 20, 12, 99], 48, ([10, 20], False)),  # greedy leaves the example at position 4: what follows is open
+    ([10, 11, 12, 99], 2, ([10, 11], True)),  # the token budget ends the answer
+])
+def test_agreed_answers_walk(picked, limit, known):
+    example = {"input_ids": [1, 2, 3, 10, 11, 12, 99], "labels": [-100, -100, -100, 10, 11, 12, 99]}
+    assert agreed_answers([[1, 2, 3]], [example], {0: picked}, {99}, limit) == {0: known}
+
+
+def test_agreed_answers_needs_the_prompt_and_a_trained_start():
+    example = {"input_ids": [1, 2, 3, 10, 11, 99], "labels": [-100, -100, -100, -100, 11, 99]}
+    # prompt [1, 2]: its next position (3) is not trained, so nothing is known; prompt [5] starts no example
+    assert agreed_answers([[1, 2], [5], [1, 2, 3, 10]], [example], {0: [11, 99]}, {99}, 48) == {2: ([11], True)}

@@ -49,3 +49,18 @@ def test_frozen_weight_gets_no_gradient_and_no_grad_mode_works():
         value = linear_cross_entropy(hidden, weight, targets)
     torch.testing.assert_close(value, _plain(hidden, weight, targets, None).detach())
     assert float(linear_cross_entropy(hidden[:0], weight, targets[:0])) == 0.0
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_picks_are_the_argmax_of_the_plain_logits(softcap):
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(9, 16), torch.randn(50, 16)
+    targets = torch.randint(0, 50, (9,))
+    picks = torch.full((9,), -1)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap, chunk=4, picks=picks)
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    assert picks.tolist() == logits.argmax(dim=1).tolist()
+    torch.testing.assert_close(loss, _plain(hidden, weight, targets, softcap))

@@ -10,16 +10,20 @@ import torch
 from tunesmith.data.batching import pad_collate
 from tunesmith.config import RunConfig
 from tunesmith.data.builtin import BUILTIN_NAME
-from tunesmith.eval.task import AnswerRow, TaskResult, answer_rows, evaluate_task
+from tunesmith.eval.task import AnswerRow, TaskResult, answer_prompts, answer_rows, evaluate_task
+from tunesmith.templates import IGNORE_INDEX, stop_token_ids
 from tunesmith.train.layout import resolve
-from tunesmith.train.loss import autocast_for, supervised_loss_sum, trained_tokens
+from tunesmith.train.loss import autocast_for, head_loss, trained_hidden, trained_tokens
 
 FLAT_EVAL_TOKENS = 1024
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 16) -> dict:
-    """Mean cross-entropy per trained token over ``examples`` and its exponential, the perplexity.
+def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 16,
+                 picks: dict[int, list[int]] | None = None) -> dict:
+    """Mean cross-entropy per trained token over ``examples`` and its exponential, the perplexity. ``picks``,
+    when given, receives for each example (by index) the greedy token at each of its trained positions, in
+    order: the argmax of the logits the loss is computed from.
 
     Shortest first, ``batch_size`` rows a batch; where the batch runs as one flat sequence under a block mask
     (``flat``: SDPA on the CPU before training installs row attention), at most ``FLAT_EVAL_TOKENS`` tokens a
@@ -31,11 +35,16 @@ def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     budget = FLAT_EVAL_TOKENS if resolve(model, "auto") == "flat" else None
-    for batch in _batches(order, examples, batch_size, budget):
-        batch = pad_collate([examples[i] for i in batch], pad_id)
+    for batch_rows in _batches(order, examples, batch_size, budget):
+        batch = pad_collate([examples[i] for i in batch_rows], pad_id)
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast_for(device, next(model.parameters()).dtype):
-            total += float(supervised_loss_sum(model, batch))
+            hidden, targets, keep = trained_hidden(model, batch)
+            chosen = None if picks is None else torch.empty_like(targets)
+            total += float(head_loss(model, hidden, targets, picks=chosen))
+        if picks is not None:
+            for i, part in zip(batch_rows, chosen.cpu().split(keep.sum(dim=1).tolist())):
+                picks[i] = part.tolist()
         count += trained_tokens(batch)
     model.train(was_training)
     loss = total / max(count, 1)
@@ -87,14 +96,68 @@ def task_metrics(result: TaskResult) -> dict:
 
 def evaluate(model, tokenizer, *, examples: list[dict], rows: list[AnswerRow] | None, batch_size: int = 16,
              max_new_tokens: int = 48, reasoning: str | None = None) -> tuple[dict, TaskResult | None]:
-    """Loss metrics on ``examples``; with ``rows``, the task metrics of greedy answers too."""
-    metrics = heldout_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    """Loss metrics on ``examples``; with ``rows``, the task metrics of greedy answers too.
+
+    The loss pass computes the logits at every trained position of each example anyway; where an example is a
+    row's prompt followed by its expected answer, the greedy tokens there give the start of the row's greedy
+    answer, often all of it (``agreed_answers``). Only what they leave open is generated, by the engine."""
+    was_training = model.training
+    model.eval()
+    picks = {} if rows else None
+    metrics = heldout_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=batch_size, picks=picks)
     task = None
     if rows:
-        was_training = model.training
-        model.eval()
+        prompts = answer_prompts(tokenizer, rows, reasoning)
+        known = agreed_answers(prompts, examples, picks, stop_token_ids(tokenizer), max_new_tokens)
         task = evaluate_task(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             reasoning=reasoning)
-        model.train(was_training)
+                             prompts=prompts, known=known)
         metrics.update(task_metrics(task))
+    model.train(was_training)
     return metrics, task
+
+
+def agreed_answers(prompts: list[list[int]], examples: list[dict], picks: dict[int, list[int]],
+                   stop_ids, max_new_tokens: int) -> dict[int, tuple[list[int], bool]]:
+    """What the loss pass already determines of each prompt's greedy answer: ``(tokens, complete)`` by prompt
+    index, for the prompts it determines anything of.
+
+    An example whose tokens start with prompt p holds, at each trained position t after it, the greedy token g_t
+    given the tokens before t. Walking t from the prompt's end: a stop token g_t ends the answer (complete);
+    otherwise g_t is the answer's next token, and the walk goes on only while g_t equals the example's own
+    token there (the next position then sees what generation would have fed it). It ends, incomplete, after a
+    disagreement, at an untrained position or at the example's end, and complete at ``max_new_tokens``."""
+    stop_ids = frozenset(stop_ids)
+    starts: dict[tuple[int, ...], int] = {}
+    lengths = {len(prompt) for prompt in prompts}
+    for index in sorted(picks, reverse=True):  # the first example of a prompt wins
+        ids = examples[index]["input_ids"]
+        for n in lengths:
+            if n < len(ids):
+                starts[(n, *ids[:n])] = index
+    known = {}
+    for row, prompt in enumerate(prompts):
+        index = starts.get((len(prompt), *prompt))
+        if index is not None:
+            answer, complete = _walk(len(prompt), examples[index], picks[index], stop_ids, max_new_tokens)
+            if answer or complete:
+                known[row] = (answer, complete)
+    return known
+
+
+def _walk(start: int, example: dict, picked: list[int], stop_ids: frozenset[int], limit: int
+          ) -> tuple[list[int], bool]:
+    ids, labels = example["input_ids"], example["labels"]
+    greedy = dict(zip((t for t in range(1, len(ids)) if labels[t] != IGNORE_INDEX), picked))
+    answer: list[int] = []
+    for t in range(start, len(ids)):
+        if t not in greedy:
+            return answer, False
+        token = greedy[t]
+        if token in stop_ids:
+            return answer, True
+        answer.append(token)
+        if len(answer) >= limit:
+            return answer, True
+        if token != ids[t]:
+            return answer, False
+    return answer, False

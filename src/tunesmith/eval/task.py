@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tunesmith.data.formats import normalise
 from tunesmith.data.sources import load_rows
-from tunesmith.engine import generate
+from tunesmith.engine import Engine, Request
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.score import score_answers
 from tunesmith.generate import SamplingConfig
@@ -40,6 +40,8 @@ class TaskResult:
     metrics: dict  # see tunesmith.eval.score.score_answers
     rows: list[AnswerRow]
     predictions: list[str]
+    reused: int = 0
+    """Rows whose greedy answer came from the loss pass, not generated again (``evaluate.agreed_answers``)."""
 
 
 def answer_rows(source: str, *, fmt: str | None = None, invalid_rows: str = "error",
@@ -73,20 +75,33 @@ def answer_rows(source: str, *, fmt: str | None = None, invalid_rows: str = "err
     return out
 
 
+def answer_prompts(tokenizer, rows: list[AnswerRow], reasoning: str | None = None) -> list[list[int]]:
+    """Each row's prompt as the model continues it: messages rendered with the generation prompt through the
+    template, a plain prompt tokenized as training sees it."""
+    return [render_prompt(tokenizer, row.prompt, reasoning=reasoning) if isinstance(row.prompt, list)
+            else tokenizer(row.prompt, add_special_tokens=True)["input_ids"] for row in rows]
+
+
 def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 16, max_new_tokens: int = 48,
-                  reasoning: str | None = None) -> TaskResult:
+                  reasoning: str | None = None, prompts: list[list[int]] | None = None,
+                  known: dict[int, tuple[list[int], bool]] | None = None) -> TaskResult:
     """Greedy answers for ``rows``, scored with ``score_answers``. The model is used as given (put it in
-    ``eval()`` mode first)."""
-    prompts = [render_prompt(tokenizer, row.prompt, reasoning=reasoning) if isinstance(row.prompt, list)
-               else tokenizer(row.prompt, add_special_tokens=True)["input_ids"] for row in rows]
+    ``eval()`` mode first). ``prompts``: ``answer_prompts``' result, when already made; ``known``: by row, the
+    start of its greedy answer already determined (token ids) and whether that is all of it: a complete answer
+    is not generated, an incomplete one is continued from where it ends."""
+    prompts = answer_prompts(tokenizer, rows, reasoning) if prompts is None else prompts
+    known = known or {}
+    answers = {i: tokens for i, (tokens, complete) in known.items() if complete}
+    heads = {i: known[i][0] if i in known else [] for i in range(len(rows)) if i not in answers}
     # Similar lengths run together so left padding stays small; up to batch_size at once, continuously batched
     # (the next prompt joins as soon as an answer ends)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    predictions: list[str] = [""] * len(rows)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    outputs = generate(model, [prompts[i] for i in order], sampling=sampling, stop_ids=stop_token_ids(tokenizer),
-                       pad_id=tokenizer.pad_token_id, max_batch=batch_size)
-    for i, ids in zip(order, outputs):
-        predictions[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    engine = Engine(model, pad_id=tokenizer.pad_token_id, max_batch=batch_size)
+    stop_ids = stop_token_ids(tokenizer)
+    requests = {i: engine.submit(Request(prompts[i] + heads[i], stop_ids=stop_ids, sampling=SamplingConfig(
+        max_new_tokens=max_new_tokens - len(heads[i]), temperature=0.0)))
+        for i in sorted(heads, key=lambda i: len(prompts[i]) + len(heads[i]))}
+    engine.run()
+    answers.update((i, heads[i] + request.tokens) for i, request in requests.items())
+    predictions = [tokenizer.decode(answers[i], skip_special_tokens=True).strip() for i in range(len(rows))]
     metrics = score_answers(predictions, [row.expected for row in rows], [row.subset for row in rows])
-    return TaskResult(metrics=metrics, rows=rows, predictions=predictions)
+    return TaskResult(metrics=metrics, rows=rows, predictions=predictions, reused=len(rows) - len(requests))

@@ -21,7 +21,7 @@ CHUNK_POSITIONS = 256
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                chunk: int, with_grad: bool, scales: torch.Tensor | None) -> torch.Tensor:
+                chunk: int, with_grad: bool, scales: torch.Tensor | None, picks: torch.Tensor | None) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad and weight.requires_grad else None
@@ -36,6 +36,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.div_(softcap).tanh_()
                 tanh = z.clone() if with_grad else None
                 z.mul_(softcap)
+            if picks is not None:  # the greedy token at each position, from the logits a generator would see
+                picks[start:start + chunk] = z.argmax(dim=1)
             picked = z.gather(1, y[:, None]).squeeze(1)
             peak = z.amax(dim=1, keepdim=True)
             norm = z.sub_(peak).exp_().sum(dim=1, keepdim=True)  # z now holds exp(z - max)
@@ -63,16 +65,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_output.to(grad_hidden.dtype)
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          softcap: float | None = None, chunk: int = CHUNK_POSITIONS,
-                         scales: torch.Tensor | None = None) -> torch.Tensor:
+                         scales: torch.Tensor | None = None, picks: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (see the module docstring); with
     ``scales`` (n, float32) each position's term is multiplied by its scale (0: the position carries no loss),
-    so a batch of fixed shape can hold positions that do not train (``train.graphs``)."""
+    so a batch of fixed shape can hold positions that do not train (``train.graphs``). ``picks`` (n, long) is
+    filled with each position's greedy token (the argmax of its soft-capped logits, lowest id on ties)."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk, with_grad, scales)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk, with_grad, scales, picks)

@@ -148,16 +148,20 @@ def supervised_loss_sum(model, batch: dict, *, layout: str = "auto", host: dict 
     return head_loss(model, hidden, targets)
 
 
-def head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+def head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, scales: torch.Tensor | None = None, *,
+              picks: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of the model's output head over ``hidden`` (n × d) against ``targets`` (n), each
-    position's term times its ``scales`` entry when given (``train/graphs.py``: 0 where nothing trains)."""
+    position's term times its ``scales`` entry when given (``train/graphs.py``: 0 where nothing trains).
+    ``picks`` (n, long), when given, receives each position's greedy token."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if type(head) is torch.nn.Linear and head.bias is None:  # a plain head: fused, chunked
-        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap, scales=scales)
+        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap, scales=scales, picks=picks)
     logits = head(hidden).float()  # a wrapped or quantized head
     if cap:
         logits = cap * torch.tanh(logits / cap)
+    if picks is not None:
+        picks.copy_(logits.argmax(dim=-1))
     if scales is None:
         return F.cross_entropy(logits, targets, reduction="sum")
     return (F.cross_entropy(logits, targets, reduction="none") * scales).sum()
