@@ -3,8 +3,9 @@ a synthetic loop that separates reading the adapters' weights from multiplying b
 
 1. ``steps``: one engine per setting (the embedded model in fp32; rank-16 adapters over the seven linear
    layers, random B, assigned round-robin), a steady batch of ``--batch`` rows (70-token random prompts, no stop).
-   Each round times ``--steps`` decode steps of the base, then of 4 adapters, then of 8; the medians over
-   ``--rounds`` rounds, and the medians of the per-round ratios (the machine's speed drifts between rounds).
+   Each round times ``--steps`` decode steps of the base, then of 4 adapters, then of 8, through the CPU row
+   kernel and then through the masked stack; the medians over ``--rounds`` rounds, and the medians of the
+   per-round ratios (the machine's speed drifts between rounds).
 2. ``synthetic``: the model's 30 layers of seven products (its shapes, distinct weights, so each is read from
    memory) for one decode step of ``--batch`` rows: the base products alone; with the masked adapter stack (what
    ``peft/multi.py`` runs, 4 or 8 adapters); and the base products plus only reading every adapter stack once
@@ -34,10 +35,13 @@ from tunesmith.peft.multi import AdapterSlots
 SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]  # q k v o gate up down
 
 
-def steady_engine(adapters: dict[str, Path], batch: int) -> Engine:
+def steady_engine(adapters: dict[str, Path], batch: int, kernel: bool = True) -> Engine:
     model = load("default", dtype="fp32", device="cpu").model
     names = sorted(adapters)
-    engine = Engine(model, pad_id=0, max_batch=batch, adapters=AdapterSlots(model, adapters) if names else None)
+    slots = AdapterSlots(model, adapters) if names else None
+    if slots is not None and not kernel:  # the masked stack, as without the row kernel
+        slots.row_kernel = lambda: False
+    engine = Engine(model, pad_id=0, max_batch=batch, adapters=slots)
     prompts = torch.randint(100, 40000, (batch, 70), generator=torch.Generator().manual_seed(0)).tolist()
     for i, prompt in enumerate(prompts):
         engine.submit(Request(prompt, sampling=SamplingConfig(max_new_tokens=10 ** 6),
@@ -48,20 +52,24 @@ def steady_engine(adapters: dict[str, Path], batch: int) -> Engine:
 
 
 def paired_steps(batch: int, steps: int, rounds: int) -> dict:
+    """Base, then 4 and 8 adapters through the row kernel (``peft/row_kernel.py``) and through the masked stack."""
+    settings = {"base": (0, True), "4 kernel": (4, True), "8 kernel": (8, True), "4 masked": (4, False),
+                "8 masked": (8, False)}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_adapters(8, Path(tmp))
-        engines = {count: steady_engine({f"a{i}": paths[f"a{i}"] for i in range(count)}, batch) for count in (0, 4, 8)}
-    times: dict[int, list[float]] = {count: [] for count in engines}
+        engines = {name: steady_engine({f"a{i}": paths[f"a{i}"] for i in range(count)}, batch, kernel)
+                   for name, (count, kernel) in settings.items()}
+    times: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(rounds):
-        for count, engine in engines.items():
+        for name, engine in engines.items():
             start = time.perf_counter()
             for _ in range(steps):
                 engine.step()
-            times[count].append((time.perf_counter() - start) / steps * 1e3)
-    medians = {count: statistics.median(values) for count, values in times.items()}
+            times[name].append((time.perf_counter() - start) / steps * 1e3)
+    medians = {name: statistics.median(values) for name, values in times.items()}
     return {"run": "decode steps", "batch": batch, "ms_per_step": {k: round(v, 1) for k, v in medians.items()},
-            **{f"{count}_adapters_vs_base": round(statistics.median(
-                [b / a for a, b in zip(times[count], times[0])]), 3) for count in (4, 8)}}
+            **{f"{name} vs base": round(statistics.median([b / a for a, b in zip(times[name], times["base"])]), 3)
+               for name in engines if name != "base"}}
 
 
 def synthetic(batch: int, adapters: int, rank: int = 16, layers: int = 30, repeats: int = 8) -> dict:

@@ -11,6 +11,7 @@ from tinymodels import build_tiny_llama
 from tunesmith.errors import TunesmithError
 from tunesmith.peft.io import load_adapter, save_adapter
 from tunesmith.peft.lora import LoRAConfig, inject_lora, lora_modules
+from tunesmith.peft import row_kernel
 from tunesmith.peft.multi import AdapterSlots, MultiLoRALinear
 
 # three ranks, three target sets (one with rsLoRA)
@@ -137,20 +138,28 @@ def test_the_engine_serves_mixed_adapters_token_for_token(adapters):
         assert request.tokens == expected.tokens, name
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["row kernel", "masked stack"])
 @pytest.mark.parametrize("rows", [["qv2", None, "mlp8", "qv2"], ["qv2", "qv2", None, "mlp8"], ["all4", "all4"],
                                   ["all4", "qv2", "mlp8", None], ["mlp8", "all4", "qv2", "qv2"]],
                          ids=["segments", "segments side by side", "one adapter", "gathered", "whole stack"])
-def test_both_ways_of_computing_a_batch_give_each_row_its_adapter(adapters, rows):
+def test_both_ways_of_computing_a_batch_give_each_row_its_adapter(adapters, rows, kernel, monkeypatch):
     """Up to SEGMENTS_MAX adapters run segment by segment (rows side by side as slices of the batch, others by
-    index), more through one gathered product over the span of slots present (or the whole stack, when every
-    slot is present): the same rows."""
+    index); more run each row through its own block with the CPU row kernel, or, without it, through one
+    gathered product over the span of slots present (or the whole stack, when every slot is present): the
+    same rows."""
+    if kernel and not row_kernel.available()[0]:
+        pytest.skip(row_kernel.available()[1])
+    if not kernel:
+        monkeypatch.setattr(AdapterSlots, "row_kernel", lambda self: False)
     ids = torch.randint(0, 1000, (len(rows), 5), generator=torch.Generator().manual_seed(3))
     model = build_tiny_llama().eval()
     slots = AdapterSlots(model, adapters)
     if rows[0] == "qv2" and rows[1] == "qv2":
         assert slots._rows_of([slots.slot(name) for name in rows], slots.slot("qv2")) == slice(0, 2)
     with torch.no_grad(), slots.rows(rows):
-        if len(set(rows) - {None}) == len(adapters):
+        if len(set(rows) - {None}) > 2 and kernel:
+            assert slots.plan.slots.tolist() == [slots.slot(name) for name in rows] and slots.plan.columns is None
+        elif len(set(rows) - {None}) == len(adapters):
             assert slots.plan.columns is not None and slots.plan.span is None
         elif len(set(rows) - {None}) > 2:
             assert slots.plan.span is not None

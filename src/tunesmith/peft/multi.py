@@ -1,11 +1,11 @@
 """Many LoRA adapters over one base model, each row of a batch with its own (for generation; training uses
 ``LoRALinear``).
 
-Each adapted layer holds its adapters stacked by slot: A as (S·R)×d_in and B as d_out×(S·R), slot s (1 to S)
-owning the block of R rows of A and R columns of B at (s−1)·R, where R is the largest rank among the adapters;
+Each adapted layer holds its adapters stacked by slot: A as (S·R)×d_in and B transposed, (S·R)×d_out, slot s (1
+to S) owning the block of R rows of each at (s−1)·R, where R is the largest rank among the adapters;
 slot 0 means "no adapter" and has no block (its rows' mask is all zeros). B is stored already multiplied by the
 adapter's scale. A lower-rank adapter is zero-padded to R, and a layer an adapter does not target keeps zeros in
-its slot: padded rows of A and columns of B contribute exact zeros. For a batch whose row i uses slot kᵢ:
+its slot: padded rows contribute exact zeros. For a batch whose row i uses slot kᵢ:
 
     yᵢ = W xᵢ + b + B_kᵢ (A_kᵢ xᵢ)
 
@@ -22,7 +22,9 @@ sibling's part, the siblings called with that same tensor take theirs (a sibling
 computes its own: the grouping is a saving, never an assumption). Nothing is merged, unmerged or switched per
 request: the rows' slots are an input of the forward, a ``RowPlan`` that every layer reads and
 ``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output
-untouched.
+untouched. On the CPU, a decode step with more adapters than ``SEGMENTS_MAX`` runs none of that: a kernel of
+our own (``peft/row_kernel.py``) multiplies each row by its own block only, where PyTorch has no product that
+would (the mask multiplies every row by every adapter).
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.peft.io import KEY_PREFIX, read_adapter
+from tunesmith.peft import row_kernel
 from tunesmith.peft.lora import LoRAConfig, linear_module_names, select_target_modules
 
 
 # Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it the
 # whole stack in two products costs less than a product per adapter (benchmarks/cpu_generate.py).
 SEGMENTS_MAX = 2
+# With the CPU row kernel, up to this many rows (tokens) per adapter present go through it; beyond, a product pair
+# per adapter costs less than the kernel's arithmetic (a prefill of long prompts). benchmarks/cpu_generate.py.
+KERNEL_ROWS = 128
 # Layers of one module that read the same input in the model families served (a guess checked at every call).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -56,6 +62,7 @@ class RowPlan:
     groups: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
     columns: torch.Tensor | None = None
     span: tuple[int, int] | None = None  # the slots (first, end) whose columns ``columns`` covers (None: all)
+    slots: torch.Tensor | None = None  # each row's slot (int64), for the CPU row kernel (``row_kernel``)
     tiled: dict[int, torch.Tensor] = field(default_factory=dict)  # ``columns`` repeated for n layers side by side
 
 
@@ -110,8 +117,9 @@ class MultiLoRALinear(nn.Module):
         device = base_layer.weight.device
         self.rank = rank
         self.register_buffer("lora_A", torch.zeros(slots * rank, base_layer.in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_B", torch.zeros(base_layer.out_features, slots * rank, dtype=dtype, device=device))
+        self.register_buffer("lora_B", torch.zeros(slots * rank, base_layer.out_features, dtype=dtype, device=device))
         self.ranks: dict[int, int] = {}  # slot → the rank of its adapter here (absent: not adapted here)
+        self.rank_of = torch.zeros(slots + 1, dtype=torch.long)  # the same, by slot, for the row kernel
         self.group: SharedInput | None = None  # siblings reading the same input (AdapterSlots groups them)
         self.batch = batch  # which rows use which slot: AdapterSlots' one plan, shared by every layer
 
@@ -123,46 +131,55 @@ class MultiLoRALinear(nn.Module):
         """Room for adapters of rank up to ``rank`` (each slot's block grows; what it holds stays)."""
         slots = self.lora_A.shape[0] // self.rank
         grown_a = self.lora_A.new_zeros(slots * rank, self.lora_A.shape[1])
-        grown_b = self.lora_B.new_zeros(self.lora_B.shape[0], slots * rank)
+        grown_b = self.lora_B.new_zeros(slots * rank, self.lora_B.shape[1])
         grown_a.view(slots, rank, -1)[:, :self.rank] = self.lora_A.view(slots, self.rank, -1)
-        grown_b.view(-1, slots, rank)[:, :, :self.rank] = self.lora_B.view(-1, slots, self.rank)
+        grown_b.view(slots, rank, -1)[:, :self.rank] = self.lora_B.view(slots, self.rank, -1)
         self.lora_A, self.lora_B, self.rank, self.group = grown_a, grown_b, rank, None  # AdapterSlots regroups
 
     def block(self, first: int, end: int = 0) -> slice:
-        """The stack's rows of A (columns of B) that slots ``first`` to ``end`` (exclusive; 0: ``first`` alone)
-        own."""
+        """The stack's rows (of A and of Bᵀ) that slots ``first`` to ``end`` (exclusive; 0: ``first`` alone) own."""
         return slice((first - 1) * self.rank, ((end or first + 1) - 1) * self.rank)
 
     def clear_slot(self, slot: int) -> None:
         block = self.block(slot)
         self.lora_A[block].zero_()
-        self.lora_B[:, block].zero_()
+        self.lora_B[block].zero_()
         self.ranks.pop(slot, None)
+        self.rank_of[slot] = 0
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         r, block = a.shape[0], self.block(slot)
         start = block.start
         self.lora_A[block].zero_()
-        self.lora_B[:, block].zero_()
+        self.lora_B[block].zero_()
         self.lora_A[start:start + r] = a
-        self.lora_B[:, start:start + r] = b.to(torch.float32) * scaling
+        self.lora_B[start:start + r] = (b.to(torch.float32) * scaling).T
         self.ranks[slot] = r
+        self.rank_of[slot] = r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         plan = self.batch
+        flat = out.reshape(-1, out.shape[-1])
+        if plan.slots is not None and len(flat) <= KERNEL_ROWS * len(plan.groups):  # CPU: each row its own block
+            flat = flat.to(torch.float32).contiguous()  # in place when the output is float32
+            slots = plan.slots if len(plan.slots) == len(flat) else plan.slots.repeat_interleave(len(flat) //
+                                                                                                len(plan.slots))
+            row_kernel.lora_rows(x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous(), flat, slots,
+                                 self.rank_of, self.lora_A, self.lora_B, self.rank)
+            return flat.view(out.shape).to(out.dtype)
         if plan.columns is not None:  # the whole stack (or the span of the slots present), each row masked
             a, b = self.lora_A, self.lora_B
             if plan.span is not None:
                 block = self.block(*plan.span)
-                a, b = a[block], b[:, block]
+                a, b = a[block], b[block]
             rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
             if self.group is not None and plan.span is None and self.group.intact():
                 hidden = self.group.hidden(self, rows, x, plan)
             else:
                 hidden = (rows @ a.T) * plan.columns
             flat = out.reshape(-1, out.shape[-1]).to(hidden.dtype)  # the base output is this call's own
-            return flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), b.T).reshape(out.shape).to(out.dtype)
+            return flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), b).reshape(out.shape).to(out.dtype)
         if not plan.groups:
             return out
         rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, d_in): each row its own adapter
@@ -172,11 +189,11 @@ class MultiLoRALinear(nn.Module):
             if r == 0:  # this adapter does not adapt this layer
                 continue
             start = self.block(slot).start
-            a, b = self.lora_A[start:start + r], self.lora_B[:, start:start + r]  # views: nothing is copied
+            a, b = self.lora_A[start:start + r], self.lora_B[start:start + r]  # views: nothing is copied
             if isinstance(index, slice):  # rows side by side (every row, at most): views, in place
-                update[index] += ((rows[index].to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+                update[index] += ((rows[index].to(a.dtype) @ a.T) @ b).to(out.dtype)
                 continue
-            delta = ((rows.index_select(0, index).to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+            delta = ((rows.index_select(0, index).to(a.dtype) @ a.T) @ b).to(out.dtype)
             update = update.index_add(0, index, delta)
         return update.reshape(out.shape)
 
@@ -284,17 +301,19 @@ class AdapterSlots:
         product per adapter costs little and the whole stack's products much)."""
         slots = [self.slot(name) for name in names]
         present = sorted(set(slots) - {0})
-        if stacked and len(present) > SEGMENTS_MAX:  # only the slots from the first to the last present
+        kernel = bool(present) and self.row_kernel()
+        if stacked and len(present) > SEGMENTS_MAX and not kernel:  # the slots from the first to the last present
             span = (present[0], present[-1] + 1)
             with self.indexed(torch.tensor(slots, dtype=torch.long, device=self._device()),
                               span=None if span == (1, self.capacity + 1) else span):
                 yield
             return
         self.plan.groups = [(slot, self._rows_of(slots, slot)) for slot in present]
+        self.plan.slots = torch.tensor(slots, dtype=torch.long) if kernel else None
         try:
             yield
         finally:
-            self.plan.groups = []
+            self.plan.groups, self.plan.slots = [], None
 
     @contextmanager
     def indexed(self, slots: torch.Tensor, span: tuple[int, int] | None = None) -> Iterator[None]:
@@ -313,6 +332,14 @@ class AdapterSlots:
             yield
         finally:
             self.plan.columns, self.plan.span, self.plan.tiled = None, None, {}
+
+    def row_kernel(self) -> bool:
+        """Whether decode steps run ``row_kernel`` (float32 stacks on the CPU, a compiler at hand)."""
+        if not self.layers:
+            return False
+        layer = next(iter(self.layers.values()))
+        return (layer.lora_A.device.type == "cpu" and layer.lora_A.dtype == torch.float32
+                and self.rank <= row_kernel.MAX_RANK and row_kernel.available()[0])
 
     def _rows_of(self, slots: list[int], slot: int) -> slice | torch.Tensor:
         """The rows of ``slots`` that use ``slot``: a slice when they sit side by side (all of them, at most), else
