@@ -9,7 +9,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.peft import adapter_parameters
 from tunesmith.templates import IGNORE_INDEX
 from tunesmith.train.decoder import decoder_layers
-from tunesmith.train.layout import choose_layout, install_layout
+from tunesmith.train.layout import choose_layout, install_layout, resolve, rows_for_evaluation
 from tunesmith.train.loss import supervised_loss_sum
 from tunesmith.train.rows import NAME as ROWS
 from tunesmith.train.varlen import NAME as VARLEN
@@ -149,3 +149,35 @@ def test_the_plan_is_read_from_the_host_copy(name):
     expected = supervised_loss_sum(model, _batch(), layout=name)
     wiped = {**_batch(), "labels": torch.full_like(_batch()["labels"], IGNORE_INDEX)}
     torch.testing.assert_close(supervised_loss_sum(model, wiped, layout=name, host=_batch()), expected)
+
+
+def test_held_out_loss_runs_row_attention_and_puts_sdpa_back():
+    """``heldout_loss`` on a CPU SDPA model runs row attention for the call (``rows_for_evaluation``) and
+    leaves SDPA installed after; its loss is transformers' own forward's (shared prefix, rows of three lengths).
+    An eager model is left as it is."""
+    import torch.nn.functional as F
+
+    from tunesmith.eval.evaluate import heldout_loss
+
+    model = build_tiny_llama().eval()
+    assert model.config._attn_implementation == "sdpa"
+    with rows_for_evaluation(model, 64):
+        assert resolve(model, "auto") == "rows"
+    assert model.config._attn_implementation == "sdpa" and resolve(model, "auto") == "flat"
+    prefix = torch.randint(5, 900, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    examples = []
+    for i, size in enumerate((7, 11, 4)):
+        ids = prefix + torch.randint(5, 900, (size,), generator=torch.Generator().manual_seed(2 + i)).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - size // 2) + ids[-(size // 2):]})
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(example["labels"][1:])
+            total += float(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    assert heldout_loss(model, examples, pad_id=0)["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+    eager = build_tiny_llama(attn_implementation="eager").eval()
+    with rows_for_evaluation(eager, 64):
+        assert eager.config._attn_implementation == "eager"

@@ -12,7 +12,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.builtin import BUILTIN_NAME
 from tunesmith.eval.task import AnswerRow, TaskResult, answer_prompts, answer_rows, evaluate_task
 from tunesmith.templates import IGNORE_INDEX, stop_token_ids
-from tunesmith.train.layout import resolve
+from tunesmith.train.layout import resolve, rows_for_evaluation
 from tunesmith.train.loss import autocast_for, head_loss, trained_hidden, trained_tokens
 
 FLAT_EVAL_TOKENS = 1024
@@ -25,12 +25,23 @@ def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 
     when given, receives for each example (by index) the greedy token at each of its trained positions, in
     order: the argmax of the logits the loss is computed from.
 
-    Shortest first, ``batch_size`` rows a batch; where the batch runs as one flat sequence under a block mask
-    (``flat``: SDPA on the CPU before training installs row attention), at most ``FLAT_EVAL_TOKENS`` tokens a
-    batch too, since that attention grows with the square of the sequence (measured on the demo's 100 rows:
-    21.5 s in batches of 64 rows, 13.4 s in batches of at most 1,024 tokens, the same loss; 2-core CPU)."""
+    Shortest first, ``batch_size`` rows a batch. A CPU model with plain SDPA runs with row attention for the
+    call (``train.layout.rows_for_evaluation``), as training would lay it out. Where a batch still runs as one
+    flat sequence under a block mask (``flat``: eager attention on the CPU), at most ``FLAT_EVAL_TOKENS``
+    tokens a batch too, since that attention grows with the square of the sequence (measured on the demo's 100
+    rows: 21.5 s in batches of 64 rows, 13.4 s in batches of at most 1,024 tokens, the same loss; 2-core
+    CPU)."""
     was_training = model.training
     model.eval()
+    longest = max((len(example["input_ids"]) for example in examples), default=1)
+    with rows_for_evaluation(model, longest):
+        total, count = _loss_sum(model, examples, pad_id, batch_size, picks)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def _loss_sum(model, examples: list[dict], pad_id: int, batch_size: int, picks: dict | None) -> tuple[float, int]:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
@@ -46,9 +57,7 @@ def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 
             for i, part in zip(batch_rows, chosen.cpu().split(keep.sum(dim=1).tolist())):
                 picks[i] = part.tolist()
         count += trained_tokens(batch)
-    model.train(was_training)
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    return total, count
 
 
 def _batches(order: list[int], examples: list[dict], rows: int, tokens: int | None):
