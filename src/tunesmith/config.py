@@ -264,8 +264,11 @@ class EvalConfig(_Section):
     """Held-out rows whose greedy answers are scored (built-in task, or any data with `generate`); 0: none."""
     loss_rows: int | None = Field(None, gt=0)
     """Held-out rows for loss / perplexity (None: all)."""
-    batch_size: int = Field(64, gt=0)
-    """Most answers generated at once (the engine's batch; the next row joins as an answer ends)."""
+    batch_size: int = Field(128, gt=0)
+    """Most answers generated at once (the engine's batch; the next row joins as an answer ends), and rows per
+    held-out loss batch. 128 holds the default recipe's 100 rows in one batch: the base model's 100 answers took
+    18.6-21.8 s against 21.6-27.7 s at 64 (2-core CPU, alternating, the same answers). Lower it for long rows of
+    a large model on a GPU, where a batch's activations and cache grow with it."""
     max_new_tokens: int = Field(48, gt=0)
     report_examples: int = Field(12, ge=0)
 
