@@ -133,15 +133,18 @@ def test_model_from_flags_names_the_flag(tiny_model_dir):
 
 
 def test_gguf_parsed_once_writes_what_transformers_own_reading_writes(tmp_path, monkeypatch, embedded_dir):
-    """The conversion parses the file once (transformers alone parses it three times): the same bytes come out as
-    transformers' own unpatched reading writes, and the gguf package is left as it was."""
+    """The conversion parses the file once (transformers alone parses it three times), through a reader that slices
+    a plain view of the mapped file: the same bytes come out as transformers' own unpatched reading writes, and
+    the gguf package is left as it was."""
     import contextlib
 
     import gguf
+    from gguf.gguf_reader import GGUFReader
 
     reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
     parses = []
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or reader(*a, **k))
+    build = GGUFReader._build_fields  # once per parse, by any reader
+    monkeypatch.setattr(GGUFReader, "_build_fields", lambda self, *a: parses.append(a) or build(self, *a))
     defaults._convert_gguf(defaults.embedded_gguf_path(), tmp_path / "once")
     assert len(parses) == 1
     monkeypatch.setattr(defaults, "_gguf_read_once", contextlib.nullcontext)
