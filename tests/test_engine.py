@@ -232,6 +232,14 @@ def test_a_shared_prompt_start_is_computed_once_and_changes_no_tokens():
     engine.step()
     assert (2, 6) in seen  # the late request's 3 own tokens, left-padded beside the other's 6
     engine.run()
+    # one that shares only 35 of the stored 40 tokens runs the rest after their keys (the stored ones, cut)
+    part = engine.submit(Request(common[:35] + _prompt(71, 4), sampling=GREEDY))
+    assert len(engine._prefix_of(part)[0]) == 35 and engine._prefix_of(part)[1][0][0].shape[2] == 35
+    engine.step()
+    assert seen[-1] == (1, 4)
+    engine.run()
     hook.remove()
-    for request in [*requests, late, other]:
+    for request in [*requests, late, other, part]:
         assert request.tokens == _alone(wide, request.prompt), request.prompt[-3:]
+    # fewer than PREFIX_MIN (32) shared tokens: no prefix
+    assert engine._prefix_of(Request(common[:31] + [5], sampling=GREEDY)) is None

@@ -192,10 +192,23 @@ class Engine:
         self._take(joining, logits)
 
     def _prefix_of(self, request: Request):
+        """The stored start of ``request``'s adapter that its prompt begins with, or the longest part of it (at
+        least PREFIX_MIN tokens) that it does: a causal prefix's first n keys are the keys of its first n tokens.
+        At least one token of the prompt is left to run."""
         stored = self._prefixes.get(request.adapter)
-        if stored is None or len(request.prompt) <= len(stored[0]) or request.prompt[:len(stored[0])] != stored[0]:
+        if stored is None:
             return None
-        return stored
+        tokens, keys = stored
+        shared = 0
+        for shared, (a, b) in enumerate(zip(tokens, request.prompt[:-1]), start=1):
+            if a != b:
+                shared -= 1
+                break
+        if shared < PREFIX_MIN:
+            return None
+        if shared == len(tokens):
+            return stored
+        return tokens[:shared], [tuple(t[:, :, :shared] for t in kv) for kv in keys]
 
     def _learn_prefixes(self, joining: list[Request]) -> None:
         """Store the keys of the start that two or more joiners of one adapter share (at least PREFIX_MIN tokens,

@@ -46,9 +46,10 @@ from tunesmith.peft.lora import LoRAConfig, linear_module_names, select_target_m
 # Up to this many adapters in a batch, each adapter's rows go through its own A and B (segments); beyond it the
 # whole stack in two products costs less than a product per adapter (benchmarks/cpu_generate.py).
 SEGMENTS_MAX = 2
-# With the CPU row kernel, up to this many rows (tokens) per adapter present go through it; beyond, a product pair
-# per adapter costs less than the kernel's arithmetic (a prefill of long prompts). benchmarks/cpu_generate.py.
-KERNEL_ROWS = 128
+# With the CPU row kernel, up to this many rows (tokens) per adapter present go through it (decode steps, a joiner's
+# prefill); beyond, a product pair per adapter runs on both cores (a 12-joiner prefill over 8 adapters, 37 tokens
+# each: the two ways within the run-to-run spread, 0.86-0.97 s; one joiner: 115 ms kernel, 120 ms segments).
+KERNEL_ROWS = 32
 # Layers of one module that read the same input in the model families served (a guess checked at every call).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
