@@ -8,8 +8,11 @@ per layer (``benchmarks/cpu_lora_products.py``). This kernel does, for each row 
     hᵢ = A_s xᵢ        (r dot products of length d_in; A_s is the slot's r×d_in block of the A stack)
     yᵢ += B_sᵀ-rows hᵢ (r scaled additions of length d_out; the stack keeps B transposed, one row per rank)
 
-reading each adapter's block from cache while the rows of that adapter follow each other. It is compiled on
-first use with the system's C compiler (``$CC``, else ``cc``) into the cache (``$TUNESMITH_CACHE/kernels``),
+reading each adapter's block from cache while the rows of that adapter follow each other. With OpenMP (built
+with ``-fopenmp`` when the compiler has it), the threads share the slots, each adapter read by one thread; the
+library loads the ``libgomp.so.1`` torch has already loaded, so it runs on torch's own thread pool (same
+thread count). It is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into the cache
+(``$TUNESMITH_CACHE/kernels``),
 keyed by the source, the compiler and the machine; a machine without a compiler, or
 ``TUNESMITH_ROW_KERNEL=0``, runs the masked stack instead (``available`` says why). Each row's result depends
 only on that row: the sums run in a fixed order whatever the batch.
@@ -32,6 +35,9 @@ import torch
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float v8 __attribute__((vector_size(32)));  /* 8 lanes: AVX on x86, two NEON registers on ARM */
 
@@ -53,29 +59,40 @@ static float dot(const float *a, const float *x, int64_t n) {
 }
 
 /* y[i] += sum_k h_k * bt[(s-1)*rank + k], h_k = a[(s-1)*rank + k] . x[i], k < ranks[s], for each row i of slot
-   s = slots[i] > 0. a: (S*rank) x din, bt: (S*rank) x dout, both row-major; x, y rows contiguous. */
+   s = slots[i] > 0. a: (S*rank) x din, bt: (S*rank) x dout, both row-major; x, y rows contiguous. With OpenMP,
+   thread t of T takes the slots s with s % T == t: each adapter's block is read by one thread only. */
 void lora_rows(int64_t n, int64_t din, int64_t dout, int64_t rank, const float *x, float *y,
                const int64_t *slots, const int64_t *ranks, const float *a, const float *bt) {
-    float h[1024];
-    for (int64_t i = 0; i < n; i++) {
-        int64_t s = slots[i];
-        if (s <= 0) continue;
-        int64_t r = ranks[s];
-        const float *xi = x + i * din;
-        float *yi = y + i * dout;
-        const float *as = a + (s - 1) * rank * din;
-        const float *bs = bt + (s - 1) * rank * dout;
-        for (int64_t k = 0; k < r; k++) h[k] = dot(as + k * din, xi, din);
-        int64_t o = 0;
-        for (; o + 8 <= dout; o += 8) {
-            v8 acc = load8(yi + o);
-            for (int64_t k = 0; k < r; k++) acc += h[k] * load8(bs + k * dout + o);
-            store8(yi + o, acc);
-        }
-        for (; o < dout; o++) {
-            float acc = yi[o];
-            for (int64_t k = 0; k < r; k++) acc += h[k] * bs[k * dout + o];
-            yi[o] = acc;
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+    {
+        int64_t part = 0, parts = 1;
+#ifdef _OPENMP
+        part = omp_get_thread_num();
+        parts = omp_get_num_threads();
+#endif
+        float h[1024];
+        for (int64_t i = 0; i < n; i++) {
+            int64_t s = slots[i];
+            if (s <= 0 || s % parts != part) continue;
+            int64_t r = ranks[s];
+            const float *xi = x + i * din;
+            float *yi = y + i * dout;
+            const float *as = a + (s - 1) * rank * din;
+            const float *bs = bt + (s - 1) * rank * dout;
+            for (int64_t k = 0; k < r; k++) h[k] = dot(as + k * din, xi, din);
+            int64_t o = 0;
+            for (; o + 8 <= dout; o += 8) {
+                v8 acc = load8(yi + o);
+                for (int64_t k = 0; k < r; k++) acc += h[k] * load8(bs + k * dout + o);
+                store8(yi + o, acc);
+            }
+            for (; o < dout; o++) {
+                float acc = yi[o];
+                for (int64_t k = 0; k < r; k++) acc += h[k] * bs[k * dout + o];
+                yi[o] = acc;
+            }
         }
     }
 }
@@ -104,8 +121,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                 source = Path(tmp) / "lora_rows.c"
                 source.write_text(SOURCE)
                 built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True,
-                                        text=True, timeout=120)
+                for extra in (("-fopenmp",), ()):  # OpenMP when the compiler has it, else one thread
+                    result = subprocess.run([compiler, *FLAGS, *extra, str(source), "-o", str(built)],
+                                            capture_output=True, text=True, timeout=120)
+                    if result.returncode == 0:
+                        break
                 if result.returncode != 0:
                     return None, f"{compiler} could not build the row kernel: {result.stderr.strip()[:300]}"
                 os.replace(built, target)  # whole or not at all: another process may be building it too
