@@ -99,3 +99,14 @@ def test_train_imports_tunesmith_modules_at_the_top_only():
     inside = {name: target for name in _train_modules(imports) for target, in_function in imports[name]
               if in_function}
     assert not inside, f"tunesmith imports inside functions in train/: {inside}"
+
+
+def test_a_one_process_command_does_not_import_fsdp_or_distributed_checkpoint():
+    """FSDP2 and distributed checkpointing cost about 0.8 s to import; only a sharded run imports them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tunesmith.cli, tunesmith.demo, tunesmith.recipes.sft, tunesmith.train.resume; "
+            "print(sorted(m for m in ('torch.distributed.fsdp', 'torch.distributed.checkpoint') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -19,18 +19,27 @@ used: its ``.metadata`` is a pickle, and nothing here is loaded with pickle.
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from tunesmith.errors import TunesmithError
 from tunesmith.train.dist import SharedError, World
 
-GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
-FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+# PyTorch's FSDP2 and distributed-checkpoint modules are imported where a sharded run uses them: importing them costs
+# about 0.8 s, which every command would otherwise pay (a model holds shards only once fully_shard has run, so a
+# process that never imported them holds none).
+
+
+def _options(**flags):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **flags)
+
+
+def _is_dtensor(tensor) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def parallel_for(config, world: World) -> str:
@@ -64,6 +73,8 @@ def shard(module: torch.nn.Module, decoder_layers: list[torch.nn.Module], device
     """``module`` (the ``TrainingModule``) as an FSDP2 root over one unit per decoder block, in place.
 
     On CUDA the blocks compute in ``dtype`` and reduce gradients in fp32; on the CPU everything stays fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
     policy = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda"
               else MixedPrecisionPolicy())
     for layer in decoder_layers:
@@ -79,26 +90,30 @@ def shard(module: torch.nn.Module, decoder_layers: list[torch.nn.Module], device
 
 def sharded(model: torch.nn.Module) -> bool:
     """Whether ``model``'s weights are FSDP2 shards (``DTensor``s)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(_is_dtensor(p) for p in model.parameters())
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` over plain or sharded gradients; the norm as a plain tensor. Over shards the norm is
     reduced over every process (a replicated ``DTensor``, whose local value is the whole norm)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.to_local() if isinstance(norm, DTensor) else norm
+    return norm.to_local() if _is_dtensor(norm) else norm
 
 
 def gather_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """The full weights ``names`` on rank 0's CPU ({} elsewhere). Every process must call it."""
-    full = get_model_state_dict(model, options=GATHERED)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_options(cpu_offload=True))
     return {name: full[name] for name in names} if full else {}
 
 
 def gather_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's full state on rank 0's CPU ({} elsewhere), in ``optimizer.state_dict()``'s own form
     (parameters numbered in the optimizer's order), so a one-process run reads it. Every process must call it."""
-    full = get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
     if not full:
         return {}
     number = {name: i for i, name in enumerate(n for group in full["param_groups"] for n in group["params"])}
@@ -110,13 +125,17 @@ def gather_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], world: World) -> None:
     """Rank 0's full ``weights`` into every process's shards (the caller checked the names: tied weights are
     saved once, so the load is not strict)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     set_model_state_dict(model, weights if world.main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+                         options=_options(broadcast_from_rank0=True, strict=False))
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, world: World) -> None:
     """``optimizer.state_dict()``-form ``saved`` (rank 0's, parameters numbered in the optimizer's order) into
     every process's shards of the optimizer state."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     full = {}
@@ -126,7 +145,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sav
         full = {"state": {order[i]: value for i, value in saved["state"].items()},
                 "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
                                  for group in saved["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, full, options=FROM_RANK0)
+    set_optimizer_state_dict(model, optimizer, full, options=_options(broadcast_from_rank0=True))
 
 
 def gathered_model(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
@@ -135,7 +154,9 @@ def gathered_model(model: torch.nn.Module, world: World, device: torch.device) -
 
     The copy is built from ``model``'s class and config on the meta device and takes the gathered tensors;
     the buffers no state dict holds (rotary tables) are copied over, and tied embeddings are tied again."""
-    full = get_model_state_dict(model, options=GATHERED)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_options(cpu_offload=True))
     if not world.main:
         return model
     with torch.device("meta"):
