@@ -22,9 +22,10 @@ sibling's part, the siblings called with that same tensor take theirs (a sibling
 computes its own: the grouping is a saving, never an assumption). Nothing is merged, unmerged or switched per
 request: the rows' slots are an input of the forward, a ``RowPlan`` that every layer reads and
 ``AdapterSlots.rows`` fills for a batch (no layer is changed). A row of slot 0 gets the base layer's output
-untouched. On the CPU, a decode step with more adapters than ``SEGMENTS_MAX`` runs none of that: a kernel of
-our own (``peft/row_kernel.py``) multiplies each row by its own block only, where PyTorch has no product that
-would (the mask multiplies every row by every adapter).
+untouched. On the CPU (float32 stacks, a C compiler at hand), a batch of at most ``KERNEL_ROWS`` tokens per
+adapter present (decode steps, a joiner's prefill) runs none of that: a kernel of our own
+(``peft/row_kernel.py``) multiplies each row by its own block only, where PyTorch has no product that would (the
+mask multiplies every row by every adapter, segments pay two calls per adapter per layer).
 """
 
 from __future__ import annotations
@@ -298,8 +299,10 @@ class AdapterSlots:
     @contextmanager
     def rows(self, names: list[str | None], *, stacked: bool = True) -> Iterator[None]:
         """Within the block, row i of every batch the model runs uses adapter ``names[i]`` (None: the base).
-        ``stacked=False`` computes segment by segment whatever the count (prefill: many tokens per row, where a
-        product per adapter costs little and the whole stack's products much)."""
+        ``stacked=False`` never uses the whole stack, whatever the count (prefill: many tokens per row, where a
+        product per adapter costs little and the whole stack's products much). With the CPU row kernel, the
+        plan also carries each row's slot, and each layer runs the kernel when the batch has at most
+        ``KERNEL_ROWS`` tokens per adapter present, segments otherwise."""
         slots = [self.slot(name) for name in names]
         present = sorted(set(slots) - {0})
         kernel = bool(present) and self.row_kernel()
