@@ -224,3 +224,39 @@ def test_the_whole_stack_runs_one_a_product_per_shared_input(adapters):
         got = k(y)  # another input: k's own product
     with torch.no_grad(), slots.rows(rows, stacked=False):
         torch.testing.assert_close(got, k(y), rtol=1e-5, atol=1e-5)
+
+
+def test_row_kernel_gives_each_row_its_own_block_and_leaves_slot_0_alone():
+    """The C kernel against the product written out: ranks below the stack's (a padded block is read only up to
+    its adapter's rank), a slot with no adapter here (rank 0), rows of slot 0 untouched, rows out of slot order."""
+    if not row_kernel.available()[0]:
+        pytest.skip(row_kernel.available()[1])
+    g = torch.Generator().manual_seed(5)
+    rank, din, dout, slots = 8, 37, 21, 4
+    a, bt = torch.randn(slots * rank, din, generator=g), torch.randn(slots * rank, dout, generator=g)
+    ranks = torch.tensor([0, 8, 3, 0, 5])
+    rows = torch.tensor([2, 0, 1, 4, 3, 2, 1, 0])
+    x, y = torch.randn(len(rows), din, generator=g), torch.randn(len(rows), dout, generator=g)
+    expected = y.clone()
+    for i, s in enumerate(rows.tolist()):
+        r = int(ranks[s])
+        if s and r:
+            block = slice((s - 1) * rank, (s - 1) * rank + r)
+            expected[i] += (a[block] @ x[i]) @ bt[block]
+    row_kernel.lora_rows(x, y, rows, ranks, a, bt, rank)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[1], expected[1]) and torch.equal(y[7], expected[7])  # slot 0: exactly as given
+
+
+def test_without_a_compiler_the_masked_stack_runs(adapters, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    row_kernel._library.cache_clear()
+    try:
+        available, reason = row_kernel.available()
+        assert not available and "no C compiler found" in reason
+        model = build_tiny_llama().eval()
+        slots = AdapterSlots(model, adapters)
+        with torch.no_grad(), slots.rows(["qv2", "all4", "mlp8", None]):
+            assert slots.plan.slots is None and slots.plan.columns is not None
+    finally:
+        row_kernel._library.cache_clear()
