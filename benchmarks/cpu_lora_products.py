@@ -25,7 +25,7 @@ import time
 
 import torch
 
-SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+from cpu_decode_floor import SHAPES  # q k v o gate up down
 RANK, ROWS = 16, 16
 
 

@@ -1,0 +1,113 @@
+"""Probes behind this session's CPU numbers in BENCHMARKS.md (embedded model, 2-core machine), one per argument:
+
+* ``kernel``: the row kernel alone (``peft/row_kernel.py``), 16 rows over 8 rank-16 adapters, µs and GFLOP/s per
+  product shape of the demo model, and an empty call.
+* ``heldout``: the demo's held-out loss on the base model with plain SDPA (flat) and with row attention,
+  alternating twice.
+* ``eval-batch``: the base model's 100 greedy answers at ``eval.batch_size`` 64 and 128, alternating, twice in each
+  order; the answers must be the same.
+* ``gguf-parse``: gguf's reader against ``models.defaults``' plain-view reader on the embedded file, alternating.
+
+    .venv/bin/python benchmarks/cpu_demo_probes.py kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from cpu_decode_floor import SHAPES
+
+
+def kernel() -> None:
+    from tunesmith.peft.row_kernel import lora_rows
+
+    rank, rows, slots = 16, 16, 8
+    for din, dout in sorted(set(SHAPES)):
+        a, bt = torch.randn(slots * rank, din), torch.randn(slots * rank, dout)
+        x, y = torch.randn(rows, din), torch.zeros(rows, dout)
+        which, ranks = torch.arange(rows) % slots + 1, torch.full((slots + 1,), rank, dtype=torch.long)
+        for _ in range(100):
+            lora_rows(x, y, which, ranks, a, bt, rank)
+        start = time.perf_counter()
+        for _ in range(2000):
+            lora_rows(x, y, which, ranks, a, bt, rank)
+        seconds = (time.perf_counter() - start) / 2000
+        print(json.dumps({"probe": "kernel", "shape": [din, dout], "us": round(seconds * 1e6, 1),
+                          "gflop_s": round(2 * rows * rank * (din + dout) / seconds / 1e9, 1)}), flush=True)
+    start = time.perf_counter()
+    for _ in range(2000):
+        lora_rows(x, y, torch.zeros(rows, dtype=torch.long), ranks, a, bt, rank)
+    print(json.dumps({"probe": "kernel", "empty_call_us": round((time.perf_counter() - start) / 2 * 1e3, 1)}))
+
+
+def _demo():
+    from tunesmith.config import load_config
+    from tunesmith.models.build import build_model
+
+    config = load_config(None, [])
+    loaded = build_model(config.model)
+    return config, loaded.model.eval(), loaded.tokenizer
+
+
+def heldout() -> None:
+    from tunesmith.data.pipeline import prepare
+    from tunesmith.data.tokenize import TokenizeOptions
+    from tunesmith.eval.evaluate import _loss_sum
+    from tunesmith.train import rows
+
+    config, model, tokenizer = _demo()
+    examples = prepare(config.data.eval, tokenizer, TokenizeOptions.from_config(config.data)).examples
+    for _ in range(2):
+        for name in ("flat", "rows"):
+            model.set_attn_implementation("sdpa")
+            if name == "rows":
+                rows.install_row_attention(model)
+            start = time.perf_counter()
+            with torch.no_grad():
+                total, count = _loss_sum(model, examples, tokenizer.pad_token_id, 64, None)
+            print(json.dumps({"probe": "heldout", "attention": name, "s": round(time.perf_counter() - start, 1),
+                              "loss": round(total / count, 7)}), flush=True)
+    model.set_attn_implementation("sdpa")
+
+
+def eval_batch() -> None:
+    from tunesmith.eval.task import answer_rows, evaluate_task
+
+    _, model, tokenizer = _demo()
+    rows = answer_rows("builtin:test", limit=100)
+    answers = {}
+    for order in ((64, 128), (128, 64)):
+        for size in order:
+            start = time.perf_counter()
+            answers.setdefault(size, evaluate_task(model, tokenizer, rows, batch_size=size).predictions)
+            print(json.dumps({"probe": "eval-batch", "batch_size": size, "s": round(time.perf_counter() - start, 1)}),
+                  flush=True)
+    print(json.dumps({"probe": "eval-batch", "same_answers": answers[64] == answers[128]}))
+
+
+def gguf_parse() -> None:
+    import gguf
+
+    from tunesmith.models.defaults import _fast_reader, embedded_gguf_path
+
+    path = embedded_gguf_path()
+    for reader in (gguf.GGUFReader, _fast_reader(), gguf.GGUFReader, _fast_reader()):
+        start = time.perf_counter()
+        reader(path)
+        print(json.dumps({"probe": "gguf-parse", "reader": reader.__name__,
+                          "s": round(time.perf_counter() - start, 2)}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["kernel", "heldout", "eval-batch", "gguf-parse"])
+    probe = parser.parse_args().probe
+    {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse}[probe]()
+
+
+if __name__ == "__main__":
+    main()
