@@ -59,10 +59,17 @@ class Request:
     """None while running; "stop" (a stop token or string), "length" (max_new_tokens), "cancelled" or "error"
     (the step failed: ``error`` says why)."""
     error: str | None = None
+    prefix_keys: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per layer, the keys and values (1, kv_heads, n, head_dim) of the prompt's first n tokens, computed before by
+    this model (the held-out loss pass: ``eval/prompt_keys.py``); only the prompt's other tokens run. Dropped
+    once the request has joined."""
 
     def __post_init__(self):
         if not self.prompt:
             raise TunesmithError("a request needs a prompt of at least one token")
+        if self.prefix_keys is not None and not 0 < self.prefix_keys[0][0].shape[2] < len(self.prompt):
+            raise TunesmithError(f"prefix_keys hold {self.prefix_keys[0][0].shape[2]} tokens of a {len(self.prompt)}"
+                                 "-token prompt; they must cover at least one token and leave at least one to run")
         self.stop_ids = frozenset(self.stop_ids)
         self.stop = tuple(self.stop)
         if any(not s for s in self.stop):
@@ -110,6 +117,9 @@ class Engine:
             self.adapters.slot(request.adapter)  # an unknown name is refused now, not mid-batch
         elif request.adapter is not None:
             raise TunesmithError(f"request for adapter {request.adapter!r}, but this engine serves no adapters")
+        if request.prefix_keys is not None and len(request.prefix_keys) != self.cache.layers:
+            raise TunesmithError(f"prefix_keys for {len(request.prefix_keys)} layers, but the model has "
+                                 f"{self.cache.layers}")
         if request.stop or request.on_text is not None:
             if self.tokenizer is None:
                 raise TunesmithError("stop strings and text streaming need an engine made with a tokenizer")
@@ -183,6 +193,8 @@ class Engine:
             prefix = [tuple(torch.cat([_left(p[1][layer][i], head) if p else _left(None, head, like=kv[i])
                                        for p in prefixes]) for i in range(2))
                       for layer, kv in enumerate(next(p for p in prefixes if p)[1])]
+        for request in joining:
+            request.prefix_keys = None  # copied into the cache below; not kept twice
         masks = attention_masks(self.model.config, allowed, positions, key_positions, self.dtype)
         first = len(self.running)
         self.cache.prefill(first, sources.clamp(max=head + width - 1), rows=first + count, prefix=prefix)
@@ -194,7 +206,9 @@ class Engine:
     def _prefix_of(self, request: Request):
         """The stored start of ``request``'s adapter that its prompt begins with, or the longest part of it (at
         least PREFIX_MIN tokens) that it does: a causal prefix's first n keys are the keys of its first n tokens.
-        At least one token of the prompt is left to run."""
+        At least one token of the prompt is left to run. A request's own ``prefix_keys`` come first."""
+        if request.prefix_keys is not None:
+            return request.prompt[:request.prefix_keys[0][0].shape[2]], request.prefix_keys
         stored = self._prefixes.get(request.adapter)
         if stored is None:
             return None

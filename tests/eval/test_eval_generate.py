@@ -210,7 +210,8 @@ def test_answers_the_loss_pass_determines_are_what_transformers_generates(tmp_pa
                                                                           tokenizer):
     """``evaluate`` takes from the held-out loss pass the start of each row's greedy answer (all of it where the
     expected answer is the greedy one) and generates only the rest: the answers are transformers' greedy ones
-    whatever the expected answers hold, and the loss is the plain pass's."""
+    whatever the expected answers hold, and the loss is the plain pass's. The rows it generates start from the
+    keys and values the pass computed of their prompts and known starts (``eval/prompt_keys.py``)."""
     prompts = conversations() + [[{"role": "user", "content": "Say hello"}]]
     tokens = [reference_tokens(hf_tiny, tokenizer, p) for p in prompts]
     answers = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
@@ -228,6 +229,7 @@ def test_answers_the_loss_pass_determines_are_what_transformers_generates(tmp_pa
     assert task.predictions == answers
     assert metrics["eval_loss"] == heldout_loss(model, examples, pad_id=tokenizer.pad_token_id)["eval_loss"]
     assert metrics["exact_match"] == 0.5 and task.reused == 1
+    assert task.prefilled == 3  # the other three continue from the keys the pass kept
     # What the pass determined: row 3 whole; row 1 its first two tokens and the token after them (where greedy
     # decoding leaves the expected answer); row 2 only its first token. Row 0's expected text, though the greedy
     # answer's, tokenizes otherwise from its second word on ("Ġlev ermis" is rendered "Ġlever mis"): the walk

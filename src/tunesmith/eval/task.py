@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from tunesmith.data.formats import normalise
 from tunesmith.data.sources import load_rows
 from tunesmith.engine import Engine, Request
@@ -42,6 +44,9 @@ class TaskResult:
     predictions: list[str]
     reused: int = 0
     """Rows whose greedy answer came from the loss pass, not generated again (``evaluate.agreed_answers``)."""
+    prefilled: int = 0
+    """Rows generated from keys and values the loss pass kept (``eval/prompt_keys.py``), their prompts not run
+    again."""
 
 
 def answer_rows(source: str, *, fmt: str | None = None, invalid_rows: str = "error",
@@ -84,11 +89,14 @@ def answer_prompts(tokenizer, rows: list[AnswerRow], reasoning: str | None = Non
 
 def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 16, max_new_tokens: int = 48,
                   reasoning: str | None = None, prompts: list[list[int]] | None = None,
-                  known: dict[int, tuple[list[int], bool]] | None = None) -> TaskResult:
+                  known: dict[int, tuple[list[int], bool]] | None = None,
+                  keys: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> TaskResult:
     """Greedy answers for ``rows``, scored with ``score_answers``. The model is used as given (put it in
     ``eval()`` mode first). ``prompts``: ``answer_prompts``' result, when already made; ``known``: by row, the
     start of its greedy answer already determined (token ids) and whether that is all of it: a complete answer
-    is not generated, an incomplete one is continued from where it ends."""
+    is not generated, an incomplete one is continued from where it ends. ``keys``: by row, the keys and values of
+    the leading tokens of its prompt and known start, computed before (``eval/prompt_keys.py``): only the rest
+    runs."""
     prompts = answer_prompts(tokenizer, rows, reasoning) if prompts is None else prompts
     known = known or {}
     answers = {i: tokens for i, (tokens, complete) in known.items() if complete}
@@ -97,11 +105,21 @@ def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 
     # (the next prompt joins as soon as an answer ends)
     engine = Engine(model, pad_id=tokenizer.pad_token_id, max_batch=batch_size)
     stop_ids = stop_token_ids(tokenizer)
-    requests = {i: engine.submit(Request(prompts[i] + heads[i], stop_ids=stop_ids, sampling=SamplingConfig(
-        max_new_tokens=max_new_tokens - len(heads[i]), temperature=0.0)))
-        for i in sorted(heads, key=lambda i: len(prompts[i]) + len(heads[i]))}
+    keys = {i: start for i, start in (keys or {}).items()
+            if i in heads and start[0][0].shape[2] < len(prompts[i]) + len(heads[i])}
+    requests = {}
+    # rows that start from kept keys run one token each in their prefill: they join first, on their own, so that
+    # no row's whole prompt pads them
+    for group in (sorted(keys), sorted(set(heads) - set(keys), key=lambda i: len(prompts[i]) + len(heads[i]))):
+        if requests and group:
+            engine.step()
+        for i in group:
+            requests[i] = engine.submit(Request(prompts[i] + heads[i], stop_ids=stop_ids, prefix_keys=keys.get(i),
+                                                sampling=SamplingConfig(max_new_tokens=max_new_tokens - len(heads[i]),
+                                                                        temperature=0.0)))
     engine.run()
     answers.update((i, heads[i] + request.tokens) for i, request in requests.items())
     predictions = [tokenizer.decode(answers[i], skip_special_tokens=True).strip() for i in range(len(rows))]
     metrics = score_answers(predictions, [row.expected for row in rows], [row.subset for row in rows])
-    return TaskResult(metrics=metrics, rows=rows, predictions=predictions, reused=len(rows) - len(requests))
+    return TaskResult(metrics=metrics, rows=rows, predictions=predictions, reused=len(rows) - len(requests),
+                      prefilled=len(keys))
