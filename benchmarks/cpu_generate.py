@@ -3,15 +3,18 @@ completion (what ``generate`` did before the engine), and mixed-adapter traffic 
 
 Prompts: the built-in task's held-out rows rendered with the model's template, greedy, up to 48 new tokens
 (the demo's evaluation). Adapters: rank 16 over every linear layer with random B (so each changes the answers),
-assigned round-robin. Prints one JSON line per run: generated tokens, seconds, tokens/s.
+assigned round-robin. Prints one JSON line per run: generated tokens, seconds, tokens/s. Each adapter setting runs
+``--rounds`` times, each time right after a run of the base alone: its ratio to the base is the median of the
+rounds' ratios, so that a machine whose speed drifts between settings does not decide it.
 
-    .venv/bin/python benchmarks/cpu_generate.py --rows 64 --adapters 1,4,8
+    .venv/bin/python benchmarks/cpu_generate.py --rows 64 --adapters 1,4,8 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--adapters", default="1,4,8")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     loaded = load("default", dtype="fp32", device="cpu")
@@ -75,17 +79,24 @@ def main() -> None:
             out += generate(model, prompts[start:start + args.batch], max_batch=args.batch, **common)
         return out
 
+    def base():
+        return timed("base, continuous batching", lambda: generate(model, prompts, max_batch=args.batch, **common))
+
     timed("base, fixed chunks to completion", chunked)
-    base = timed("base, continuous batching", lambda: generate(model, prompts, max_batch=args.batch, **common))
+    base()
     with tempfile.TemporaryDirectory() as tmp:
         for count in (int(c) for c in args.adapters.split(",")):
             served = load("default", dtype="fp32", device="cpu").model
             slots = AdapterSlots(served, make_adapters(count, Path(tmp) / str(count)))
             names = [f"a{i % count}" for i in range(len(prompts))]
-            row = timed(f"{count} adapters mixed, continuous batching",
-                        lambda: generate(served, prompts, adapters=slots, adapter_names=names,
-                                         max_batch=args.batch, **common))
-            print(json.dumps({"adapters": count, "vs_base": round(row["tokens_per_s"] / base["tokens_per_s"], 2)}))
+            ratios = []
+            for _ in range(args.rounds):
+                alone = base()
+                row = timed(f"{count} adapters mixed, continuous batching",
+                            lambda: generate(served, prompts, adapters=slots, adapter_names=names,
+                                             max_batch=args.batch, **common))
+                ratios.append(round(row["tokens_per_s"] / alone["tokens_per_s"], 3))
+            print(json.dumps({"adapters": count, "vs_base": round(statistics.median(ratios), 2), "rounds": ratios}))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def model():
 def own_keys(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """transformers' cache of ``ids`` run alone: per layer (keys, values), (1, kv_heads, n, head_dim)."""
     with torch.no_grad():
-        cache = model(torch.tensor([ids]), use_cache=True).past_key_values
+        cache = model(torch.tensor([ids], device=model.device), use_cache=True).past_key_values
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -60,6 +60,24 @@ def test_kept_keys_are_transformers_cache_of_the_same_tokens(model, lengths):
             torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
     assert kept.used == sum(lengths.values()) * 2 * 2 * 2 * 8 * 4  # layers × (keys, values) × heads × dim × fp32
     assert attention_implementation(model) == "sdpa"  # row attention was for the pass only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kept_keys_on_cuda_are_transformers_cache_too():
+    """On a GPU the pass runs flat under SDPA with a block mask (no row attention): the same keys are kept."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build_tiny_llama(initializer_range=0.3).cuda()
+    model.set_attn_implementation("sdpa")
+    lengths = {0: 14, 1: 15, 2: 19, 3: 13}
+    kept = KeptKeys(lambda index, picked: lengths[index])
+    heldout_loss(model, EXAMPLES, pad_id=2, batch_size=8, picks={}, keys=kept)
+    assert sorted(kept.kept) == [0, 1, 2, 3]
+    for index, layers in kept.kept.items():
+        for (keys, values), (ref_keys, ref_values) in zip(layers, own_keys(model, EXAMPLES[index]["input_ids"][
+                :lengths[index]])):
+            assert keys.device.type == "cuda"
+            torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-5)
+            torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
 
 
 def test_keys_past_what_the_pass_computed_or_the_budget_are_not_kept(model):
