@@ -230,6 +230,10 @@ def test_answers_the_loss_pass_determines_are_what_transformers_generates(tmp_pa
     assert metrics["eval_loss"] == heldout_loss(model, examples, pad_id=tokenizer.pad_token_id)["eval_loss"]
     assert metrics["exact_match"] == 0.5 and task.reused == 1
     assert task.prefilled == 3  # the other three continue from the keys the pass kept
+    with pytest.MonkeyPatch.context() as patch:  # as on a GPU: no keys kept, every row prefilled by the engine
+        patch.setattr("tunesmith.eval.evaluate.keeps_keys", lambda model: False)
+        _, plain = evaluate(model, tokenizer, examples=examples, rows=rows, max_new_tokens=NEW_TOKENS)
+    assert plain.predictions == answers and plain.prefilled == 0 and plain.reused == 1
     # What the pass determined: row 3 whole; row 1 its first two tokens and the token after them (where greedy
     # decoding leaves the expected answer); row 2 only its first token. Row 0's expected text, though the greedy
     # answer's, tokenizes otherwise from its second word on ("Ġlev ermis" is rendered "Ġlever mis"): the walk

@@ -146,7 +146,8 @@ def evaluate(model, tokenizer, *, examples: list[dict], rows: list[AnswerRow] | 
 
     The loss pass computes the logits at every trained position of each example anyway; where an example is a
     row's prompt followed by its expected answer, the greedy tokens there give the start of the row's greedy
-    answer, often all of it (``agreed_answers``). Only what they leave open is generated, by the engine."""
+    answer, often all of it (``agreed_answers``). Only what they leave open is generated, by the engine, from
+    the keys and values the pass computed of the prompts (``eval/prompt_keys.py``; on the CPU only)."""
     was_training = model.training
     model.eval()
     picks = {} if rows else None
@@ -162,18 +163,25 @@ def evaluate(model, tokenizer, *, examples: list[dict], rows: list[AnswerRow] | 
         answer, complete = _walk(len(prompts[row]), examples[index], picked, stop_ids, max_new_tokens)
         return 0 if complete else len(prompts[row]) + len(answer) - 1
 
-    keys = KeptKeys(wanted) if rows else None
+    keys = KeptKeys(wanted) if rows and keeps_keys(model) else None
     metrics = heldout_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=batch_size, picks=picks,
                            keys=keys)
     task = None
     if rows:
         known = agreed_answers(prompts, examples, picks, stop_ids, max_new_tokens)
-        starts = {row: keys.kept[index] for row, index in matches.items() if index in keys.kept}
+        kept = keys.kept if keys is not None else {}
+        starts = {row: kept[index] for row, index in matches.items() if index in kept}
         task = evaluate_task(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              prompts=prompts, known=known, keys=starts)
         metrics.update(task_metrics(task))
     model.train(was_training)
     return metrics, task
+
+
+def keeps_keys(model) -> bool:
+    """Whether evaluation keeps the loss pass's keys for generation: on the CPU, where a prefill costs as much as
+    the pass; not on a GPU, where prefill is cheap and memory is planned without them."""
+    return next(model.parameters()).device.type == "cpu"
 
 
 def agreed_answers(prompts: list[list[int]], examples: list[dict], picks: dict[int, list[int]],
