@@ -8,7 +8,8 @@ generated starts from them (``engine.Request.prefix_keys``), only its last promp
 
 Keys are read where attention receives them (after rotary embeddings, before any repeat for grouped queries),
 and mapped back to rows through the flat layout (``train.flat``) the pass ran in. A pass laid out otherwise
-(the GPU's cached or padded layouts, eager attention) keeps nothing, and the engine prefills as before.
+(flash attention's cached layout, varlen, padded batches, eager attention) keeps nothing, and the engine
+prefills as before. Evaluation keeps keys on the CPU only (``eval.evaluate.keeps_keys``).
 """
 
 from __future__ import annotations
