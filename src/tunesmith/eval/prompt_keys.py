@@ -67,16 +67,18 @@ class KeptKeys:
 @contextlib.contextmanager
 def recording(model) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]] | None]:
     """Inside the block, each attention call of ``model`` leaves its (keys, values) in the yielded dict, by layer
-    (the last call's per layer). None, and nothing recorded, under eager attention (not a registered function).
-    The model's attention function is wrapped for the block only, and restored after."""
+    (the last call's per layer). None, and nothing recorded, under eager attention (not a registered function)
+    or where transformers keeps no local overrides. The model's attention function is wrapped for the block
+    only (a local override of its name), and restored after."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = attention_implementation(model)
-    if name == "eager" or name not in ALL_ATTENTION_FUNCTIONS:
+    local = getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", None)  # where an override lives (transformers 5)
+    if name == "eager" or name not in ALL_ATTENTION_FUNCTIONS or not isinstance(local, dict):
         yield None
         return
-    had_local = name in ALL_ATTENTION_FUNCTIONS._local_mapping
-    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get(name)
+    had_local = name in local
+    previous = local.get(name)
     original = ALL_ATTENTION_FUNCTIONS[name]
     record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
