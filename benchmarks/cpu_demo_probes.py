@@ -7,6 +7,12 @@
 * ``eval-batch``: the base model's 100 greedy answers at ``eval.batch_size`` 64 and 128, alternating, twice in each
   order; the answers must be the same.
 * ``gguf-parse``: gguf's reader against ``models.defaults``' plain-view reader on the embedded file, alternating.
+* ``heldout-batch``: the demo's held-out loss on the base model at ``eval.batch_size`` 64 and 128, alternating
+  twice, with the length of each batch's flat row (an empty list: the batches ran padded).
+* ``answer-phases``: the base model's 100 greedy answers (no kept keys), the seconds spent in prefill and in decode.
+* ``eval-keys``: ``evaluate`` before training (loss pass and answers) keeping no keys (budget 0) and keeping
+  them, alternating twice; the answers must be the same.
+* ``bf16-products``: a 4,096 × 576 × 1,536 matrix product (and the two of its backward) in fp32 and in bf16.
 
     .venv/bin/python benchmarks/cpu_demo_probes.py kernel
 """
@@ -102,11 +108,98 @@ def gguf_parse() -> None:
                           "s": round(time.perf_counter() - start, 2)}), flush=True)
 
 
+def heldout_batch() -> None:
+    import tunesmith.train.loss as loss
+    from tunesmith.data.pipeline import prepare
+    from tunesmith.data.tokenize import TokenizeOptions
+    from tunesmith.eval.evaluate import heldout_loss
+
+    config, model, tokenizer = _demo()
+    examples = prepare(config.data.eval, tokenizer, TokenizeOptions.from_config(config.data)).examples
+    flat_rows, layout = [], loss.flat_layout
+
+    def recorded(batch, shared):
+        flat = layout(batch, shared)
+        flat_rows.append(None if flat is None else flat[0].shape[1])
+        return flat
+
+    loss.flat_layout = recorded
+    for size in (64, 128, 64, 128):
+        flat_rows.clear()
+        start = time.perf_counter()
+        metrics = heldout_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=size)
+        print(json.dumps({"probe": "heldout-batch", "batch_size": size, "s": round(time.perf_counter() - start, 1),
+                          "flat_rows": flat_rows, "loss": round(metrics["eval_loss"], 8)}), flush=True)
+
+
+def answer_phases() -> None:
+    from tunesmith.engine import Engine
+    from tunesmith.eval.task import answer_rows, evaluate_task
+
+    _, model, tokenizer = _demo()
+    seconds = {"prefill": 0.0, "decode": 0.0}
+
+    def timed(name, method):
+        def run(self, *args):
+            start = time.perf_counter()
+            method(self, *args)
+            seconds[name] += time.perf_counter() - start
+        return run
+
+    Engine._prefill, Engine._decode = timed("prefill", Engine._prefill), timed("decode", Engine._decode)
+    start = time.perf_counter()
+    evaluate_task(model, tokenizer, answer_rows("builtin:test", limit=100), batch_size=128)
+    print(json.dumps({"probe": "answer-phases", "s": round(time.perf_counter() - start, 1),
+                      **{k: round(v, 1) for k, v in seconds.items()}}))
+
+
+def eval_keys() -> None:
+    import tunesmith.eval.evaluate as evaluate
+    from tunesmith.data.pipeline import prepare
+    from tunesmith.data.tokenize import TokenizeOptions
+    from tunesmith.eval.prompt_keys import KEYS_BUDGET, KeptKeys
+    from tunesmith.eval.task import answer_rows
+
+    config, model, tokenizer = _demo()
+    examples = prepare(config.data.eval, tokenizer, TokenizeOptions.from_config(config.data)).examples
+    rows = answer_rows("builtin:test", limit=100)
+    answers = {}
+    for budget in (0, KEYS_BUDGET, 0, KEYS_BUDGET):
+        evaluate.KeptKeys = lambda length, budget=budget: KeptKeys(length, budget=budget)
+        start = time.perf_counter()
+        metrics, task = evaluate.evaluate(model, tokenizer, examples=examples, rows=rows, batch_size=128)
+        answers.setdefault(budget, task.predictions)
+        print(json.dumps({"probe": "eval-keys", "budget": budget, "s": round(time.perf_counter() - start, 2),
+                          "exact_match": metrics["exact_match"], "prefilled": task.prefilled}), flush=True)
+    print(json.dumps({"probe": "eval-keys", "same_answers": answers[0] == answers[KEYS_BUDGET]}))
+
+
+def bf16_products() -> None:
+    m, k, n = 4096, 576, 1536
+    for dtype in (torch.float32, torch.bfloat16):
+        pairs = {"forward": (torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)),
+                 "input grad": (torch.randn(m, n, dtype=dtype), torch.randn(n, k, dtype=dtype)),
+                 "weight grad": (torch.randn(k, m, dtype=dtype), torch.randn(m, n, dtype=dtype))}
+        for name, (a, b) in pairs.items():
+            for _ in range(3):
+                a @ b
+            start = time.perf_counter()
+            for _ in range(20):
+                a @ b
+            seconds = (time.perf_counter() - start) / 20
+            print(json.dumps({"probe": "bf16-products", "dtype": str(dtype), "product": name,
+                              "gflop_s": round(2 * m * k * n / seconds / 1e9, 1)}), flush=True)
+
+
+PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
+          "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
+          "bf16-products": bf16_products}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("probe", choices=["kernel", "heldout", "eval-batch", "gguf-parse"])
-    probe = parser.parse_args().probe
-    {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse}[probe]()
+    parser.add_argument("probe", choices=list(PROBES))
+    PROBES[parser.parse_args().probe]()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def heldout_loss(model, examples: list[dict], *, pad_id: int, batch_size: int = 
     tokens a batch too, since that attention grows with the square of the sequence (measured on the demo's 100
     rows: 21.5 s in batches of 64 rows, 13.4 s in batches of at most 1,024 tokens, the same loss; 2-core
     CPU). Row attention's batches hold at most ``FLAT_MAX_TOKENS`` tokens past their shared start, the most that
-    runs as one flat row (more would run padded, with the start's keys repeated: 13.2 against 11.6 s)."""
+    runs as one flat row (more would run padded, with the start's keys repeated: the demo's rows at batch 128,
+    13.2-15.3 s against 10.6-11.3 s; ``benchmarks/cpu_demo_probes.py heldout-batch``)."""
     was_training = model.training
     model.eval()
     longest = max((len(example["input_ids"]) for example in examples), default=1)

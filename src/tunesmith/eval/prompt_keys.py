@@ -3,8 +3,9 @@
 Where an evaluation example is a prompt followed by its expected answer, the loss pass computes every layer's
 keys and values of the prompt, and of the answer's first tokens, on its way to the loss. The engine's prefill of
 the same prompt would compute them once more: on a CPU that is a third of answering short questions (the demo's
-base model: 8 of 22 s). The pass keeps them instead (``KeptKeys``), and each answer that is still to be
-generated starts from them (``engine.Request.prefix_keys``), only its last prompt token run.
+base model: 7-8 of 21-22 s, ``benchmarks/cpu_demo_probes.py answer-phases``). The pass keeps them instead
+(``KeptKeys``), and each answer still to be generated starts from them (``engine.Request.prefix_keys``), only
+its last prompt token run.
 
 Keys are read where attention receives them (after rotary embeddings, before any repeat for grouped queries),
 and mapped back to rows through the flat layout (``train.flat``) the pass ran in. A pass laid out otherwise
