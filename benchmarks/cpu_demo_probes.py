@@ -13,6 +13,9 @@
 * ``eval-keys``: ``evaluate`` before training (loss pass and answers) keeping no keys (budget 0) and keeping
   them, alternating twice; the answers must be the same.
 * ``bf16-products``: a 4,096 × 576 × 1,536 matrix product (and the two of its backward) in fp32 and in bf16.
+* ``eval-settled``: ``evaluate`` before training (loss pass and answers) with whole answers and with answers ended
+  once their score is settled, alternating twice; the metrics must be the same, each settled prediction the start
+  of the whole one.
 
     .venv/bin/python benchmarks/cpu_demo_probes.py kernel
 """
@@ -174,6 +177,28 @@ def eval_keys() -> None:
     print(json.dumps({"probe": "eval-keys", "same_answers": answers[0] == answers[KEYS_BUDGET]}))
 
 
+def eval_settled() -> None:
+    from tunesmith.data.pipeline import prepare
+    from tunesmith.data.tokenize import TokenizeOptions
+    from tunesmith.eval.evaluate import evaluate
+    from tunesmith.eval.task import answer_rows
+
+    config, model, tokenizer = _demo()
+    examples = prepare(config.data.eval, tokenizer, TokenizeOptions.from_config(config.data)).examples
+    rows = answer_rows("builtin:test", limit=100)
+    results = {}
+    for settled in (False, True, False, True):
+        start = time.perf_counter()
+        metrics, task = evaluate(model, tokenizer, examples=examples, rows=rows, batch_size=128, settled=settled)
+        results[settled] = (metrics, task.predictions)
+        print(json.dumps({"probe": "eval-settled", "settled": settled, "s": round(time.perf_counter() - start, 2),
+                          "answers_settled": task.settled, "exact_match": metrics["exact_match"],
+                          "answer_chars": sum(map(len, task.predictions))}), flush=True)
+    (whole, full), (cut, short) = results[False], results[True]
+    print(json.dumps({"probe": "eval-settled", "same_metrics": whole == cut,
+                      "predictions_are_starts": all(f.startswith(s) for f, s in zip(full, short))}))
+
+
 def bf16_products() -> None:
     m, k, n = 4096, 576, 1536
     for dtype in (torch.float32, torch.bfloat16):
@@ -193,7 +218,7 @@ def bf16_products() -> None:
 
 PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
           "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
-          "bf16-products": bf16_products}
+          "bf16-products": bf16_products, "eval-settled": eval_settled}
 
 
 def main() -> None:

@@ -67,6 +67,23 @@ def test_a_cancelled_request_leaves_and_the_others_go_on(model):
     assert requests[0].tokens == _alone(model, prompts[0]) and requests[2].tokens == _alone(model, prompts[2])
 
 
+def test_a_settled_request_ends_where_its_check_says_and_the_others_go_on(model):
+    prompts = [_prompt(4, 6), _prompt(5, 8)]
+    engine = Engine(model, pad_id=0)
+    seen = []
+
+    def after_four(tokens):
+        seen.append(list(tokens))
+        return len(tokens) == 4
+
+    settled = engine.submit(Request(prompts[0], sampling=GREEDY, settled=after_four))
+    other = engine.submit(Request(prompts[1], sampling=GREEDY))
+    engine.run()
+    assert settled.finish_reason == "settled" and settled.tokens == _alone(model, prompts[0])[:4]
+    assert seen == [settled.tokens[:n] for n in range(1, 5)]  # asked after each token, then never again
+    assert other.tokens == _alone(model, prompts[1]) and other.finish_reason == "length"
+
+
 def test_finished_rows_leave_the_batch(model):
     prompts = [_prompt(7, 5), _prompt(8, 5)]
     engine = Engine(model, pad_id=0)

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-rows", type=_NON_NEGATIVE,
                    help="rows scored by generation (default: the run's eval.task_rows, else 100)")
     p.add_argument("--max-new-tokens", type=_POSITIVE, help="longest generated answer (default: the run's, else 48)")
+    p.add_argument("--whole-answers", action="store_true",
+                   help="generate every answer to its end, not only until its score can no longer change "
+                        "(eval.stop_settled=false)")
     p.add_argument("--max-length", type=_POSITIVE, help="default: the run's data.max_length, else 512")
     p.add_argument("--template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -344,7 +347,8 @@ def cmd_eval(args) -> None:
 
     report = run_eval(args.target, adapter=args.adapter, data=args.data, task_rows=args.task_rows,
                       max_length=args.max_length, template=args.template, generate=args.generate,
-                      max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+                      max_new_tokens=args.max_new_tokens, whole_answers=args.whole_answers,
+                      trust_remote_code=args.trust_remote_code)
     print(json.dumps(report) if args.json else format_eval(report))
 
 

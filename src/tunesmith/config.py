@@ -270,6 +270,11 @@ class EvalConfig(_Section):
     18.6-21.8 s against 21.6-27.7 s at 64 (2-core CPU, alternating, the same answers). Lower it for long rows of
     a large model on a GPU, where a batch's activations and cache grow with it."""
     max_new_tokens: int = Field(48, gt=0)
+    stop_settled: bool = True
+    """End a scored answer as soon as no later token can change its score: a JSON answer that does not start
+    with the expected `{` / `[`, or whose value is complete and followed by other text; a text answer that has
+    left the expected one. The metrics are those of whole answers; the saved prediction is the answer up to
+    there. false: every answer runs to its stop token or `max_new_tokens`."""
     report_examples: int = Field(12, ge=0)
 
 

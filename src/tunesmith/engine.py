@@ -54,10 +54,13 @@ class Request:
     """Called with each new piece of text (whole characters, never a part of a stop string)."""
     on_finish: Callable[["Request"], None] | None = None
     """Called once when the request ends, whatever the reason (after its last text)."""
+    settled: Callable[[list[int]], bool] | None = None
+    """Called with the answer's tokens after each new one; True ends the request there ("settled"): for a caller
+    that knows no later token can matter to it (evaluation, once an answer's score cannot change)."""
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """None while running; "stop" (a stop token or string), "length" (max_new_tokens), "cancelled" or "error"
-    (the step failed: ``error`` says why)."""
+    """None while running; "stop" (a stop token or string), "length" (max_new_tokens), "settled" (``settled``),
+    "cancelled" or "error" (the step failed: ``error`` says why)."""
     error: str | None = None
     prefix_keys: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per layer, the keys and values (1, kv_heads, n, head_dim) of the prompt's first n tokens, computed before by
@@ -318,6 +321,8 @@ class Engine:
                     continue
             if len(request.tokens) >= request.sampling.max_new_tokens:
                 self._finish(request, "length")
+            elif request.settled is not None and request.settled(request.tokens):
+                self._finish(request, "settled")
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason

@@ -79,10 +79,11 @@ def test_cli_generate_scores_the_last_assistant_turn_per_subset(tmp_path, tiny_m
     data = write_jsonl(tmp_path / "mine.jsonl", [
         {"messages": p + [{"role": "assistant", "content": e}], "subset": s}
         for p, e, s in zip(prompts, expected, subsets)])
-    args = ["eval", str(tiny_model_dir), "--data", data, "--generate", "--max-new-tokens", str(NEW_TOKENS)]
+    args = ["eval", str(tiny_model_dir), "--data", data, "--generate", "--max-new-tokens", str(NEW_TOKENS),
+            "--whole-answers"]
     assert main(args + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["exact_match"] == 0.75
+    assert report["exact_match"] == 0.75 and report["answers_settled"] == 0
     assert (report["exact_match_seen"], report["exact_match_unseen"]) == (0.5, 1.0)
     assert "valid_json_rate" not in report and "before" not in report  # text answers; no adapter, no before
     assert [s["after"] for s in report["samples"]] == answers
@@ -94,6 +95,16 @@ def test_cli_generate_scores_the_last_assistant_turn_per_subset(tmp_path, tiny_m
     out = capsys.readouterr().out
     assert "exact_match_unseen" in out and "row 4 [seen]" in out
     assert f"  after    : {answers[3]}  ✗" in out and f"  after    : {answers[0]}  ✓" in out
+    # by default an answer ends once its score is settled: row 4 as soon as it leaves the expected text, the
+    # same metrics
+    assert main(args[:-1] + ["--json"]) == 0
+    settled = json.loads(capsys.readouterr().out)
+    assert settled["answers_settled"] == 1
+    assert {k: v for k, v in settled.items() if k not in ("samples", "answers_settled")} == {
+        k: v for k, v in report.items() if k not in ("samples", "answers_settled")}
+    cut = settled["samples"][3]["after"]
+    assert [s["after"] for s in settled["samples"][:3]] == answers[:3]
+    assert cut and answers[3].startswith(cut) and len(cut) < len(answers[3])
 
 
 def test_api_generate_on_alpaca_and_prompt_completion_rows_with_json_answers(tmp_path, tiny_model_dir, hf_tiny,
@@ -146,7 +157,7 @@ def last_turn_run(tmp_path_factory, tiny_model_dir, tokenizer):
         "data": {"train": train, "eval": heldout, "train_on": "last", "max_length": max_length},
         "lora": {"r": 4, "alpha": 8}, "optim": {"lr": 0.05},
         "train": {"micro_batch_size": 4, "max_steps": 4, "progress": False, "checkpoint_every": None},
-        "eval": {"generate": True, "max_new_tokens": NEW_TOKENS}}))
+        "eval": {"generate": True, "max_new_tokens": NEW_TOKENS, "stop_settled": False}}))
     assert main(["train", "--config", str(config)]) == 0
     return tmp / "runs" / "last", rows[:3]
 
@@ -234,6 +245,14 @@ def test_answers_the_loss_pass_determines_are_what_transformers_generates(tmp_pa
         patch.setattr("tunesmith.eval.evaluate.keeps_keys", lambda model: False)
         _, plain = evaluate(model, tokenizer, examples=examples, rows=rows, max_new_tokens=NEW_TOKENS)
     assert plain.predictions == answers and plain.prefilled == 0 and plain.reused == 1
+    # Answers ended once settled: rows 1 and 2 are wrong from the token where they leave the expected text, which
+    # the pass determined, so they are not generated at all; the metrics are those of the whole answers
+    cut_metrics, cut = evaluate(model, tokenizer, examples=examples, rows=rows, max_new_tokens=NEW_TOKENS,
+                                settled=True)
+    assert cut_metrics == metrics and (cut.settled, cut.reused, cut.prefilled) == (2, 1, 1)
+    assert [cut.predictions[i] for i in (0, 3)] == [answers[0], answers[3]]
+    for row, length in ((1, 3), (2, 1)):
+        assert cut.predictions[row] == tokenizer.decode(tokens[row][:length], skip_special_tokens=True).strip()
     # What the pass determined: row 3 whole; row 1 its first two tokens and the token after them (where greedy
     # decoding leaves the expected answer); row 2 only its first token. Row 0's expected text, though the greedy
     # answer's, tokenizes otherwise from its second word on ("Ġlev ermis" is rendered "Ġlever mis"): the walk

@@ -1,9 +1,11 @@
 """The one answer scorer: the built-in task's numbers unchanged, text answers, JSON per field, subsets."""
 
+import random
+
 import pytest
 
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.score import expected_json, normalise_answer, score_answer, score_answers
+from tunesmith.eval.score import expected_json, normalise_answer, score_answer, score_answers, score_settled
 
 BOOKING = '{"name": "Ada Park", "city": "Lyon", "day": "Friday", "guests": 4}'
 KEYS = ("name", "city", "day", "guests")
@@ -88,3 +90,48 @@ def test_scoring_needs_one_prediction_per_answer():
         score_answers(["a", "b"], ["a"])
     with pytest.raises(TunesmithError, match="no predictions"):
         score_answers([], [])
+
+
+@pytest.mark.parametrize("start, expected, settled", [
+    # JSON: open while the value is valid so far, or complete with at most whitespace and backticks after it
+    ("", BOOKING, False), ("  \n", BOOKING, False), ("{", BOOKING, False), ('{"name": "Bob"', BOOKING, False),
+    (BOOKING, BOOKING, False), (BOOKING.replace("Friday", "Monday"), BOOKING, False),
+    (BOOKING + "\n``", BOOKING, False), (BOOKING + " \n```\n", BOOKING, False),
+    # ... a partial or whole opening fence, whatever comes next
+    ("`", BOOKING, False), ("``", BOOKING, False), ("```", BOOKING, False), ("```json", BOOKING, False),
+    ("```json\n ", BOOKING, False), ("```json\n{", BOOKING, False),
+    # ... a character being decoded: not yet known
+    (BOOKING + "\ufffd", BOOKING, False),
+    # settled: anything but the expected kind's opening first, or text after the complete value
+    ("Sure", BOOKING, True), ("[", BOOKING, True), ("```json\n[", BOOKING, True), ("`x", BOOKING, True),
+    ("{", '["a"]', True), (BOOKING + "\n```\n\nThis", BOOKING, True), (BOOKING + " x", BOOKING, True),
+    ("{}\n{", BOOKING, True), ('["a"] .', '["a"]', True),
+    # text: open while it is the start of the expected answer, or the answer and whitespace or a fence after it
+    ("The cap", "The capital", False), ("The capital \n```", "The capital", False),
+    ("```\nThe cap", "```\nThe capital\n```", False),
+    ("The cop", "The capital", True), ("The capital!", "The capital", True), ("42.", "42", True),
+])
+def test_settled_verdicts(start, expected, settled):
+    assert score_settled(start, expected) is settled
+
+
+@pytest.mark.parametrize("expected", [BOOKING, '["Ada", 4]', "The capital is Lyon", "42"])
+def test_a_settled_start_scores_the_same_whatever_follows(expected):
+    """Random answers grown character by character: wherever the start is called settled, every continuation
+    tried scores as the start itself does (so stopping there changes no metric). Not vacuous: some starts of
+    every kind of answer are settled, some are not."""
+    rng = random.Random(0)
+    pieces = [expected[:n] for n in range(0, len(expected), 7)] + [
+        "{", "}", "[", "]", '"', ":", ",", " ", "\n", "`", "```", "```json\n", "a", "4", "Lyon", "name", "é"]
+    verdicts = []
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        settled = score_settled(text, expected)
+        verdicts.append(settled)
+        if settled:
+            score = score_answer(text, expected)
+            assert not score["exact_match"], text
+            for _ in range(20):
+                more = text + "".join(rng.choice(pieces + [expected]) for _ in range(rng.randint(1, 4)))
+                assert score_answer(more, expected) == score, (text, more)
+    assert 0 < sum(verdicts) < len(verdicts)

@@ -21,7 +21,8 @@ from tunesmith.models.build import build_model
 
 def eval_config(target: str, *, data: str | None = None, task_rows: int | None = None,
                 max_length: int | None = None, template: str | None = None, generate: bool = False,
-                max_new_tokens: int | None = None, trust_remote_code: bool = False) -> RunConfig:
+                max_new_tokens: int | None = None, whole_answers: bool = False,
+                trust_remote_code: bool = False) -> RunConfig:
     """The config an evaluation runs under: a run dir's own, else the defaults for the model ``target``;
     each given option replaces its key (``data`` → ``data.eval``, with the format detected afresh).
 
@@ -43,6 +44,7 @@ def eval_config(target: str, *, data: str | None = None, task_rows: int | None =
         if value is not None:
             setattr(section, key, value)
     config.eval.generate = config.eval.generate or generate
+    config.eval.stop_settled = config.eval.stop_settled and not whole_answers
     return config
 
 
@@ -60,14 +62,15 @@ def _model_and_adapter(target: str, config: RunConfig, adapter: str | None) -> t
 
 def run_eval(target: str, *, adapter: str | None = None, data: str | None = None, task_rows: int | None = None,
              max_length: int | None = None, template: str | None = None, generate: bool = False,
-             max_new_tokens: int | None = None, trust_remote_code: bool = False) -> dict:
+             max_new_tokens: int | None = None, whole_answers: bool = False, trust_remote_code: bool = False) -> dict:
     """Metrics of ``target`` (a run dir or a model) on held-out data, as one dict.
 
     With generation (the built-in task, or ``generate``) it also holds ``samples`` (every scored row: prompt,
     expected, ``after`` = the evaluated model's answer); with an adapter, the base model (adapters off) is
     scored too: its metrics in ``before`` and its answers in each sample's ``before``."""
     config = eval_config(target, data=data, task_rows=task_rows, max_length=max_length, template=template,
-                         generate=generate, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+                         generate=generate, max_new_tokens=max_new_tokens, whole_answers=whole_answers,
+                         trust_remote_code=trust_remote_code)
     model_source, adapter = _model_and_adapter(target, config, adapter)
     # Data first: a dataset that cannot be scored is refused before the model loads.
     rows = generation_rows(config)
@@ -83,7 +86,7 @@ def run_eval(target: str, *, adapter: str | None = None, data: str | None = None
             return _preference_metrics(loaded.model, loaded.tokenizer, prepared.examples, rows, config)
         return evaluate(loaded.model, loaded.tokenizer, examples=prepared.examples, rows=rows,
                         batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
-                        reasoning=config.data.reasoning)
+                        reasoning=config.data.reasoning, settled=config.eval.stop_settled)
 
     metrics, after = measure()
     report = {"model": model_source, "adapter": adapter, "data": config.data.eval, **metrics}
@@ -95,6 +98,7 @@ def run_eval(target: str, *, adapter: str | None = None, data: str | None = None
 
         with adapters_disabled(loaded.model):
             report["before"], before = measure()
+    report["answers_settled"] = after.settled
     report["samples"] = samples_of(after, before)
     return report
 
@@ -135,7 +139,8 @@ def _preference_metrics(model, tokenizer, examples: list[dict], rows, config: Ru
     result = None
     if rows:
         result = evaluate_task(model, tokenizer, rows, batch_size=config.eval.batch_size,
-                               max_new_tokens=config.eval.max_new_tokens, reasoning=config.data.reasoning)
+                               max_new_tokens=config.eval.max_new_tokens, reasoning=config.data.reasoning,
+                               settled=config.eval.stop_settled)
         metrics.update(task_metrics(result))
     return metrics, result
 

@@ -142,13 +142,15 @@ def task_metrics(result: TaskResult) -> dict:
 
 
 def evaluate(model, tokenizer, *, examples: list[dict], rows: list[AnswerRow] | None, batch_size: int = 16,
-             max_new_tokens: int = 48, reasoning: str | None = None) -> tuple[dict, TaskResult | None]:
+             max_new_tokens: int = 48, reasoning: str | None = None, settled: bool = False
+             ) -> tuple[dict, TaskResult | None]:
     """Loss metrics on ``examples``; with ``rows``, the task metrics of greedy answers too.
 
     The loss pass computes the logits at every trained position of each example anyway; where an example is a
     row's prompt followed by its expected answer, the greedy tokens there give the start of the row's greedy
     answer, often all of it (``agreed_answers``). Only what they leave open is generated, by the engine, from
-    the keys and values the pass computed of the prompts (``eval/prompt_keys.py``; on the CPU only)."""
+    the keys and values the pass computed of the prompts (``eval/prompt_keys.py``; on the CPU only).
+    ``settled``: ``evaluate_task``'s."""
     was_training = model.training
     model.eval()
     picks = {} if rows else None
@@ -173,7 +175,7 @@ def evaluate(model, tokenizer, *, examples: list[dict], rows: list[AnswerRow] | 
         kept = keys.kept if keys is not None else {}
         starts = {row: kept[index] for row, index in matches.items() if index in kept}
         task = evaluate_task(model, tokenizer, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             prompts=prompts, known=known, keys=starts)
+                             prompts=prompts, known=known, keys=starts, settled=settled)
         metrics.update(task_metrics(task))
     model.train(was_training)
     return metrics, task

@@ -47,6 +47,51 @@ def score_answer(prediction: str, expected: str) -> dict:
     return {"exact_match": valid and same_value(answer, wanted), "valid_json": valid, "fields": fields}
 
 
+# While an answer's start is one of these, it may still become the opening code fence
+_FENCE_START = re.compile(r"`{1,2}|```[\w-]*\s*")
+
+
+def score_settled(start: str, expected: str) -> bool:
+    """Whether every answer that begins with ``start`` scores the same under ``score_answer``: no token
+    generated after it can change the verdict, so generation may stop there.
+
+    Only a verdict of wrong can be settled early: a JSON answer can still be extended into any value while it
+    is valid so far. After the surrounding whitespace and an opening code fence:
+
+    * a JSON answer is settled when it begins with anything but the expected kind's opening ``{`` / ``[``, or
+      when its value is complete (the matching ``}`` / ``]``) and any character but whitespace and a closing
+      fence's backticks follows (``score_answer`` parses the whole normalised answer, and normalising only
+      removes whitespace and one fence at either end);
+    * a text answer is settled once it leaves the expected one, or adds to it anything but whitespace and a
+      closing fence.
+
+    ``start`` is decoded text of the tokens so far; a trailing U+FFFD (the bytes of a character not yet
+    complete) is ignored. Anything that can still go either way is not settled."""
+    start = start.rstrip("\ufffd").lstrip()
+    if not start or _FENCE_START.fullmatch(start):
+        return False
+    body = _CODE_FENCE.sub("", start, count=1) if start.startswith("```") else start
+    wanted = expected_json(expected)
+    if wanted is None:
+        answer = normalise_answer(expected)
+        if not body.startswith(answer):
+            return not answer.startswith(body)
+        return _beyond_fence(body[len(answer):])
+    opener = "{" if isinstance(wanted, dict) else "["
+    if body[0] != opener:
+        return True
+    try:
+        _, end = json.JSONDecoder().raw_decode(body)
+    except json.JSONDecodeError:  # not complete yet (or wrong, which the rules above do not try to tell)
+        return False
+    return _beyond_fence(body[end:])
+
+
+def _beyond_fence(tail: str) -> bool:
+    """Whether ``tail``, text after the whole expected answer, holds a character that normalising cannot remove."""
+    return any(not (c.isspace() or c == "`") for c in tail)
+
+
 def answers_match(prediction: str, expected: str) -> bool:
     return score_answer(prediction, expected)["exact_match"]
 

@@ -17,7 +17,7 @@ from tunesmith.data.formats import normalise
 from tunesmith.data.sources import load_rows
 from tunesmith.engine import Engine, Request
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.score import score_answers
+from tunesmith.eval.score import expected_json, score_answers, score_settled
 from tunesmith.generate import SamplingConfig
 from tunesmith.templates import render_prompt, stop_token_ids
 
@@ -47,6 +47,8 @@ class TaskResult:
     prefilled: int = 0
     """Rows generated from keys and values the loss pass kept (``eval/prompt_keys.py``), their prompts not run
     again."""
+    settled: int = 0
+    """Answers ended once their score could no longer change (``evaluate_task``'s ``settled``)."""
 
 
 def answer_rows(source: str, *, fmt: str | None = None, invalid_rows: str = "error",
@@ -90,17 +92,22 @@ def answer_prompts(tokenizer, rows: list[AnswerRow], reasoning: str | None = Non
 def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 16, max_new_tokens: int = 48,
                   reasoning: str | None = None, prompts: list[list[int]] | None = None,
                   known: dict[int, tuple[list[int], bool]] | None = None,
-                  keys: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> TaskResult:
+                  keys: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                  settled: bool = False) -> TaskResult:
     """Greedy answers for ``rows``, scored with ``score_answers``. The model is used as given (put it in
     ``eval()`` mode first). ``prompts``: ``answer_prompts``' result, when already made; ``known``: by row, the
     start of its greedy answer already determined (token ids) and whether that is all of it: a complete answer
     is not generated, an incomplete one is continued from where it ends. ``keys``: by row, the keys and values of
     the leading tokens of its prompt and known start, computed before (``eval/prompt_keys.py``): only the rest
-    runs."""
+    runs. ``settled``: an answer ends as soon as no later token can change its score (``score_settled``; the
+    prediction is the answer up to there), the metrics the same as with whole answers."""
     prompts = answer_prompts(tokenizer, rows, reasoning) if prompts is None else prompts
     known = known or {}
     answers = {i: tokens for i, (tokens, complete) in known.items() if complete}
     heads = {i: known[i][0] if i in known else [] for i in range(len(rows)) if i not in answers}
+    checks = {i: _settles(tokenizer, heads[i], rows[i].expected) for i in heads} if settled else {}
+    settled_rows = {i for i, check in checks.items() if check is not None and heads[i] and check([])}
+    answers.update((i, heads.pop(i)) for i in settled_rows)
     # Similar lengths run together so left padding stays small; up to batch_size at once, continuously batched
     # (the next prompt joins as soon as an answer ends)
     engine = Engine(model, pad_id=tokenizer.pad_token_id, max_batch=batch_size)
@@ -116,10 +123,26 @@ def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 
         for i in group:
             requests[i] = engine.submit(Request(prompts[i] + heads[i], stop_ids=stop_ids, prefix_keys=keys.get(i),
                                                 sampling=SamplingConfig(max_new_tokens=max_new_tokens - len(heads[i]),
-                                                                        temperature=0.0)))
+                                                                        temperature=0.0), settled=checks.get(i)))
     engine.run()
     answers.update((i, heads[i] + request.tokens) for i, request in requests.items())
+    settled_rows |= {i for i, request in requests.items() if request.finish_reason == "settled"}
     predictions = [tokenizer.decode(answers[i], skip_special_tokens=True).strip() for i in range(len(rows))]
     metrics = score_answers(predictions, [row.expected for row in rows], [row.subset for row in rows])
-    return TaskResult(metrics=metrics, rows=rows, predictions=predictions, reused=len(rows) - len(requests),
-                      prefilled=len(keys))
+    return TaskResult(metrics=metrics, rows=rows, predictions=predictions,
+                      reused=len(rows) - len(requests) - len(settled_rows - set(requests)), prefilled=len(keys),
+                      settled=len(settled_rows))
+
+
+def _settles(tokenizer, head: list[int], expected: str):
+    """The ``Request.settled`` check of an answer that starts with ``head``: its text so far settles its score
+    (``score_settled``). None for a text answer whose tokenizer cleans up spaces when decoding (" ," becomes ","
+    once the comma comes), where the text so far need not be the start of the final text."""
+    if expected_json(expected) is None and getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+
+    def check(tokens: list[int]) -> bool:
+        text = tokenizer.decode(head + tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return score_settled(text, expected)
+
+    return check

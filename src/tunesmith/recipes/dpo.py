@@ -210,7 +210,8 @@ def evaluate_preferences(setup: RunSetup, model, phase: str | None, cache: dict 
         was_training = model.training
         model.eval()
         result = evaluate_task(model, setup.tokenizer, setup.eval_rows, batch_size=batch_size,
-                               max_new_tokens=config.eval.max_new_tokens, reasoning=config.data.reasoning)
+                               max_new_tokens=config.eval.max_new_tokens, reasoning=config.data.reasoning,
+                               settled=config.eval.stop_settled)
         model.train(was_training)
         metrics.update(task_metrics(result))
     if phase is not None:

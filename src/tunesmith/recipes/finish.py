@@ -27,13 +27,15 @@ def save_eval(setup: RunSetup, phase: str, metrics: dict, result) -> None:
     """``eval_<phase>.json``: the metrics and, when answers were scored (``result``), each row's prompt (its
     last message), expected answer, prediction, subset and row number, as parallel lists; ``answers_reused``:
     how many answers the loss pass determined (``eval.evaluate.agreed_answers``); ``prompts_prefilled``: how many
-    of the rest were generated from the keys the loss pass kept (``eval.prompt_keys``)."""
+    of the rest were generated from the keys the loss pass kept (``eval.prompt_keys``); ``answers_settled``: how
+    many ended once their score could no longer change (``eval.stop_settled``)."""
     rows = result.rows if result else []
     payload = {"metrics": metrics, "predictions": result.predictions if result else [],
                "prompts": [row.shown_prompt for row in rows], "expected": [row.expected for row in rows],
                "subsets": [row.subset for row in rows], "rows": [row.row for row in rows],
                "answers_reused": result.reused if result else 0,
-               "prompts_prefilled": result.prefilled if result else 0}
+               "prompts_prefilled": result.prefilled if result else 0,
+               "answers_settled": result.settled if result else 0}
     write_json(setup.run_dir / f"eval_{phase}.json", payload)
 
 

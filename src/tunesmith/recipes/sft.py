@@ -62,7 +62,8 @@ def evaluate_phase(setup: RunSetup, model, phase: str | None, *, task: bool = Tr
     with adapters_disabled(model) if untuned else contextlib.nullcontext():
         metrics, result = evaluate(model, setup.tokenizer, examples=setup.eval.examples,
                                    rows=setup.eval_rows if task else None, batch_size=cfg.batch_size,
-                                   max_new_tokens=cfg.max_new_tokens, reasoning=setup.config.data.reasoning)
+                                   max_new_tokens=cfg.max_new_tokens, reasoning=setup.config.data.reasoning,
+                                   settled=cfg.stop_settled)
     if phase is not None:
         save_eval(setup, phase, metrics, result)
     return metrics
