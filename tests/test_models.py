@@ -141,7 +141,7 @@ def test_gguf_parsed_once_writes_what_transformers_own_reading_writes(tmp_path, 
     import gguf
     from gguf.gguf_reader import GGUFReader
 
-    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader, names, dequantize = gguf.GGUFReader, gguf.get_tensor_name_map, gguf.dequantize
     parses = []
     build = GGUFReader._build_fields  # once per parse, by any reader
     monkeypatch.setattr(GGUFReader, "_build_fields", lambda self, *a: parses.append(a) or build(self, *a))
@@ -151,9 +151,27 @@ def test_gguf_parsed_once_writes_what_transformers_own_reading_writes(tmp_path, 
     defaults._convert_gguf(defaults.embedded_gguf_path(), tmp_path / "plain")
     assert len(parses) == 4  # config, tokenizer, weights
     monkeypatch.undo()
-    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, names)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf.dequantize) == (reader, names, dequantize)
     written = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert written == sorted(p.name for p in (tmp_path / "once").iterdir()) and "model.safetensors" in written
     for name in written:
         assert (tmp_path / "once" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
         assert (tmp_path / "once" / name).read_bytes() == (embedded_dir / name).read_bytes(), name
+
+
+def test_dequantize_in_torch_is_gguf_s_bit_for_bit():
+    """The conversion's block decoding (Q4_1 and Q8_0, the embedded file's) gives gguf's own float32 values, bit
+    for bit, on codes gguf itself wrote; any other type is gguf's business."""
+    import gguf
+    import numpy as np
+
+    values = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32) * 3.0
+    for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+        codes = gguf.quantize(values, qtype)
+        ours = defaults._dequantize(codes, qtype, fallback=None)
+        theirs = gguf.dequantize(codes, qtype)
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape == values.shape
+        assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), qtype.name
+        assert not np.array_equal(ours, values)  # really decoded from 4 or 8 bits
+    q4_0 = gguf.quantize(values, gguf.GGMLQuantizationType.Q4_0)
+    assert defaults._dequantize(q4_0, gguf.GGMLQuantizationType.Q4_0, fallback=lambda d, t: "gguf's") == "gguf's"
