@@ -7,6 +7,8 @@
 * ``eval-batch``: the base model's 100 greedy answers at ``eval.batch_size`` 64 and 128, alternating, twice in each
   order; the answers must be the same.
 * ``gguf-parse``: gguf's reader against ``models.defaults``' plain-view reader on the embedded file, alternating.
+* ``gguf-dequantize``: every tensor of the embedded file decoded by gguf (numpy) and by the conversion's torch
+  decoding, alternating twice; the values must be the same bits.
 * ``heldout-batch``: the demo's held-out loss on the base model at ``eval.batch_size`` 64 and 128, alternating
   twice, with the length of each batch's flat row (an empty list: the batches ran padded).
 * ``answer-phases``: the base model's 100 greedy answers (no kept keys), the seconds spent in prefill and in decode.
@@ -109,6 +111,24 @@ def gguf_parse() -> None:
         reader(path)
         print(json.dumps({"probe": "gguf-parse", "reader": reader.__name__,
                           "s": round(time.perf_counter() - start, 2)}), flush=True)
+
+
+def gguf_dequantize() -> None:
+    import gguf
+    import numpy as np
+
+    from tunesmith.models.defaults import _dequantize, _fast_reader, embedded_gguf_path
+
+    tensors = _fast_reader()(embedded_gguf_path()).tensors
+    results = {}
+    for name in ("gguf", "torch", "gguf", "torch"):
+        start = time.perf_counter()
+        results[name] = [gguf.dequantize(t.data, t.tensor_type) if name == "gguf" else
+                         _dequantize(t.data, t.tensor_type, fallback=gguf.dequantize) for t in tensors]
+        print(json.dumps({"probe": "gguf-dequantize", "by": name, "s": round(time.perf_counter() - start, 2)}),
+              flush=True)
+    print(json.dumps({"probe": "gguf-dequantize", "same_bits": all(
+        np.array_equal(a.view(np.uint32), b.view(np.uint32)) for a, b in zip(results["gguf"], results["torch"]))}))
 
 
 def heldout_batch() -> None:
@@ -218,7 +238,7 @@ def bf16_products() -> None:
 
 PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
           "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
-          "bf16-products": bf16_products, "eval-settled": eval_settled}
+          "bf16-products": bf16_products, "eval-settled": eval_settled, "gguf-dequantize": gguf_dequantize}
 
 
 def main() -> None:
