@@ -221,6 +221,24 @@ def test_a_model_with_other_layers_is_refused():
         attention_kinds(config)
 
 
+def test_joiners_of_very_different_widths_are_prefilled_apart(model):
+    """One forward per group of similar widths, narrowest first: a group ends where the next joiner would make
+    its padding outweigh its tokens (widths 2, 3, 6: one forward; with 30 added, that one runs on its own). Every
+    answer equals the prompt alone."""
+    prompts = [_prompt(60, 30), _prompt(61, 2), _prompt(62, 6), _prompt(63, 3)]
+    for joining, forwards in ((prompts[1:], [(3, 6)]), (prompts, [(3, 6), (1, 30)])):
+        seen = []
+        hook = model.model.embed_tokens.register_forward_hook(
+            lambda module, args, out: seen.append(tuple(args[0].shape)))
+        engine = Engine(model, pad_id=0)
+        requests = [engine.submit(Request(p, sampling=GREEDY)) for p in joining]
+        engine.step()
+        hook.remove()
+        assert seen == forwards
+        engine.run()
+        assert [r.tokens for r in requests] == [_alone(model, p) for p in joining]
+
+
 def test_rows_keep_their_cache_when_others_leave_out_of_order(model):
     """Rows that finish first free cache rows the last running rows move into: nobody's tokens change."""
     prompts = [_prompt(40 + i, 3 + i) for i in range(6)]

@@ -157,17 +157,35 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One token for every running request, and the first for every request that joins: the running rows
-        decode, then the joiners are prefilled together into free rows (no row waits)."""
+        decode, then the joiners are prefilled into free rows (no row waits), in groups of similar width."""
         self._leave()
         room = self.max_batch - len(self.running)
         joining, self.waiting = self.waiting[:max(room, 0)], self.waiting[max(room, 0):]
         if self.running:
             self._decode()
-        if joining:
-            self._prefill(joining)
+        for group in self._by_width(joining):
+            self._prefill(group)
         self._leave()
 
     # --- the batch
+
+    def _by_width(self, joining: list[Request]) -> list[list[Request]]:
+        """``joining`` in groups, one prefill forward each. A prefill pads every row to its group's widest (the
+        tokens a row runs: its prompt past the keys it starts from, its own or a stored prefix's). Narrowest
+        first, a group ends where the next joiner would make its padding outweigh its real tokens: a row that
+        brings the keys of all but one token of its prompt then never runs at the width of a whole prompt."""
+        widths = {request: len(request.prompt) - (len(start[0]) if (start := self._prefix_of(request)) else 0)
+                  for request in joining}
+        groups: list[list[Request]] = []
+        real = 0
+        for request in sorted(joining, key=widths.get):
+            width = widths[request]
+            if not groups or (len(groups[-1]) + 1) * width > 2 * (real + width):
+                groups.append([])
+                real = 0
+            groups[-1].append(request)
+            real += width
+        return groups
 
     def _prefill(self, joining: list[Request]) -> None:
         """Prefill ``joining`` in one forward into the rows after the running ones. A row whose prompt starts with

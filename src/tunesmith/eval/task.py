@@ -115,15 +115,11 @@ def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 
     keys = {i: start for i, start in (keys or {}).items()
             if i in heads and start[0][0].shape[2] < len(prompts[i]) + len(heads[i])}
     requests = {}
-    # rows that start from kept keys run one token each in their prefill: they join first, on their own, so that
-    # no row's whole prompt pads them
-    for group in (sorted(keys), sorted(set(heads) - set(keys), key=lambda i: len(prompts[i]) + len(heads[i]))):
-        if requests and group:
-            engine.step()
-        for i in group:
-            requests[i] = engine.submit(Request(prompts[i] + heads[i], stop_ids=stop_ids, prefix_keys=keys.get(i),
-                                                sampling=SamplingConfig(max_new_tokens=max_new_tokens - len(heads[i]),
-                                                                        temperature=0.0), settled=checks.get(i)))
+    # rows that start from kept keys (one token each to run) first; the engine prefills them apart from whole prompts
+    for i in sorted(keys) + sorted(set(heads) - set(keys), key=lambda i: len(prompts[i]) + len(heads[i])):
+        requests[i] = engine.submit(Request(prompts[i] + heads[i], stop_ids=stop_ids, prefix_keys=keys.get(i),
+                                            sampling=SamplingConfig(max_new_tokens=max_new_tokens - len(heads[i]),
+                                                                    temperature=0.0), settled=checks.get(i)))
     engine.run()
     answers.update((i, heads[i] + request.tokens) for i, request in requests.items())
     settled_rows |= {i for i, request in requests.items() if request.finish_reason == "settled"}
