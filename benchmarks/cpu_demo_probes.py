@@ -7,6 +7,9 @@
 * ``eval-batch``: the base model's 100 greedy answers at ``eval.batch_size`` 64 and 128, alternating, twice in each
   order; the answers must be the same.
 * ``gguf-parse``: gguf's reader against ``models.defaults``' plain-view reader on the embedded file, alternating.
+* ``demo-timeline``: ``tunesmith demo`` in this process, each piece stamped (the GGUF conversion on first use,
+  the held-out loss passes, the answers) with when it started and how long it took; run it with an empty
+  ``TUNESMITH_CACHE`` to include the conversion.
 * ``gguf-dequantize``: every tensor of the embedded file decoded by gguf (numpy) and by the conversion's torch
   decoding, alternating twice; the values must be the same bits.
 * ``heldout-batch``: the demo's held-out loss on the base model at ``eval.batch_size`` 64 and 128, alternating
@@ -219,6 +222,39 @@ def eval_settled() -> None:
                       "predictions_are_starts": all(f.startswith(s) for f, s in zip(full, short))}))
 
 
+def demo_timeline() -> None:
+    import functools
+
+    import tunesmith.eval.evaluate as evaluate
+    import tunesmith.models.defaults as defaults
+    from tunesmith.demo import run_demo
+
+    start = time.perf_counter()
+    stamps = []
+
+    def stamped(module, name):
+        method = getattr(module, name)
+
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                stamps.append({"piece": name, "at": round(began - start, 1),
+                               "s": round(time.perf_counter() - began, 2)})
+        setattr(module, name, run)
+
+    stamped(defaults, "_convert_gguf")
+    stamped(evaluate, "heldout_loss")
+    stamped(evaluate, "evaluate_task")
+    summary = run_demo()
+    for stamp in stamps:
+        print(json.dumps({"probe": "demo-timeline", **stamp}))
+    print(json.dumps({"probe": "demo-timeline", "demo_s": round(time.perf_counter() - start, 1),
+                      "train_s": summary["train_seconds"]}))
+
+
 def bf16_products() -> None:
     m, k, n = 4096, 576, 1536
     for dtype in (torch.float32, torch.bfloat16):
@@ -238,7 +274,8 @@ def bf16_products() -> None:
 
 PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
           "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
-          "bf16-products": bf16_products, "eval-settled": eval_settled, "gguf-dequantize": gguf_dequantize}
+          "bf16-products": bf16_products, "eval-settled": eval_settled, "gguf-dequantize": gguf_dequantize,
+          "demo-timeline": demo_timeline}
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ def main() -> None:
     from tunesmith.eval.task import answer_rows, evaluate_task, score_answers
     from tunesmith.export import export_gguf
     from tunesmith.models.build import build_model
-    from tunesmith.config import load_run_config
+    from tunesmith.config_run import load_run_config
     from tunesmith.templates import render_prompt
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -135,7 +135,7 @@ def _run_dir(tmp_path, text: str | None = None, name: str = "run"):
 
 
 def test_load_run_config_reads_the_saved_config_where_the_run_dir_is_now(tmp_path):
-    from tunesmith.config import load_run_config
+    from tunesmith.config_run import load_run_config
 
     run_dir = _run_dir(tmp_path)
     config = load_run_config(run_dir, ["optim.lr=0.5"], trust_remote_code=True)
@@ -151,7 +151,7 @@ def test_load_run_config_reads_the_saved_config_where_the_run_dir_is_now(tmp_pat
     ("- a list\n", "must hold a mapping of sections"),
 ], ids=["yaml", "unknown-key", "bad-value", "not-a-mapping"])
 def test_damaged_run_config_is_named_with_the_fix(tmp_path, text, problem):
-    from tunesmith.config import load_run_config
+    from tunesmith.config_run import load_run_config
 
     run_dir = _run_dir(tmp_path, text)
     with pytest.raises(TunesmithError) as err:
@@ -162,7 +162,7 @@ def test_damaged_run_config_is_named_with_the_fix(tmp_path, text, problem):
 
 
 def test_missing_run_config_says_it_is_not_a_run_dir(tmp_path):
-    from tunesmith.config import load_run_config
+    from tunesmith.config_run import load_run_config
 
     with pytest.raises(TunesmithError, match=f"^{tmp_path} is not a run dir \\(no config.yaml\\)"):
         load_run_config(tmp_path)

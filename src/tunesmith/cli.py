@@ -332,7 +332,8 @@ def cmd_train(args) -> None:
 
 
 def _train_config(args):
-    from tunesmith.config import load_config, load_run_config
+    from tunesmith.config import load_config
+    from tunesmith.config_run import load_run_config
 
     trust = args.trust_remote_code
     if args.resume:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import DataConfig, ModelConfig, RunConfig, is_run_dir, load_run_config
+from tunesmith.config import DataConfig, ModelConfig, RunConfig
+from tunesmith.config_run import is_run_dir, load_run_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError

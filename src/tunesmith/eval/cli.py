@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.config import RunConfig, is_run_dir, load_config, load_run_config
+from tunesmith.config import RunConfig, load_config
+from tunesmith.config_run import is_run_dir, load_run_config
 from tunesmith.data.pipeline import prepare
 from tunesmith.data.tokenize import TokenizeOptions
 from tunesmith.errors import TunesmithError

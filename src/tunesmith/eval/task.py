@@ -104,6 +104,7 @@ def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 
     prompts = answer_prompts(tokenizer, rows, reasoning) if prompts is None else prompts
     known = known or {}
     answers = {i: tokens for i, (tokens, complete) in known.items() if complete}
+    reused = len(answers)
     heads = {i: known[i][0] if i in known else [] for i in range(len(rows)) if i not in answers}
     checks = {i: _settles(tokenizer, heads[i], rows[i].expected) for i in heads} if settled else {}
     settled_rows = {i for i, check in checks.items() if check is not None and heads[i] and check([])}
@@ -126,7 +127,7 @@ def evaluate_task(model, tokenizer, rows: list[AnswerRow], *, batch_size: int = 
     predictions = [tokenizer.decode(answers[i], skip_special_tokens=True).strip() for i in range(len(rows))]
     metrics = score_answers(predictions, [row.expected for row in rows], [row.subset for row in rows])
     return TaskResult(metrics=metrics, rows=rows, predictions=predictions,
-                      reused=len(rows) - len(requests) - len(settled_rows - set(requests)), prefilled=len(keys),
+                      reused=reused, prefilled=len(keys),
                       settled=len(settled_rows))
 
 

@@ -112,7 +112,7 @@ class ExportCheckFailed(TunesmithError):
 
 
 def _source(source: str, adapter: str | None, trust_remote_code: bool):
-    from tunesmith.config import is_run_dir, load_run_config
+    from tunesmith.config_run import is_run_dir, load_run_config
     from tunesmith.models.build import model_from_flags
 
     path = Path(source)

@@ -22,7 +22,7 @@ ROWS = 64
 
 def calibration_rows(source: str, tokenizer, *, trust_remote_code: bool = False) -> tuple[list[list[int]], str]:
     """Token ids of up to ``ROWS`` rows and where they came from."""
-    from tunesmith.config import is_run_dir, load_run_config
+    from tunesmith.config_run import is_run_dir, load_run_config
     from tunesmith.data.builtin import BUILTIN_NAME
     from tunesmith.data.pipeline import prepare
     from tunesmith.data.tokenize import TokenizeOptions

@@ -30,7 +30,7 @@ def build_server(model: str, *, adapters: list[str] = (), adapter_root: str | No
                  device: str = "auto", trust_remote_code: bool = False, **config):
     """A ``Server`` for ``model`` (a model source, or a run dir: its base, with its adapter under the run's
     name) and the adapters named ``name=PATH`` or found under ``adapter_root``."""
-    from tunesmith.config import is_run_dir, load_run_config
+    from tunesmith.config_run import is_run_dir, load_run_config
     from tunesmith.models.build import build_model, model_from_flags
     from tunesmith.models.load import load_tokenizer
     from tunesmith.peft.multi import AdapterSlots

@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith.config import RunConfig, identity_keys, parse_saved_config
+from tunesmith.config import RunConfig, identity_keys
+from tunesmith.config_run import parse_saved_config
 from tunesmith.errors import TunesmithError
 from tunesmith.peft import LoRAConfig, adapter_parameters, save_adapter
 from tunesmith.train.checkpoint import (CONFIG_FILE, RNG_FILE, STATE_FILE, WEIGHTS_FILE, capture_rng,
