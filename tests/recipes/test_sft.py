@@ -34,8 +34,10 @@ def _assert_same_weights(a, b, tol=1e-5):
 
 
 def test_accumulation_equivalence(make_config):
-    one = make_config("name=mb4", "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=4")
-    four = make_config("name=mb1", "train.micro_batch_size=1", "train.grad_accum=4", "train.max_steps=4")
+    # at 1e-5: exact backward products (bf16 ones round each differently shaped product to bf16)
+    exact = "train.backward_products=exact"
+    one = make_config("name=mb4", "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=4", exact)
+    four = make_config("name=mb1", "train.micro_batch_size=1", "train.grad_accum=4", "train.max_steps=4", exact)
     sft.run(one)
     sft.run(four)
     assert _losses(one.run_dir) == pytest.approx(_losses(four.run_dir), abs=1e-5)
@@ -229,15 +231,18 @@ def test_compile_is_refused_with_the_measurement(make_config):
 
 
 def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
-    auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false"))
+    exact = "train.backward_products=exact"  # layouts compared at 1e-5 (see test_accumulation_equivalence)
+    auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false", exact))
     recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())
     assert recorded["layout"] == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True}
     assert recorded["kernels"] == {"name": "torch"}
     assert recorded["graphs"] == {"used": False,
                                   "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
     assert recorded["blas_workspace"] == {"mib": None, "reason": "no CUDA device"}
+    assert recorded["backward_products"] == {"name": "exact", "reason": "train.backward_products=exact"}
     for name in ("flat", "varlen", "cache", "plain"):
-        forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}"))
+        forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}",
+                                     exact))
         assert forced["layout"]["name"] == name
         assert _losses(Path(forced["run_dir"])) == pytest.approx(_losses(Path(auto["run_dir"])), abs=1e-5)
         _assert_same_weights(_adapter(Path(forced["run_dir"])), _adapter(Path(auto["run_dir"])))

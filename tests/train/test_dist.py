@@ -52,7 +52,10 @@ def overrides(tmp_path, tiny_model_dir):
         base = [f"model.source={tiny_model_dir}", "model.device=cpu", f"data.train={train}", f"data.eval={heldout}",
                 f"output_dir={tmp_path / 'runs'}", f"name={name}", "train.progress=false", "eval.task_rows=0",
                 "train.micro_batch_size=2", "optim.lr=0.01", "lora.r=4", "lora.alpha=8", "train.log_every=1",
-                "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+                "train.checkpoint_every=2", "train.keep_checkpoints=5",
+                # the processes' equivalence is asserted at 1e-5: bf16 backward products would round each
+                # differently shaped product's result to bf16 (train/backward.py)
+                "train.backward_products=exact"]
         if kind == "dpo":
             base += ["method.objective=dpo", "dpo.beta=0.5", "dpo.reference=precomputed"]
         return base + list(extra)

@@ -48,6 +48,10 @@ class LoRALinear(nn.Module):
     and ``unmerge()`` takes it out again. Merging needs a floating-point base weight.
     """
 
+    backward_weight: torch.Tensor | None = None
+    """The base weight in bf16 for the backward's ``G W`` while a run trains with
+    ``train.backward_products=bf16`` (set and removed by ``train/backward.py``); None: exact."""
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
@@ -90,7 +94,7 @@ class LoRALinear(nn.Module):
             bias = self.base_layer.bias
             return _lora_linear(x, self.lora_dropout(x), self.base_layer.weight,
                                 None if bias is None else bias.to(dtype), self.lora_A.weight.to(dtype),
-                                self.lora_B.weight.to(dtype), self.scaling)
+                                self.lora_B.weight.to(dtype), self.scaling, self.backward_weight)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +192,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, x_adapter, weight, bias, lora_a, lora_b, scaling, low=None):
         shape = x.shape
         x2, xa2 = x.reshape(-1, shape[-1]), x_adapter.reshape(-1, shape[-1])
         hidden = xa2 @ lora_a.t()
@@ -199,6 +203,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(xa2, lora_a, lora_b, hidden, *(() if quantized else (weight,)))
         ctx.packed = weight if quantized else None  # dequantized again in the backward, never kept
         ctx.scaling, ctx.shape, ctx.same_input = scaling, shape, x_adapter is x
+        ctx.low = low  # W in bf16 (train/backward.py): G W from bf16 factors, float32 accumulation
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -209,7 +214,10 @@ class _LoRALinearFunction(torch.autograd.Function):
         gb = g @ lora_b  # (n×r)
         grad_x = grad_xa = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ (dense[0] if dense else dequantize(ctx.packed))
+            if ctx.low is not None:
+                grad_x = (g.to(ctx.low.dtype) @ ctx.low).to(g.dtype)
+            else:
+                grad_x = g @ (dense[0] if dense else dequantize(ctx.packed))
             if ctx.same_input:
                 grad_x.addmm_(gb, lora_a, alpha=s)
             grad_x = grad_x.view(shape)
@@ -223,11 +231,11 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_a = (xa2.t() @ gb).mul_(s).t()
         if ctx.needs_input_grad[5]:
             grad_b = (hidden.t() @ g).mul_(s).t()
-        return grad_x, grad_xa, None, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_xa, None, grad_bias, grad_a, grad_b, None, None
 
 
-def _lora_linear(x, x_adapter, weight, bias, lora_a, lora_b, scaling):
-    return _LoRALinearFunction.apply(x, x_adapter, weight, bias, lora_a, lora_b, scaling)
+def _lora_linear(x, x_adapter, weight, bias, lora_a, lora_b, scaling, low=None):
+    return _LoRALinearFunction.apply(x, x_adapter, weight, bias, lora_a, lora_b, scaling, low)
 
 
 _DEFAULTS = LoRASection()  # the typed config's defaults, where each field is documented for users

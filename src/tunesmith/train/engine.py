@@ -29,6 +29,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.fsdp import clip_gradients, gathered_model, parallel_for, sharded
 from tunesmith.train.graphs import BlockDraws, GraphedSteps
+from tunesmith.train.backward import install_backward_products, remove_backward_products
 from tunesmith.train.kernels import install_kernels
 from tunesmith.train.layout import Layout, install_layout
 from tunesmith.train.loss import autocast_for, enable_gradient_checkpointing
@@ -80,6 +81,8 @@ class TrainInput:
     """``choose_graphs``'s choice, ``{"used": bool, "reason": str}``."""
     fingerprints: dict
     """The data and model fingerprints every checkpoint records and a resume compares (``train/resume.py``)."""
+    backward: dict | None = None
+    """``train/backward.py``'s choice (None: exact); the engine installs it and removes it when training ends."""
     resume: bool = False
     """Continue from the run's newest checkpoint, checked against this run first; False: start at step 0,
     evaluating first (``eval.before``)."""
@@ -99,6 +102,8 @@ class TrainResult:
     """What ``train/kernels.py`` installed (``summary.json``'s ``"kernels"``)."""
     graphs: dict | None
     """The graphs choice and, when used, what they recorded (``summary.json``'s ``"graphs"``)."""
+    backward: dict | None = None
+    """The backward products the run trained with (``summary.json``'s ``"backward_products"``)."""
 
 
 def train(run: TrainInput) -> TrainResult:
@@ -108,8 +113,11 @@ def train(run: TrainInput) -> TrainResult:
     parallel = parallel_for(run.config, world)  # refuses what the chosen parallelism cannot do, before any work
     _evaluate_before(run, world)
     training = _set_up(run, world, parallel)
-    state = _resume_or_start(run, training, world)
-    _run_steps(run, training, state, world)
+    try:
+        state = _resume_or_start(run, training, world)
+        _run_steps(run, training, state, world)
+    finally:
+        remove_backward_products(run.model)  # nothing after training may read a copy of a weight
     return _finish(run, training, state, world)
 
 
@@ -141,6 +149,7 @@ def _set_up(run: TrainInput, world: World, parallel: str) -> _Training:
     if use_graphs and not isinstance(run.objective.loss, SupervisedLoss):
         raise TunesmithError("CUDA graphs record the supervised loss only (train/graphs.py); set train.graphs=false")
     kernels = install_kernels(model, config.train.kernels)
+    install_backward_products(model, run.backward or {"name": "exact"})
     # under graphs, checkpointed blocks draw from generators of their own (train/graphs.py)
     draws = BlockDraws(device, config.seed) if use_graphs and config.train.gradient_checkpointing else None
     if config.train.gradient_checkpointing:
@@ -413,4 +422,5 @@ def _finish(run: TrainInput, training: _Training, state: TrainState, world: Worl
     run.model.eval()
     model = gathered_model(run.model, world, run.device) if sharded(run.model) else run.model
     graphs = run.graphs if training.graphs is None else {**run.graphs, **training.graphs.summary()}
-    return TrainResult(state=state, model=model, layout=training.layout, kernels=training.kernels, graphs=graphs)
+    return TrainResult(state=state, model=model, layout=training.layout, kernels=training.kernels, graphs=graphs,
+                       backward=run.backward)

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.train.backward import backward_product
+
 CHUNK_POSITIONS = 256
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                chunk: int, with_grad: bool, scales: torch.Tensor | None, picks: torch.Tensor | None) -> torch.Tensor:
+                chunk: int, with_grad: bool, scales: torch.Tensor | None, picks: torch.Tensor | None,
+                low: torch.Tensor | None) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad and weight.requires_grad else None
@@ -51,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.mul_(1.0 - tanh.square_())  # d(c·tanh(x/c))/dx = 1 − tanh²
             if s is not None:
                 grad.mul_(s)
-            grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_hidden[start:start + chunk] = backward_product(grad.to(weight.dtype), weight, low).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += grad.t() @ h.float()
         if with_grad:
@@ -65,17 +68,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_output.to(grad_hidden.dtype)
         dw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          softcap: float | None = None, chunk: int = CHUNK_POSITIONS,
-                         scales: torch.Tensor | None = None, picks: torch.Tensor | None = None) -> torch.Tensor:
+                         scales: torch.Tensor | None = None, picks: torch.Tensor | None = None,
+                         backward_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (see the module docstring); with
     ``scales`` (n, float32) each position's term is multiplied by its scale (0: the position carries no loss),
     so a batch of fixed shape can hold positions that do not train (``train.graphs``). ``picks`` (n, long) is
-    filled with each position's greedy token (the argmax of its soft-capped logits, lowest id on ties)."""
+    filled with each position's greedy token (the argmax of its soft-capped logits, lowest id on ties).
+    ``backward_weight`` (``weight`` in bf16, ``train/backward.py``): ∂L/∂H from bf16 factors; the loss is exact."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk, with_grad, scales, picks)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk, with_grad, scales, picks,
+                                     backward_weight)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
+from tunesmith.train.backward import BACKWARD_WEIGHT
 from tunesmith.train.decoder import attention_implementation, plain_causal_attention
 from tunesmith.train.flat import FLAT_MAX_TOKENS, flat_layout, flat_mask, shared_prefix_length
 from tunesmith.train.head import linear_cross_entropy
@@ -156,7 +157,8 @@ def head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, scales: torch.
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if type(head) is torch.nn.Linear and head.bias is None:  # a plain head: fused, chunked
-        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap, scales=scales, picks=picks)
+        return linear_cross_entropy(hidden, head.weight, targets, softcap=cap, scales=scales, picks=picks,
+                                    backward_weight=getattr(head, BACKWARD_WEIGHT, None))
     logits = head(hidden).float()  # a wrapped or quantized head
     if cap:
         logits = cap * torch.tanh(logits / cap)
