@@ -18,6 +18,10 @@
 * ``eval-keys``: ``evaluate`` before training (loss pass and answers) keeping no keys (budget 0) and keeping
   them, alternating twice; the answers must be the same.
 * ``bf16-products``: a 4,096 × 576 × 1,536 matrix product (and the two of its backward) in fp32 and in bf16.
+* ``backward-products``: the demo's first four training micro-batches (forward and backward, adapters set to
+  small random values so every gradient path carries something) with exact backward products and with bf16 ones
+  (``train.backward_products``), alternating, the order flipped each round; the losses must be the same bits,
+  and the adapter gradients' largest relative difference is printed.
 * ``eval-settled``: ``evaluate`` before training (loss pass and answers) with whole answers and with answers ended
   once their score is settled, alternating twice; the metrics must be the same, each settled prediction the start
   of the whole one.
@@ -272,10 +276,60 @@ def bf16_products() -> None:
                               "gflop_s": round(2 * m * k * n / seconds / 1e9, 1)}), flush=True)
 
 
+def backward_products(rounds: int = 6) -> None:
+    import statistics
+    import tempfile
+
+    from tunesmith.config import load_config
+    from tunesmith.data.batching import plan_batches
+    from tunesmith.recipes.setup import prepare_run
+    from tunesmith.recipes.sft import supervised_objective
+    from tunesmith.train.backward import install_backward_products, remove_backward_products
+    from tunesmith.train.layout import install_layout
+    from tunesmith.train.loss import supervised_loss_sum
+
+    config = load_config(None, [f"output_dir={tempfile.mkdtemp()}", "data.eval=null", "eval.before=false"])
+    setup = prepare_run(config.with_run_name(), resume=False)
+    objective, model = supervised_objective(setup), setup.model
+    install_layout(model, setup.layout)
+    model.train()
+    plan = plan_batches(objective.lengths, strategy="pad", batch_size=8, token_budget=objective.token_budget,
+                        seed=0, epoch=0)
+    batches = [objective.collate(batch).batch for batch in plan[:4]]
+    torch.manual_seed(0)
+    for param in setup.params:
+        torch.nn.init.normal_(param, std=0.01)
+
+    def once(mode: str):
+        remove_backward_products(model)
+        install_backward_products(model, {"name": mode})
+        model.zero_grad()
+        start = time.perf_counter()
+        losses = []
+        for batch in batches:
+            loss = supervised_loss_sum(model, batch, layout=setup.layout.name)
+            loss.backward()
+            losses.append(loss.item())
+        return time.perf_counter() - start, losses, [p.grad.clone() for p in setup.params]
+
+    seconds = {"exact": [], "bf16": []}
+    first = {mode: once(mode) for mode in seconds}
+    assert first["exact"][1] == first["bf16"][1], "the forward must be the same bits"
+    error = max(float((b - a).norm() / a.norm()) for a, b in zip(first["exact"][2], first["bf16"][2]))
+    for round_ in range(rounds):
+        for mode in (("exact", "bf16") if round_ % 2 == 0 else ("bf16", "exact")):
+            seconds[mode].append(once(mode)[0])
+    remove_backward_products(model)
+    print(json.dumps({"probe": "backward-products", "micro_batches": len(batches),
+                      **{f"{mode}_median_s": round(statistics.median(values), 3) for mode, values in seconds.items()},
+                      "seconds": {mode: [round(v, 2) for v in values] for mode, values in seconds.items()},
+                      "max_adapter_grad_relative_difference": round(error, 5)}), flush=True)
+
+
 PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
           "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
           "bf16-products": bf16_products, "eval-settled": eval_settled, "gguf-dequantize": gguf_dequantize,
-          "demo-timeline": demo_timeline}
+          "demo-timeline": demo_timeline, "backward-products": backward_products}
 
 
 def main() -> None:

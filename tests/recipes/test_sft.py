@@ -50,9 +50,10 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", [["method.name=lora"],
+@pytest.mark.parametrize("method", [["method.name=lora", "train.backward_products=exact"],
+                                    ["method.name=lora", "train.backward_products=bf16"],
                                     ["method.name=qlora", "optim.name=paged_adamw_8bit",
-                                     "train.gradient_checkpointing=true"]], ids=["lora", "qlora"])
+                                     "train.gradient_checkpointing=true"]], ids=["lora", "lora-bf16-backward", "qlora"])
 def test_resume_mid_epoch_mid_accumulation_reproduces_run(make_config, method):
     # Dropout makes the RNG part of the state that must be restored.
     straight = make_config("name=straight", "lora.dropout=0.2", *method)

@@ -95,6 +95,8 @@ def test_auto_picks_bf16_only_on_a_native_cpu_for_lora_over_float32():
     assert choose_backward_products("auto", model, torch.device("cuda"), native=True)["name"] == "exact"
     assert choose_backward_products("exact", model, CPU, native=True)["name"] == "exact"
     assert choose_backward_products("bf16", model, CPU, native=False)["name"] == "bf16"
+    with pytest.raises(TunesmithError, match="train.backward_products=bf16 is a CPU setting; this run is on cuda"):
+        choose_backward_products("bf16", model, torch.device("cuda"))
     full = build_tiny_llama()  # full fine-tuning: nothing frozen
     full.requires_grad_(True)
     assert choose_backward_products("auto", full, CPU, native=True)["name"] == "exact"

@@ -189,6 +189,8 @@ class _LoRALinearFunction(torch.autograd.Function):
     input gradient (backward). On a GPU under autocast the plain modules also copy the activations twice per
     adapter (to the fp32 adapter's dtype for QLoRA, then back to bf16 by autocast); here only the small
     adapter matrices are cast. ``LoRALinear.reference_forward`` is the reference; tests compare them.
+    ``low`` (W in bf16, ``train.backward_products=bf16``): the backward's ``G W`` from bf16 factors with float32
+    accumulation; the forward and ∂L/∂A, ∂L/∂B are unchanged.
     """
 
     @staticmethod

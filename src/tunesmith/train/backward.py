@@ -13,6 +13,9 @@ else reads them.
     auto   bf16 on such a CPU for a float32 model whose frozen layers are plain linear layers (LoRA over an
            fp32 base), else exact
 
+``bf16`` is a CPU setting: on a GPU a run computes in bf16 as a whole (``model.dtype``), and the memory
+planner (``plan/``) counts no bf16 copies.
+
 What bf16 leaves exact: the forward pass, hence every logged loss and every evaluation; the adapters' own
 gradients, formed in float32 from G and the activations the forward saved (``∂L/∂A``, ``∂L/∂B``); the
 optimizer. The bf16 copies of the frozen weights (half their fp32 size) are made once, before the first step,
@@ -76,6 +79,10 @@ def choose_backward_products(requested: str, model: nn.Module, device: torch.dev
     if requested == "exact":
         return {"name": "exact", "reason": "train.backward_products=exact"}
     if requested == "bf16":
+        if device.type != "cpu":
+            raise TunesmithError(f"train.backward_products=bf16 is a CPU setting; this run is on {device.type}, where "
+                                 "a run computes in bf16 as a whole (model.dtype=bf16): use "
+                                 "train.backward_products=auto or exact")
         if not layers:
             raise TunesmithError("train.backward_products=bf16 acts on frozen float32 linear layers (LoRA over an "
                                  "fp32 base); this model has none (full fine-tuning, QLoRA or a bf16/fp16 model): "
