@@ -114,6 +114,26 @@ def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains
     assert not (latest_checkpoint(one) / "rng-rank1.safetensors").exists()
 
 
+def test_two_processes_train_alike_with_bf16_backward_products(overrides, tmp_path, capsys):
+    """Each process installs its own bf16 copies under DDP; the run matches one process with twice the
+    accumulation to bf16's rounding (each differently shaped product rounds its result to bf16)."""
+    bf16 = "train.backward_products=bf16"  # after the pinned exact: the last value of a key wins
+    assert main(["train", *overrides("sft", "one", "train.grad_accum=2", "train.max_steps=3", bf16)]) == 0
+    torchrun(2, *overrides("sft", "two", "train.grad_accum=1", "train.max_steps=3", bf16))
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    losses_one, losses_two = ([row["loss"] for row in _steps(d)] for d in (one, two))
+    assert len(losses_one) == 3 and losses_two == pytest.approx(losses_one, rel=1e-4)
+    assert losses_two[0] == pytest.approx(losses_one[0], abs=1e-6)  # the first forward: before any update
+    for run_dir in (one, two):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["backward_products"] == {"name": "bf16", "reason": bf16}
+    # both ranks really ran bf16 products: the two-process run is as far from an exact run as bf16 makes it
+    # (about 8e-5 here), where exact runs of one and two processes agree to 1e-6
+    assert main(["train", *overrides("sft", "exact", "train.grad_accum=2", "train.max_steps=3")]) == 0
+    exact = [row["loss"] for row in _steps(tmp_path / "runs" / "exact")]
+    assert max(abs(a - b) for a, b in zip(losses_two[1:], exact[1:])) > 5e-6
+
+
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-processes-then-1", "1-process-then-2"])
 def test_resume_on_another_number_of_processes(first, then, overrides, tmp_path, capsys):
     """A checkpoint taken with ``first`` processes continues with ``then``, keeping the global batch (grad_accum
