@@ -17,7 +17,12 @@
 * ``answer-phases``: the base model's 100 greedy answers (no kept keys), the seconds spent in prefill and in decode.
 * ``eval-keys``: ``evaluate`` before training (loss pass and answers) keeping no keys (budget 0) and keeping
   them, alternating twice; the answers must be the same.
-* ``bf16-products``: a 4,096 × 576 × 1,536 matrix product (and the two of its backward) in fp32 and in bf16.
+* ``bf16-products``: a 4,096 × 576 × 1,536 matrix product (and the two of its backward) in fp32 and in bf16; then
+  the demo's backward products G W as a training step runs them (about 500 positions a micro-batch, 256 for the
+  head), fp32 against ``train/backward.py``'s ``backward_product`` with a bf16 weight, alternating, with the
+  relative error.
+* ``train-profile``: ``torch.profiler`` over five of the demo's training steps (steps 4–8), each operator's
+  share of the time.
 * ``backward-products``: the demo's first four training micro-batches (forward and backward, adapters set to
   small random values so every gradient path carries something) with exact backward products and with bf16 ones
   (``train.backward_products``), alternating, the order flipped each round; the losses must be the same bits,
@@ -274,6 +279,54 @@ def bf16_products() -> None:
             seconds = (time.perf_counter() - start) / 20
             print(json.dumps({"probe": "bf16-products", "dtype": str(dtype), "product": name,
                               "gflop_s": round(2 * m * k * n / seconds / 1e9, 1)}), flush=True)
+    from tunesmith.train.backward import backward_product
+
+    def rate(g, w, low) -> float:
+        for _ in range(3):
+            backward_product(g, w, low)
+        start = time.perf_counter()
+        for _ in range(20):
+            backward_product(g, w, low)
+        return 2 * g.shape[0] * w.shape[0] * w.shape[1] / ((time.perf_counter() - start) / 20) / 1e9
+
+    for rows, n, k in ((512, 1536, 576), (512, 576, 1536), (512, 576, 576), (256, 49152, 576)):
+        g, w = torch.randn(rows, n), torch.randn(n, k)
+        low = w.bfloat16()
+        exact = backward_product(g, w, None)
+        error = float((backward_product(g, w, low) - exact).norm() / exact.norm())
+        rates = {"fp32": [], "bf16": []}
+        for round_ in range(2):
+            for mode in (("fp32", "bf16") if round_ == 0 else ("bf16", "fp32")):
+                rates[mode].append(round(rate(g, w, None if mode == "fp32" else low), 1))
+        print(json.dumps({"probe": "bf16-products", "backward_product": [rows, n, k], "gflop_s": rates,
+                          "relative_error": round(error, 5)}), flush=True)
+
+
+def train_profile() -> None:
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.config import load_config
+    from tunesmith.recipes.sft import run
+
+    profiler = profile(activities=[ProfilerActivity.CPU])
+
+    def on_micro_batch(step: int, micro: int) -> None:
+        if (step, micro) == (3, 3):  # step 4 (its first micro-batch is micro 3 of the epoch's plan)
+            profiler.__enter__()
+        if (step, micro) == (8, 8):  # step 9 begins: steps 4-8 recorded
+            profiler.__exit__(None, None, None)
+
+    config = load_config(None, [f"output_dir={tempfile.mkdtemp()}", "data.eval=null", "eval.before=false",
+                                "eval.task_rows=0", "train.max_steps=9", "train.progress=false"])
+    run(config.with_run_name(), on_micro_batch=on_micro_batch)
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    for event in events[:8]:
+        print(json.dumps({"probe": "train-profile", "op": event.key, "calls": event.count,
+                          "self_s": round(event.self_cpu_time_total / 1e6, 3),
+                          "share": round(event.self_cpu_time_total / total, 3)}), flush=True)
 
 
 def backward_products(rounds: int = 6) -> None:
@@ -329,7 +382,8 @@ def backward_products(rounds: int = 6) -> None:
 PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
           "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
           "bf16-products": bf16_products, "eval-settled": eval_settled, "gguf-dequantize": gguf_dequantize,
-          "demo-timeline": demo_timeline, "backward-products": backward_products}
+          "demo-timeline": demo_timeline, "backward-products": backward_products,
+          "train-profile": train_profile}
 
 
 def main() -> None:

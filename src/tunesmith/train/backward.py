@@ -60,13 +60,14 @@ def _frozen_linear(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and not module.weight.requires_grad and module.weight.dtype == torch.float32)
 
 
-def frozen_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules whose backward product can run in bf16: each adapted layer over a frozen fp32 ``nn.Linear``
-    (its ``LoRALinear``), and a plain frozen fp32 output head."""
-    layers = [module for module in lora_modules(model).values() if _frozen_linear(module.base_layer)]
+def frozen_layers(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """``(module, its frozen weight)`` for each module whose backward product can run in bf16: each adapted layer
+    over a frozen fp32 ``nn.Linear`` (its ``LoRALinear``), and a plain frozen fp32 output head."""
+    layers = [(module, module.base_layer.weight) for module in lora_modules(model).values()
+              if _frozen_linear(module.base_layer)]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and _frozen_linear(head) and head.bias is None:
-        layers.append(head)
+        layers.append((head, head.weight))
     return layers
 
 
@@ -102,8 +103,7 @@ def install_backward_products(model: nn.Module, choice: dict) -> None:
     exact: nothing. Called once, before the first training forward."""
     if choice["name"] != "bf16":
         return
-    for module in frozen_layers(model):
-        weight = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+    for module, weight in frozen_layers(model):
         setattr(module, BACKWARD_WEIGHT, weight.detach().to(torch.bfloat16))
 
 

@@ -26,10 +26,10 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
+from tunesmith.train.backward import install_backward_products, remove_backward_products
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.fsdp import clip_gradients, gathered_model, parallel_for, sharded
 from tunesmith.train.graphs import BlockDraws, GraphedSteps
-from tunesmith.train.backward import install_backward_products, remove_backward_products
 from tunesmith.train.kernels import install_kernels
 from tunesmith.train.layout import Layout, install_layout
 from tunesmith.train.loss import autocast_for, enable_gradient_checkpointing
