@@ -19,14 +19,16 @@
   them, alternating twice; the answers must be the same.
 * ``bf16-products``: a 4,096 × 576 × 1,536 matrix product (and the two of its backward) in fp32 and in bf16; then
   the demo's backward products G W as a training step runs them (about 500 positions a micro-batch, 256 for the
-  head), fp32 against ``train/backward.py``'s ``backward_product`` with a bf16 weight, alternating, with the
+  head), fp32 against ``train/products.py``'s ``backward_product`` with a bf16 weight, alternating, with the
   relative error.
 * ``train-profile``: ``torch.profiler`` over five of the demo's training steps (steps 4–8), each operator's
   share of the time.
-* ``backward-products``: the demo's first four training micro-batches (forward and backward, adapters set to
-  small random values so every gradient path carries something) with exact backward products and with bf16 ones
-  (``train.backward_products``), alternating, the order flipped each round; the losses must be the same bits,
-  and the adapter gradients' largest relative difference is printed.
+* ``products``: the demo's first four training micro-batches (forward and backward, adapters set to small random
+  values so every gradient path carries something) with exact products through the frozen weights, with bf16
+  backward products (``train.backward_products``) and with bf16 forward and backward products
+  (``train.forward_products`` as well), in rotation, the order shifted each round; the backward-only losses must
+  be the same bits as exact; printed: the median seconds of each, the largest relative loss difference of the
+  bf16 forward, and the adapter gradients' largest relative difference from exact.
 * ``eval-settled``: ``evaluate`` before training (loss pass and answers) with whole answers and with answers ended
   once their score is settled, alternating twice; the metrics must be the same, each settled prediction the start
   of the whole one.
@@ -279,7 +281,7 @@ def bf16_products() -> None:
             seconds = (time.perf_counter() - start) / 20
             print(json.dumps({"probe": "bf16-products", "dtype": str(dtype), "product": name,
                               "gflop_s": round(2 * m * k * n / seconds / 1e9, 1)}), flush=True)
-    from tunesmith.train.backward import backward_product
+    from tunesmith.train.products import backward_product
 
     def rate(g, w, low) -> float:
         for _ in range(3):
@@ -329,7 +331,7 @@ def train_profile() -> None:
                           "share": round(event.self_cpu_time_total / total, 3)}), flush=True)
 
 
-def backward_products(rounds: int = 6) -> None:
+def products(rounds: int = 6) -> None:
     import statistics
     import tempfile
 
@@ -337,9 +339,9 @@ def backward_products(rounds: int = 6) -> None:
     from tunesmith.data.batching import plan_batches
     from tunesmith.recipes.setup import prepare_run
     from tunesmith.recipes.sft import supervised_objective
-    from tunesmith.train.backward import install_backward_products, remove_backward_products
     from tunesmith.train.layout import install_layout
     from tunesmith.train.loss import supervised_loss_sum
+    from tunesmith.train.products import install_products, remove_products
 
     config = load_config(None, [f"output_dir={tempfile.mkdtemp()}", "data.eval=null", "eval.before=false"])
     setup = prepare_run(config.with_run_name(), resume=False)
@@ -352,10 +354,12 @@ def backward_products(rounds: int = 6) -> None:
     torch.manual_seed(0)
     for param in setup.params:
         torch.nn.init.normal_(param, std=0.01)
+    modes = {"exact": ("exact", "exact"), "bf16_backward": ("exact", "bf16"), "bf16_both": ("bf16", "bf16")}
 
     def once(mode: str):
-        remove_backward_products(model)
-        install_backward_products(model, {"name": mode})
+        forward, backward = modes[mode]
+        remove_products(model)
+        install_products(model, {"forward": {"name": forward}, "backward": {"name": backward}})
         model.zero_grad()
         start = time.perf_counter()
         losses = []
@@ -365,24 +369,28 @@ def backward_products(rounds: int = 6) -> None:
             losses.append(loss.item())
         return time.perf_counter() - start, losses, [p.grad.clone() for p in setup.params]
 
-    seconds = {"exact": [], "bf16": []}
-    first = {mode: once(mode) for mode in seconds}
-    assert first["exact"][1] == first["bf16"][1], "the forward must be the same bits"
-    error = max(float((b - a).norm() / a.norm()) for a, b in zip(first["exact"][2], first["bf16"][2]))
+    seconds = {mode: [] for mode in modes}
+    first = {mode: once(mode) for mode in modes}
+    assert first["exact"][1] == first["bf16_backward"][1], "bf16 backward products leave the forward's bits"
+    loss_difference = max(abs(b / a - 1) for a, b in zip(first["exact"][1], first["bf16_both"][1]))
+    errors = {mode: round(max(float((b - a).norm() / a.norm()) for a, b in zip(first["exact"][2], first[mode][2])), 5)
+              for mode in ("bf16_backward", "bf16_both")}
+    order = list(modes)
     for round_ in range(rounds):
-        for mode in (("exact", "bf16") if round_ % 2 == 0 else ("bf16", "exact")):
+        for mode in order[round_ % 3:] + order[:round_ % 3]:
             seconds[mode].append(once(mode)[0])
-    remove_backward_products(model)
-    print(json.dumps({"probe": "backward-products", "micro_batches": len(batches),
+    remove_products(model)
+    print(json.dumps({"probe": "products", "micro_batches": len(batches),
                       **{f"{mode}_median_s": round(statistics.median(values), 3) for mode, values in seconds.items()},
                       "seconds": {mode: [round(v, 2) for v in values] for mode, values in seconds.items()},
-                      "max_adapter_grad_relative_difference": round(error, 5)}), flush=True)
+                      "bf16_forward_max_relative_loss_difference": round(loss_difference, 6),
+                      "max_adapter_grad_relative_difference": errors}), flush=True)
 
 
 PROBES = {"kernel": kernel, "heldout": heldout, "eval-batch": eval_batch, "gguf-parse": gguf_parse,
           "heldout-batch": heldout_batch, "answer-phases": answer_phases, "eval-keys": eval_keys,
           "bf16-products": bf16_products, "eval-settled": eval_settled, "gguf-dequantize": gguf_dequantize,
-          "demo-timeline": demo_timeline, "backward-products": backward_products,
+          "demo-timeline": demo_timeline, "products": products,
           "train-profile": train_profile}
 
 

@@ -223,11 +223,16 @@ class TrainConfig(_Section):
     layout: Literal["auto", "rows", "flat", "varlen", "cache", "plain"] = "auto"
     """How a batch is laid out for the model, chosen once at setup (README "Layouts"); auto picks from the
     device, attention and batching, and summary.json records the choice and why."""
+    forward_products: Literal["auto", "exact", "bf16"] = "auto"
+    """The training forward's products through frozen weights (each adapted layer's X Wᵀ): exact (the model's
+    dtype), or bf16 factors with float32 accumulation, 2-3.5x faster on a CPU with AVX512-BF16 / AMX; every
+    evaluation, the adapters' products and the head's logits stay exact. auto: bf16 on such a CPU for supervised
+    LoRA over a float32 base, else exact (README "Products through frozen weights", train/products.py)."""
     backward_products: Literal["auto", "exact", "bf16"] = "auto"
     """The backward's products through frozen weights (LoRA's ∂L/∂X = G W, the head's): exact (the model's
     dtype), or bf16 factors with float32 accumulation, about 2x faster on a CPU with AVX512-BF16 / AMX; the
-    forward, the loss and the adapters' own gradients stay exact. auto: bf16 on such a CPU for LoRA over a
-    float32 base, else exact (README "Backward products", train/backward.py)."""
+    adapters' own gradients stay exact. auto: bf16 on such a CPU for LoRA over a float32 base, else exact
+    (README "Products through frozen weights", train/products.py)."""
     kernels: Literal["torch", "liger"] = "torch"
     """The decoder's RMSNorm, rotary embedding and SwiGLU: the model's own modules (torch), or Liger's fused
     Triton kernels (liger: CUDA, needs the liger-kernel package; fewer kernel launches a step)."""

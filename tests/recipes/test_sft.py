@@ -18,6 +18,10 @@ from tunesmith.train.checkpoint import latest_checkpoint
 from tunesmith.train.metrics import read_metrics
 from tunesmith.train.state import TrainState
 
+# Runs compared at 1e-5 pin the products through frozen weights to exact (train/products.py): bf16 ones, what
+# auto picks for LoRA on a CPU with native bf16, round each differently shaped product's result to bf16.
+EXACT_PRODUCTS = ("train.forward_products=exact", "train.backward_products=exact")
+
 
 def _losses(run_dir):
     return [row["loss"] for row in read_metrics(run_dir) if "loss" in row]
@@ -34,10 +38,10 @@ def _assert_same_weights(a, b, tol=1e-5):
 
 
 def test_accumulation_equivalence(make_config):
-    # at 1e-5: exact backward products (bf16 ones round each differently shaped product to bf16)
-    exact = "train.backward_products=exact"
-    one = make_config("name=mb4", "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=4", exact)
-    four = make_config("name=mb1", "train.micro_batch_size=1", "train.grad_accum=4", "train.max_steps=4", exact)
+    # at 1e-5: exact products through frozen weights (bf16 ones round each differently shaped product to bf16)
+    exact = EXACT_PRODUCTS
+    one = make_config("name=mb4", "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=4", *exact)
+    four = make_config("name=mb1", "train.micro_batch_size=1", "train.grad_accum=4", "train.max_steps=4", *exact)
     sft.run(one)
     sft.run(four)
     assert _losses(one.run_dir) == pytest.approx(_losses(four.run_dir), abs=1e-5)
@@ -50,10 +54,10 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", [["method.name=lora", "train.backward_products=exact"],
-                                    ["method.name=lora", "train.backward_products=bf16"],
+@pytest.mark.parametrize("method", [["method.name=lora", *EXACT_PRODUCTS],
+                                    ["method.name=lora", "train.forward_products=bf16", "train.backward_products=bf16"],
                                     ["method.name=qlora", "optim.name=paged_adamw_8bit",
-                                     "train.gradient_checkpointing=true"]], ids=["lora", "lora-bf16-backward", "qlora"])
+                                     "train.gradient_checkpointing=true"]], ids=["lora", "lora-bf16-products", "qlora"])
 def test_resume_mid_epoch_mid_accumulation_reproduces_run(make_config, method):
     # Dropout makes the RNG part of the state that must be restored.
     straight = make_config("name=straight", "lora.dropout=0.2", *method)
@@ -232,18 +236,19 @@ def test_compile_is_refused_with_the_measurement(make_config):
 
 
 def test_layout_is_recorded_and_every_layout_trains_alike(make_config):
-    exact = "train.backward_products=exact"  # layouts compared at 1e-5 (see test_accumulation_equivalence)
-    auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false", exact))
+    exact = EXACT_PRODUCTS  # layouts compared at 1e-5 (see test_accumulation_equivalence)
+    auto = sft.run(make_config("name=auto", "train.max_steps=3", "eval.before=false", *exact))
     recorded = json.loads((Path(auto["run_dir"]) / "summary.json").read_text())
     assert recorded["layout"] == {"name": "rows", "reason": "CPU with SDPA attention", "trimmed": True}
     assert recorded["kernels"] == {"name": "torch"}
     assert recorded["graphs"] == {"used": False,
                                   "reason": "train.graphs=auto: graphs need a CUDA GPU; this run is on cpu"}
     assert recorded["blas_workspace"] == {"mib": None, "reason": "no CUDA device"}
+    assert recorded["forward_products"] == {"name": "exact", "reason": "train.forward_products=exact"}
     assert recorded["backward_products"] == {"name": "exact", "reason": "train.backward_products=exact"}
     for name in ("flat", "varlen", "cache", "plain"):
         forced = sft.run(make_config(f"name={name}", "train.max_steps=3", "eval.before=false", f"train.layout={name}",
-                                     exact))
+                                     *exact))
         assert forced["layout"]["name"] == name
         assert _losses(Path(forced["run_dir"])) == pytest.approx(_losses(Path(auto["run_dir"])), abs=1e-5)
         _assert_same_weights(_adapter(Path(forced["run_dir"])), _adapter(Path(auto["run_dir"])))

@@ -43,6 +43,18 @@ def _write(path, rows):
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process run on one thread, as each torchrun process is (``OMP_NUM_THREADS=1``): on some CPUs (an
+    Intel Xeon with AMX, measured) MKL's products on two threads round differently from one thread, by enough
+    that Adam's first steps move a near-zero-gradient weight by 1e-5 or more. Equal thread counts compare the
+    processes' arithmetic alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def overrides(tmp_path, tiny_model_dir):
     def make(kind: str, name: str, *extra: str) -> list[str]:
@@ -53,9 +65,9 @@ def overrides(tmp_path, tiny_model_dir):
                 f"output_dir={tmp_path / 'runs'}", f"name={name}", "train.progress=false", "eval.task_rows=0",
                 "train.micro_batch_size=2", "optim.lr=0.01", "lora.r=4", "lora.alpha=8", "train.log_every=1",
                 "train.checkpoint_every=2", "train.keep_checkpoints=5",
-                # the processes' equivalence is asserted at 1e-5: bf16 backward products would round each
-                # differently shaped product's result to bf16 (train/backward.py)
-                "train.backward_products=exact"]
+                # the processes' equivalence is asserted at 1e-5: bf16 products would round each differently
+                # shaped product's result to bf16 (train/products.py)
+                "train.forward_products=exact", "train.backward_products=exact"]
         if kind == "dpo":
             base += ["method.objective=dpo", "dpo.beta=0.5", "dpo.reference=precomputed"]
         return base + list(extra)
@@ -114,19 +126,20 @@ def test_two_processes_train_what_one_process_with_twice_the_accumulation_trains
     assert not (latest_checkpoint(one) / "rng-rank1.safetensors").exists()
 
 
-def test_two_processes_train_alike_with_bf16_backward_products(overrides, tmp_path, capsys):
+def test_two_processes_train_alike_with_bf16_products(overrides, tmp_path, capsys):
     """Each process installs its own bf16 copies under DDP; the run matches one process with twice the
     accumulation to bf16's rounding (each differently shaped product rounds its result to bf16)."""
-    bf16 = "train.backward_products=bf16"  # after the pinned exact: the last value of a key wins
-    assert main(["train", *overrides("sft", "one", "train.grad_accum=2", "train.max_steps=3", bf16)]) == 0
-    torchrun(2, *overrides("sft", "two", "train.grad_accum=1", "train.max_steps=3", bf16))
+    bf16 = ["train.forward_products=bf16", "train.backward_products=bf16"]  # after the pinned exact: the last wins
+    assert main(["train", *overrides("sft", "one", "train.grad_accum=2", "train.max_steps=3", *bf16)]) == 0
+    torchrun(2, *overrides("sft", "two", "train.grad_accum=1", "train.max_steps=3", *bf16))
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     losses_one, losses_two = ([row["loss"] for row in _steps(d)] for d in (one, two))
     assert len(losses_one) == 3 and losses_two == pytest.approx(losses_one, rel=1e-4)
     assert losses_two[0] == pytest.approx(losses_one[0], abs=1e-6)  # the first forward: before any update
     for run_dir in (one, two):
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["backward_products"] == {"name": "bf16", "reason": bf16}
+        assert summary["forward_products"] == {"name": "bf16", "reason": bf16[0]}
+        assert summary["backward_products"] == {"name": "bf16", "reason": bf16[1]}
     # both ranks really ran bf16 products: the two-process run is as far from an exact run as bf16 makes it
     # (about 8e-5 here), where exact runs of one and two processes agree to 1e-6
     assert main(["train", *overrides("sft", "exact", "train.grad_accum=2", "train.max_steps=3")]) == 0

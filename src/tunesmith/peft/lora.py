@@ -50,7 +50,11 @@ class LoRALinear(nn.Module):
 
     backward_weight: torch.Tensor | None = None
     """The base weight in bf16 for the backward's ``G W`` while a run trains with
-    ``train.backward_products=bf16`` (set and removed by ``train/backward.py``); None: exact."""
+    ``train.backward_products=bf16`` (set and removed by ``train/products.py``); None: exact."""
+
+    forward_weight: torch.Tensor | None = None
+    """The base weight in bf16 for ``X Wᵀ`` in forwards under autograd while a run trains with
+    ``train.forward_products=bf16`` (set and removed by ``train/products.py``); None, or grad off: exact."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, dtype: torch.dtype | None = None):
@@ -92,9 +96,10 @@ class LoRALinear(nn.Module):
         if dtype is not None:
             x = x.to(dtype)
             bias = self.base_layer.bias
+            low_forward = self.forward_weight if torch.is_grad_enabled() else None  # evaluation stays exact
             return _lora_linear(x, self.lora_dropout(x), self.base_layer.weight,
                                 None if bias is None else bias.to(dtype), self.lora_A.weight.to(dtype),
-                                self.lora_B.weight.to(dtype), self.scaling, self.backward_weight)
+                                self.lora_B.weight.to(dtype), self.scaling, self.backward_weight, low_forward)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,22 +195,28 @@ class _LoRALinearFunction(torch.autograd.Function):
     adapter (to the fp32 adapter's dtype for QLoRA, then back to bf16 by autocast); here only the small
     adapter matrices are cast. ``LoRALinear.reference_forward`` is the reference; tests compare them.
     ``low`` (W in bf16, ``train.backward_products=bf16``): the backward's ``G W`` from bf16 factors with float32
-    accumulation; the forward and ∂L/∂A, ∂L/∂B are unchanged.
+    accumulation. ``low_forward`` (the same, ``train.forward_products=bf16``): the forward's ``X Wᵀ`` likewise.
+    The adapter's products and ∂L/∂A, ∂L/∂B stay in the adapter's dtype either way.
     """
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, lora_a, lora_b, scaling, low=None):
+    def forward(ctx, x, x_adapter, weight, bias, lora_a, lora_b, scaling, low=None, low_forward=None):
         shape = x.shape
         x2, xa2 = x.reshape(-1, shape[-1]), x_adapter.reshape(-1, shape[-1])
         hidden = xa2 @ lora_a.t()
-        dense = dequantize(weight)  # a 4-bit weight: its compute-dtype values, for this product only
-        out = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
+        if low_forward is not None:  # X Wᵀ from bf16 factors, float32 accumulation, the result back in x's dtype
+            out = (x2.to(low_forward.dtype) @ low_forward.t()).to(x2.dtype)
+            if bias is not None:
+                out.add_(bias)
+        else:
+            dense = dequantize(weight)  # a 4-bit weight: its compute-dtype values, for this product only
+            out = torch.addmm(bias, x2, dense.t()) if bias is not None else x2 @ dense.t()
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
         quantized = is_4bit(weight)
         ctx.save_for_backward(xa2, lora_a, lora_b, hidden, *(() if quantized else (weight,)))
         ctx.packed = weight if quantized else None  # dequantized again in the backward, never kept
         ctx.scaling, ctx.shape, ctx.same_input = scaling, shape, x_adapter is x
-        ctx.low = low  # W in bf16 (train/backward.py): G W from bf16 factors, float32 accumulation
+        ctx.low = low  # W in bf16 (train/products.py): G W from bf16 factors, float32 accumulation
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -233,11 +244,11 @@ class _LoRALinearFunction(torch.autograd.Function):
             grad_a = (xa2.t() @ gb).mul_(s).t()
         if ctx.needs_input_grad[5]:
             grad_b = (hidden.t() @ g).mul_(s).t()
-        return grad_x, grad_xa, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_xa, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-def _lora_linear(x, x_adapter, weight, bias, lora_a, lora_b, scaling, low=None):
-    return _LoRALinearFunction.apply(x, x_adapter, weight, bias, lora_a, lora_b, scaling, low)
+def _lora_linear(x, x_adapter, weight, bias, lora_a, lora_b, scaling, low=None, low_forward=None):
+    return _LoRALinearFunction.apply(x, x_adapter, weight, bias, lora_a, lora_b, scaling, low, low_forward)
 
 
 _DEFAULTS = LoRASection()  # the typed config's defaults, where each field is documented for users

@@ -119,7 +119,9 @@ def finish_run(setup: RunSetup, result: TrainResult, started: float, *, evaluate
                "train_seconds": round(state.train_seconds, 2), "eval_seconds": round(time.time() - eval_start, 2),
                "before": before["metrics"] if before else None, "after": after["metrics"] if after else None,
                "dropped": setup.drops, "layout": result.layout.summary(),
-               "kernels": result.kernels, "graphs": result.graphs, "backward_products": result.backward,
+               "kernels": result.kernels, "graphs": result.graphs,
+               "forward_products": (result.products or {}).get("forward"),
+               "backward_products": (result.products or {}).get("backward"),
                "blas_workspace": setup.blas_workspace, "plan": setup.plan,
                "environment": run_environment(torch.device(setup.device), setup.dtype)}
     write_json(setup.run_dir / "summary.json", summary)

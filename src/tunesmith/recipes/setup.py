@@ -27,7 +27,7 @@ from tunesmith.recipes.run_dir import claim_run_dir
 from tunesmith.train.dist import current
 from tunesmith.train.engine import Objective, TrainInput
 from tunesmith.train.graphs import choose_graphs
-from tunesmith.train.backward import choose_backward_products
+from tunesmith.train.products import choose_products
 from tunesmith.train.kernels import check_kernels, set_blas_workspace
 from tunesmith.train.layout import Layout, choose_layout
 
@@ -53,7 +53,7 @@ class RunSetup:
     graphs: dict | None = None  # train/graphs.py's choice (the engine's result adds what it recorded)
     blas_workspace: dict | None = None  # train/kernels.py's set_blas_workspace (summary.json's "blas_workspace")
     plan: dict | None = None  # plan: auto's choice (plan/fit.py; summary.json's "plan")
-    backward: dict | None = None  # train/backward.py's choice, installed by the engine
+    products: dict | None = None  # train/products.py's choice (forward and backward), installed by the engine
 
     @property
     def lora_config(self) -> LoRAConfig:
@@ -64,7 +64,7 @@ class RunSetup:
         return TrainInput(config=self.config, run_dir=self.run_dir, model=self.model, params=self.params,
                           objective=objective, device=self.device, dtype=self.dtype, layout=self.layout,
                           graphs=self.graphs, fingerprints=self.fingerprints, resume=self.resume,
-                          backward=self.backward, on_micro_batch=on_micro_batch)
+                          products=self.products, on_micro_batch=on_micro_batch)
 
 
 def _digest(obj) -> str:
@@ -149,7 +149,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None, adapter: 
     fingerprints = {"data": _digest([_example_key(ex) for ex in train.examples]),
                     "model": _model_fingerprint(config.model.source)}
     params = trainable_parameters(config, built.model, adapter=adapter)  # target modules and adapter files checked
-    backward = choose_backward_products(config.train.backward_products, built.model, built.device)
+    products = choose_products(config.train, built.model, built.device, objective=config.method.objective)
     # Only now, with the data, the model and its adapters known to be good, does the run take its dir (release:
     # hold_run_dir)
     run_dir, lock, resume = claim_run_dir(config, resume)
@@ -157,7 +157,7 @@ def prepare_run(config: RunConfig, *, resume: bool, adjust_model=None, adapter: 
                     dtype=built.dtype, train=train, eval=heldout, eval_rows=rows, fingerprints=fingerprints,
                     resume=resume, lock=lock, drops=drops, params=params, quantization=built.quantization,
                     layout=layout, graphs=graphs, blas_workspace=blas, plan=plan.summary() if plan else None,
-                    backward=backward)
+                    products=products)
 
 
 def trainable_parameters(config: RunConfig, model, *, adapter: Path | None = None) -> list[torch.nn.Parameter]:

@@ -26,7 +26,7 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
-from tunesmith.train.backward import install_backward_products, remove_backward_products
+from tunesmith.train.products import install_products, remove_products
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.fsdp import clip_gradients, gathered_model, parallel_for, sharded
 from tunesmith.train.graphs import BlockDraws, GraphedSteps
@@ -81,8 +81,9 @@ class TrainInput:
     """``choose_graphs``'s choice, ``{"used": bool, "reason": str}``."""
     fingerprints: dict
     """The data and model fingerprints every checkpoint records and a resume compares (``train/resume.py``)."""
-    backward: dict | None = None
-    """``train/backward.py``'s choice (None: exact); the engine installs it and removes it when training ends."""
+    products: dict | None = None
+    """``train/products.py``'s choice for the forward and the backward (None: exact); the engine installs it and
+    removes it when training ends."""
     resume: bool = False
     """Continue from the run's newest checkpoint, checked against this run first; False: start at step 0,
     evaluating first (``eval.before``)."""
@@ -102,8 +103,9 @@ class TrainResult:
     """What ``train/kernels.py`` installed (``summary.json``'s ``"kernels"``)."""
     graphs: dict | None
     """The graphs choice and, when used, what they recorded (``summary.json``'s ``"graphs"``)."""
-    backward: dict | None = None
-    """The backward products the run trained with (``summary.json``'s ``"backward_products"``)."""
+    products: dict | None = None
+    """The forward and backward products the run trained with (``summary.json``'s ``"forward_products"`` and
+    ``"backward_products"``)."""
 
 
 def train(run: TrainInput) -> TrainResult:
@@ -117,7 +119,7 @@ def train(run: TrainInput) -> TrainResult:
         state = _resume_or_start(run, training, world)
         _run_steps(run, training, state, world)
     finally:
-        remove_backward_products(run.model)  # nothing after training may read a copy of a weight
+        remove_products(run.model)  # nothing after training may read a copy of a weight
     return _finish(run, training, state, world)
 
 
@@ -149,7 +151,7 @@ def _set_up(run: TrainInput, world: World, parallel: str) -> _Training:
     if use_graphs and not isinstance(run.objective.loss, SupervisedLoss):
         raise TunesmithError("CUDA graphs record the supervised loss only (train/graphs.py); set train.graphs=false")
     kernels = install_kernels(model, config.train.kernels)
-    install_backward_products(model, run.backward or {"name": "exact"})
+    install_products(model, run.products)
     # under graphs, checkpointed blocks draw from generators of their own (train/graphs.py)
     draws = BlockDraws(device, config.seed) if use_graphs and config.train.gradient_checkpointing else None
     if config.train.gradient_checkpointing:
@@ -423,4 +425,4 @@ def _finish(run: TrainInput, training: _Training, state: TrainState, world: Worl
     model = gathered_model(run.model, world, run.device) if sharded(run.model) else run.model
     graphs = run.graphs if training.graphs is None else {**run.graphs, **training.graphs.summary()}
     return TrainResult(state=state, model=model, layout=training.layout, kernels=training.kernels, graphs=graphs,
-                       backward=run.backward)
+                       products=run.products)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.train.backward import backward_product
+from tunesmith.train.products import backward_product
 
 CHUNK_POSITIONS = 256
 
@@ -79,7 +79,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     ``scales`` (n, float32) each position's term is multiplied by its scale (0: the position carries no loss),
     so a batch of fixed shape can hold positions that do not train (``train.graphs``). ``picks`` (n, long) is
     filled with each position's greedy token (the argmax of its soft-capped logits, lowest id on ties).
-    ``backward_weight`` (``weight`` in bf16, ``train/backward.py``): ∂L/∂H from bf16 factors; the loss is exact."""
+    ``backward_weight`` (``weight`` in bf16, ``train/products.py``): ∂L/∂H from bf16 factors; the loss is exact."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tunesmith.generate import cache_argument
 from tunesmith.templates import IGNORE_INDEX
-from tunesmith.train.backward import BACKWARD_WEIGHT
+from tunesmith.train.products import BACKWARD_WEIGHT
 from tunesmith.train.decoder import attention_implementation, plain_causal_attention
 from tunesmith.train.flat import FLAT_MAX_TOKENS, flat_layout, flat_mask, shared_prefix_length
 from tunesmith.train.head import linear_cross_entropy
