@@ -8,7 +8,7 @@ the forward's feed the loss the step descends.
 
     exact  in the model's dtype: the plain path's bits
     bf16   both factors rounded to bfloat16, multiplied with float32 accumulation (oneDNN on the CPU), the
-           result back in float32. On a CPU with AVX512-BF16 or AMX these products run 2-3.5x faster; each is
+           result back in float32. On a CPU with AVX512-BF16 or AMX these products run 2-4.8x faster; each is
            within about 3e-3 of the exact one (relative, measured: bf16's 8-bit mantissa on both factors)
     auto   bf16 on such a CPU for a float32 model whose frozen layers are plain linear layers (LoRA over an
            fp32 base), else exact; for the forward, also only under the supervised objective
