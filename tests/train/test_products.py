@@ -54,14 +54,19 @@ def _run_layer(layer, x, grad):
     return out.detach(), x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()
 
 
-def test_lora_layer_carries_the_gradient_through_bf16_factors_and_nothing_else_changes():
+def _exact_then_installed(products: dict):
+    """One layer run exact, then with ``products`` installed: the layer, its inputs and both runs' results."""
     layer = _layer()
     x, grad = torch.randn(3, 5, 24), torch.randn(3, 5, 40)
     exact = _run_layer(layer, x, grad)
     layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
-    install_products(layer_model := torch.nn.Sequential(layer), _products(backward="bf16"))
+    install_products(torch.nn.Sequential(layer), products)
+    return layer, x, grad, exact, _run_layer(layer, x, grad)
+
+
+def test_lora_layer_carries_the_gradient_through_bf16_factors_and_nothing_else_changes():
+    layer, x, grad, exact, low = _exact_then_installed(_products(backward="bf16"))
     assert getattr(layer, BACKWARD_WEIGHT).dtype == torch.bfloat16 and FORWARD_WEIGHT not in vars(layer)
-    low = _run_layer(layer, x, grad)
     assert torch.equal(low[0], exact[0])  # the forward: the same bits
     assert torch.equal(low[2], exact[2]) and torch.equal(low[3], exact[3])  # ∂L/∂A, ∂L/∂B from G and X alone
     # ∂L/∂X = G W (bf16 factors, float32 result) + s · (G B) A
@@ -70,20 +75,15 @@ def test_lora_layer_carries_the_gradient_through_bf16_factors_and_nothing_else_c
     expected.addmm_(g @ layer.lora_B.weight, layer.lora_A.weight, alpha=layer.scaling)
     assert torch.equal(low[1], expected.view(3, 5, 24))
     assert 1e-5 < _relative(low[1], exact[1]) < 1e-2
-    remove_products(layer_model)
+    remove_products(layer)
     assert BACKWARD_WEIGHT not in vars(layer) and layer.backward_weight is None
 
 
 def test_lora_layer_forward_in_bf16_only_under_grad():
     """The forward's X Wᵀ from bf16 factors while autograd records (a training step); without grad (every
     evaluation) the exact bits; the adapter's gradients are the exact formulas of the same G and X."""
-    layer = _layer()
-    x, grad = torch.randn(3, 5, 24), torch.randn(3, 5, 40)
-    exact = _run_layer(layer, x, grad)
-    layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
-    install_products(layer_model := torch.nn.Sequential(layer), _products(forward="bf16"))
+    layer, x, grad, exact, low = _exact_then_installed(_products(forward="bf16"))
     assert getattr(layer, FORWARD_WEIGHT).dtype == torch.bfloat16 and BACKWARD_WEIGHT not in vars(layer)
-    low = _run_layer(layer, x, grad)
     # Y = X Wᵀ (bf16 factors, float32 result) + b + s · (X Aᵀ) Bᵀ in float32
     x2, w, a, b = x.reshape(-1, 24), layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
     expected = (x2.bfloat16() @ w.bfloat16().t()).float().add_(layer.base_layer.bias)
@@ -96,7 +96,7 @@ def test_lora_layer_forward_in_bf16_only_under_grad():
         assert torch.equal(layer(x), exact[0])
     with torch.inference_mode():
         assert torch.equal(layer(x), exact[0])
-    remove_products(layer_model)
+    remove_products(layer)
     assert FORWARD_WEIGHT not in vars(layer) and layer.forward_weight is None
     assert torch.equal(layer(x), exact[0])
 

@@ -96,7 +96,9 @@ class LoRALinear(nn.Module):
         if dtype is not None:
             x = x.to(dtype)
             bias = self.base_layer.bias
-            low_forward = self.forward_weight if torch.is_grad_enabled() else None  # evaluation stays exact
+            low_forward = self.forward_weight  # while training only: a forward without grad (evaluation) is exact
+            if low_forward is not None and not torch.is_grad_enabled():
+                low_forward = None
             return _lora_linear(x, self.lora_dropout(x), self.base_layer.weight,
                                 None if bias is None else bias.to(dtype), self.lora_A.weight.to(dtype),
                                 self.lora_B.weight.to(dtype), self.scaling, self.backward_weight, low_forward)

@@ -27,9 +27,9 @@ from tunesmith.recipes.run_dir import claim_run_dir
 from tunesmith.train.dist import current
 from tunesmith.train.engine import Objective, TrainInput
 from tunesmith.train.graphs import choose_graphs
-from tunesmith.train.products import choose_products
 from tunesmith.train.kernels import check_kernels, set_blas_workspace
 from tunesmith.train.layout import Layout, choose_layout
+from tunesmith.train.products import choose_products
 
 
 @dataclass

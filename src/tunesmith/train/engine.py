@@ -26,7 +26,6 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.data.batching import plan_batches
 from tunesmith.errors import TunesmithError
-from tunesmith.train.products import install_products, remove_products
 from tunesmith.train.dist import SINGLE, World, current, sum_counts, sum_floats
 from tunesmith.train.fsdp import clip_gradients, gathered_model, parallel_for, sharded
 from tunesmith.train.graphs import BlockDraws, GraphedSteps
@@ -37,6 +36,7 @@ from tunesmith.train.metrics import MetricsLog, Progress
 from tunesmith.train.module import TrainingModule, wrap_for
 from tunesmith.train.objectives import MicroBatch, SupervisedLoss
 from tunesmith.train.optim import build_optimizer
+from tunesmith.train.products import install_products, remove_products
 from tunesmith.train.resume import load_resume_state, save_training_checkpoint
 from tunesmith.train.schedule import lr_at, warmup_steps
 from tunesmith.train.state import TrainState

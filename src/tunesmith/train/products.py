@@ -79,7 +79,7 @@ def frozen_layers(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
     return layers
 
 
-def _choose(setting: str, requested: str, has_layers: bool, device: torch.device, native: bool | None,
+def _choose(setting: str, requested: str, has_layers: bool, device: torch.device, native: bool,
             preference: bool) -> dict:
     key = f"train.{setting}"
     if requested == "exact":
@@ -104,7 +104,7 @@ def _choose(setting: str, requested: str, has_layers: bool, device: torch.device
     if preference:
         return {"name": "exact", "reason": "auto: a preference objective compares the policy with its exact "
                                            "reference"}
-    if not (native_bf16_cpu() if native is None else native):
+    if not native:
         return {"name": "exact", "reason": "auto: this CPU has no native bf16 products (AVX512-BF16 / AMX)"}
     return {"name": "bf16", "reason": "auto: a CPU with native bf16 products, LoRA over a float32 base"}
 
@@ -115,6 +115,8 @@ def choose_products(train, model: nn.Module, device: torch.device, *, objective:
     (``summary.json``'s ``"forward_products"`` and ``"backward_products"``) from ``train`` (the config's train
     section, or anything with ``forward_products`` and ``backward_products``). An explicit ``bf16`` that has
     nothing to act on is refused here, before the run dir is made. ``native`` overrides the CPU check (tests)."""
+    if native is None:
+        native = device.type == "cpu" and native_bf16_cpu()  # read once, for both settings
     layers = frozen_layers(model)
     adapted = any(isinstance(module, LoRALinear) for module, _ in layers)
     return {"forward": _choose("forward_products", train.forward_products, adapted, device, native,
